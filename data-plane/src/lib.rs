@@ -1,1 +1,19 @@
+//! FlexInference data plane: the stateless proxy.
+//!
+//! A request flows `server` → `proxy` (auth against the `snapshot`, `start_within`, format
+//! validation in `formats`, the tier `plan`) → `race` / `providers` over `upstream` → back in the
+//! caller's format, with one `usage` event per request. The proxy never touches a database: all it
+//! knows comes from the control plane's snapshots.
 
+pub mod auth;
+pub mod error;
+pub mod formats;
+pub mod providers;
+pub mod proxy;
+pub mod race;
+pub mod server;
+pub mod snapshot;
+pub mod sse;
+pub mod start_within;
+pub mod upstream;
+pub mod usage;

@@ -1,0 +1,181 @@
+//! Every error the proxy itself produces, and how it maps to an HTTP status and a body.
+//!
+//! This is the one place where errors become responses. Our errors always say what went wrong,
+//! why, how to fix it, and show a working example. Errors that come from a provider are not ours:
+//! they pass through with their original status and body (see [`ApiError::Upstream`]).
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use serde_json::json;
+
+use crate::formats::CallerFormat;
+
+/// An error of ours, rendered in the caller's envelope. Boxed, so `Result<_, ApiError>` stays
+/// one pointer wide on the request path.
+#[derive(Debug, Clone)]
+pub struct ApiError(Box<ApiErrorInner>);
+
+#[derive(Debug, Clone)]
+pub struct ApiErrorInner {
+    pub status: StatusCode,
+    /// Machine-readable code, e.g. `missing_start_within`.
+    pub code: &'static str,
+    /// OpenAI-style error type, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    pub param: Option<String>,
+    /// What went wrong and why.
+    pub message: String,
+    /// How to fix it.
+    pub fix: String,
+    /// A working example.
+    pub example: String,
+    /// A provider error to pass through untouched (status, content type, body).
+    pub upstream: Option<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        };
+        Self(Box::new(ApiErrorInner {
+            status,
+            code,
+            kind,
+            param: None,
+            message: message.into(),
+            fix: String::new(),
+            example: String::new(),
+            upstream: None,
+        }))
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn param(mut self, p: impl Into<String>) -> Self {
+        self.0.param = Some(p.into());
+        self
+    }
+
+    pub fn fix(mut self, f: impl Into<String>) -> Self {
+        self.0.fix = f.into();
+        self
+    }
+
+    pub fn example(mut self, e: impl Into<String>) -> Self {
+        self.0.example = e.into();
+        self
+    }
+
+    /// A provider's error, passed through with its original status and body.
+    pub fn upstream(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Self {
+        let mut e = Self::new(status, "upstream_error", "the provider returned an error");
+        e.0.upstream = Some(Upstream {
+            status,
+            content_type,
+            body,
+        });
+        e
+    }
+
+    /// The full human text: what and why, how to fix, example.
+    pub fn full_message(&self) -> String {
+        let mut m = self.message.clone();
+        if !self.fix.is_empty() {
+            m.push_str(" Fix: ");
+            m.push_str(&self.fix);
+        }
+        if !self.example.is_empty() {
+            m.push_str(" Example: ");
+            m.push_str(&self.example);
+        }
+        m
+    }
+
+    /// The JSON body in the caller's envelope.
+    pub fn body(&self, format: CallerFormat) -> serde_json::Value {
+        match format {
+            CallerFormat::Messages => json!({
+                "type": "error",
+                "error": {
+                    "type": self.kind,
+                    "message": self.full_message(),
+                    "code": self.code,
+                    "param": self.param,
+                },
+            }),
+            _ => json!({
+                "error": {
+                    "message": self.full_message(),
+                    "type": self.kind,
+                    "param": self.param,
+                    "code": self.code,
+                },
+            }),
+        }
+    }
+
+    pub fn into_response_for(self, format: CallerFormat) -> Response {
+        if let Some(up) = self.0.upstream {
+            let mut resp = (up.status, up.body).into_response();
+            if let Some(ct) = up.content_type {
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+            }
+            return resp;
+        }
+        let body = self.body(format);
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorInner;
+
+    fn deref(&self) -> &ApiErrorInner {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Errors of the proxy process itself (start-up, snapshots, I/O), not of a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("control plane: {0}")]
+    Control(String),
+}

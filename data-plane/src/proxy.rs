@@ -1,0 +1,928 @@
+//! The request path: authenticate → validate → plan the tier → call the provider (racing flex
+//! against the deadline when asked) → answer in the caller's format → report usage.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use flex_shared::catalog::{Model, Provider, Tier};
+use flex_shared::usage::{UsageEvent, SCHEMA_VERSION};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::auth::{authenticate, Caller};
+use crate::error::ApiError;
+use crate::formats::{self, chat, responses, CallerFormat, RawBody};
+use crate::providers::openai::{self, Api};
+use crate::providers::{AskTier, BaseUrls};
+use crate::race::{self, AttemptError, Backoff, EventClass, StartLatency, Started};
+use crate::snapshot::{ProviderSecret, SnapshotStore};
+use crate::sse::Event;
+use crate::start_within::{self, StartWithin};
+use crate::upstream::{read_body, UpstreamClient, MAX_ERROR_BODY};
+use crate::usage::UsageSink;
+
+/// Limits and knobs of the request path.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub base_urls: BaseUrls,
+    /// Largest request body accepted (default 32 MiB: room for base64 images and PDFs).
+    pub max_body_bytes: usize,
+    /// Largest non-streaming upstream body we read (default 64 MiB).
+    pub max_response_bytes: usize,
+    /// Floor of the learned standard start latency when the catalog gives none.
+    pub standard_start_floor: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            base_urls: BaseUrls::default(),
+            max_body_bytes: 32 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            standard_start_floor: Duration::from_millis(500),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+pub struct Proxy {
+    pub snapshots: Arc<SnapshotStore>,
+    pub upstream: UpstreamClient,
+    pub cfg: ProxyConfig,
+    pub latency: StartLatency,
+    pub usage: Arc<dyn UsageSink>,
+}
+
+/// How the tier is chosen for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Direct(AskTier),
+    Race(Duration),
+}
+
+/// Maps `start_within` to a plan for a provider and model (DESIGN.md's tier table).
+pub fn plan(
+    sw: StartWithin,
+    provider: Provider,
+    model: &str,
+    entry: Option<&Model>,
+) -> Result<Plan, ApiError> {
+    match (sw, provider) {
+        (StartWithin::Default, _) => Ok(Plan::Direct(AskTier::Standard)),
+        (StartWithin::Priority, Provider::Anthropic) => Ok(Plan::Direct(AskTier::Auto)),
+        (StartWithin::Priority, _) => Ok(Plan::Direct(AskTier::Priority)),
+        (StartWithin::Auto, Provider::Gemini) => Err(ApiError::bad_request(
+            "auto_unsupported_for_gemini",
+            format!("`start_within: \"auto\"` was sent for the Gemini model `{model}`, but Gemini has no auto tier."),
+        )
+        .param("start_within")
+        .fix("use \"default\" for Gemini's standard tier, \"priority\", or a duration to race flex.")
+        .example(format!(r#"{{"model": "{model}", "start_within": "default"}}"#))),
+        (StartWithin::Auto, _) => Ok(Plan::Direct(AskTier::Auto)),
+        (StartWithin::Within(_), Provider::Anthropic) => Err(ApiError::bad_request(
+            "flex_unsupported_for_anthropic",
+            format!("A duration `start_within` was sent for the Claude model `{model}`, but Anthropic has no flex tier to race."),
+        )
+        .param("start_within")
+        .fix("drop the duration and use \"default\", \"priority\" or \"auto\".")
+        .example(format!(r#"{{"model": "{model}", "start_within": "default"}}"#))),
+        (StartWithin::Within(d), _) => {
+            if entry.is_some_and(|m| m.flex_capable) {
+                Ok(Plan::Race(d))
+            } else {
+                Err(ApiError::bad_request(
+                    "model_not_flex_capable",
+                    format!("A duration `start_within` was sent for `{model}`, which has no flex tier (or is not a flex-capable alias; dated snapshot names are not aliases)."),
+                )
+                .param("model")
+                .fix("pick a flex-capable model (GET /v1/models shows flex_capable), or use \"default\", \"priority\" or \"auto\".")
+                .example(r#"{"model": "gpt-5.5", "start_within": "00h-00m-30s"}"#))
+            }
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn rfc3339_now() -> String {
+    let secs = now_unix();
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// What we know about a request, filled in as it goes; becomes its usage event.
+#[derive(Clone)]
+struct Draft {
+    event: UsageEvent,
+    t0: Instant,
+    model: Option<Model>,
+}
+
+impl Draft {
+    fn emit(mut self, sink: &dyn UsageSink, status: u16, outcome: &str) {
+        self.event.status = status;
+        self.event.outcome = outcome.to_string();
+        self.event.duration_ms = ms(self.t0.elapsed());
+        if let Some(m) = &self.model {
+            let e = &mut self.event;
+            let uncached = e.input_tokens.saturating_sub(e.cached_input_tokens);
+            if let Some(tier) = Tier::parse(&e.served_tier) {
+                e.cost_micros =
+                    m.price(tier)
+                        .cost_micros(uncached, e.cached_input_tokens, e.output_tokens);
+                e.standard_cost_micros = m.price(Tier::Standard).cost_micros(
+                    uncached,
+                    e.cached_input_tokens,
+                    e.output_tokens,
+                );
+            }
+        }
+        sink.emit(self.event);
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Proxy {
+    pub fn new(
+        snapshots: Arc<SnapshotStore>,
+        upstream: UpstreamClient,
+        cfg: ProxyConfig,
+        usage: Arc<dyn UsageSink>,
+    ) -> Self {
+        Self {
+            snapshots,
+            upstream,
+            cfg,
+            latency: StartLatency::default(),
+            usage,
+        }
+    }
+
+    /// Serves one API request in `format`.
+    pub async fn handle(
+        self: Arc<Self>,
+        format: CallerFormat,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let t0 = Instant::now();
+        let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
+        let mut draft: Option<Draft> = None;
+        let result = self
+            .serve(format, &headers, body, &request_id, t0, &mut draft)
+            .await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let status = e.status.as_u16();
+                if let Some(d) = draft {
+                    d.emit(self.usage.as_ref(), status, "error");
+                }
+                tracing::info!(request_id, code = e.code, status, "request refused");
+                e.into_response_for(format)
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        resp
+    }
+
+    async fn serve(
+        &self,
+        format: CallerFormat,
+        headers: &HeaderMap,
+        body: Bytes,
+        request_id: &str,
+        t0: Instant,
+        draft: &mut Option<Draft>,
+    ) -> Result<Response, ApiError> {
+        let Caller { snapshot, key } =
+            authenticate(self.snapshots.load(), format, headers, now_unix())?;
+        let mut body = RawBody::parse(&body, format)?;
+        let sw_value = body.value("start_within");
+        let sw = start_within::parse_value(sw_value.as_ref())?;
+        body.remove("start_within");
+        let model = formats::model(&body, format)?;
+        let entry = snapshot.catalog.get(&model).cloned();
+        *draft = Some(Draft {
+            event: UsageEvent {
+                schema_version: SCHEMA_VERSION,
+                request_id: request_id.to_string(),
+                org_id: key.org_id.clone(),
+                key_id: key.key_id.clone(),
+                model: model.clone(),
+                provider: String::new(),
+                caller_format: format.as_str().to_string(),
+                start_within: sw_value
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                served_tier: String::new(),
+                reason: String::new(),
+                flex_wait_ms: 0,
+                start_latency_ms: 0,
+                duration_ms: 0,
+                input_tokens: 0,
+                cached_input_tokens: 0,
+                output_tokens: 0,
+                reasoning_tokens: 0,
+                status: 0,
+                outcome: String::new(),
+                tiers_started: Vec::new(),
+                cost_micros: 0,
+                standard_cost_micros: 0,
+                received_at: rfc3339_now(),
+            },
+            t0,
+            model: entry.clone(),
+        });
+        formats::reject_service_tier(&body)?;
+        if format == CallerFormat::ChatCompletions {
+            chat::validate(&body)?;
+        }
+        let provider = entry.as_ref().map(|m| m.provider).or_else(|| Provider::for_model_prefix(&model)).ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("The model `{model}` is not known, and its name does not belong to OpenAI (gpt-*, o*), Gemini (gemini-*) or Anthropic (claude-*)."))
+                .param("model")
+                .fix("use a model id from GET /v1/models.")
+                .example(r#"{"model": "gpt-5.5", ...}"#)
+        })?;
+        if let Some(d) = draft.as_mut() {
+            d.event.provider = provider.as_str().to_string();
+        }
+        let plan = plan(sw, provider, &model, entry.as_ref())?;
+        if matches!(plan, Plan::Race(_))
+            && snapshot.orgs.get(&key.org_id).is_some_and(|o| o.past_due)
+        {
+            return Err(ApiError::new(StatusCode::PAYMENT_REQUIRED, "payment_required", "Billing for this organization is past due, so billable flex requests are paused.")
+                .param("start_within")
+                .fix("update payment to resume flex; meanwhile \"default\", \"priority\" and \"auto\" keep working.")
+                .example(r#""start_within": "default""#));
+        }
+        let secret = match snapshot.provider_keys.get(&(key.org_id.clone(), provider)) {
+            Some(ProviderSecret::Ready(s)) => s.clone(),
+            Some(ProviderSecret::Unusable(why)) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "provider_key_unusable", format!("The {provider} key of this organization cannot be used: {why}."))
+                    .fix(format!("ask the operator to check the proxy's master key file, or set the key again with `flex admin provider-key set --org {} --provider {provider}`.", key.org_id)));
+            }
+            None => {
+                return Err(ApiError::bad_request("no_byok_key", format!("The model `{model}` is served by {provider}, but this organization has no {provider} key (FlexInference uses your own provider key: BYOK)."))
+                    .fix(format!("add it in the dashboard, or: `flex admin provider-key set --org {} --provider {provider}` (reads the key from stdin).", key.org_id))
+                    .example(format!("echo \"$PROVIDER_KEY\" | flex admin provider-key set --org {} --provider {provider}", key.org_id)));
+            }
+        };
+        let api = match (format, provider) {
+            (CallerFormat::Responses, Provider::OpenAi) => Api::Responses,
+            (CallerFormat::ChatCompletions, Provider::OpenAi) => Api::Chat,
+            _ => {
+                return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "translation_unavailable", format!("Translating the {} format to {provider} is not available in this build yet.", format.as_str()))
+                    .fix("call an OpenAI model through /v1/responses or /v1/chat/completions for now.")
+                    .example(r#"POST /v1/responses {"model": "gpt-5.5", "input": "Hello!", "start_within": "00h-00m-30s"}"#));
+            }
+        };
+        let caller_stream = body.bool_field("stream").unwrap_or(false);
+        let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
+            Duration::from_millis(u64::from(m.standard_start_floor_ms))
+        });
+        let call = OpenAiCall {
+            proxy: self,
+            api,
+            base: self.cfg.base_urls.openai.clone(),
+            secret,
+            caller_wants_usage: api == Api::Chat
+                && body
+                    .value("stream_options")
+                    .is_some_and(|v| v["include_usage"] == json!(true)),
+            body,
+            model,
+            floor,
+        };
+        let draft = draft.take().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "request state lost",
+            )
+        })?;
+        call.run(plan, caller_stream, t0, draft).await
+    }
+}
+
+/// One request to OpenAI in its own format (passthrough apart from the tier fields).
+struct OpenAiCall<'a> {
+    proxy: &'a Proxy,
+    api: Api,
+    base: String,
+    secret: SecretString,
+    body: RawBody,
+    caller_wants_usage: bool,
+    model: String,
+    floor: Duration,
+}
+
+/// Classifies an OpenAI stream event for the race.
+fn classify(api: Api, ev: &Event) -> EventClass {
+    if ev.data == "[DONE]" {
+        return EventClass::Start;
+    }
+    let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+        return EventClass::Lifecycle;
+    };
+    let error = match api {
+        Api::Responses => {
+            let t = responses::event_type(&ev.event, &v);
+            if t == "error" {
+                Some(&v)
+            } else if t == "response.failed" {
+                Some(&v["response"]["error"])
+            } else if responses::is_lifecycle(t) {
+                return EventClass::Lifecycle;
+            } else {
+                return EventClass::Start;
+            }
+        }
+        Api::Chat => {
+            if v.get("error").is_some() {
+                Some(&v["error"])
+            } else if chat::chunk_has_content(&v) {
+                return EventClass::Start;
+            } else {
+                return EventClass::Lifecycle;
+            }
+        }
+    };
+    let code = error.and_then(|e| e["code"].as_str()).unwrap_or_default();
+    if matches!(
+        code,
+        "resource_unavailable" | "rate_limit_exceeded" | "server_overloaded" | "overloaded"
+    ) {
+        EventClass::CapacityError
+    } else {
+        EventClass::Error
+    }
+}
+
+impl OpenAiCall<'_> {
+    fn bytes_for(&self, tier: AskTier, stream: bool) -> Bytes {
+        let mut b = self.body.clone();
+        b.set("service_tier", &json!(openai::tier_value(tier)));
+        if stream {
+            b.set("stream", &json!(true));
+            if self.api == Api::Chat {
+                let mut so = b
+                    .value("stream_options")
+                    .filter(Value::is_object)
+                    .unwrap_or_else(|| json!({}));
+                so["include_usage"] = json!(true);
+                b.set("stream_options", &so);
+            }
+        }
+        b.to_bytes()
+    }
+
+    async fn stream_attempt(&self, tier: AskTier, bytes: Bytes) -> Result<Started, AttemptError> {
+        let req = openai::request(&self.base, self.api, &self.secret, bytes, true)
+            .map_err(AttemptError::Fatal)?;
+        let api = self.api;
+        race::attempt(&self.proxy.upstream, req, tier, move |ev| classify(api, ev)).await
+    }
+
+    async fn run(
+        self,
+        plan: Plan,
+        caller_stream: bool,
+        t0: Instant,
+        mut draft: Draft,
+    ) -> Result<Response, ApiError> {
+        match plan {
+            Plan::Race(budget) => {
+                let flex_bytes = self.bytes_for(AskTier::Flex, true);
+                let std_bytes = self.bytes_for(AskTier::Standard, true);
+                let deadline = t0 + budget;
+                let expected = self.proxy.latency.expected(&self.model, self.floor);
+                let hedge_at = deadline
+                    .checked_sub(expected)
+                    .unwrap_or(t0)
+                    .max(Instant::now());
+                let outcome = race::run(
+                    deadline,
+                    hedge_at,
+                    self.proxy.cfg.backoff,
+                    || self.stream_attempt(AskTier::Flex, flex_bytes.clone()),
+                    || self.stream_attempt(AskTier::Standard, std_bytes.clone()),
+                )
+                .await;
+                let e = &mut draft.event;
+                match outcome {
+                    Ok(o) => {
+                        e.tiers_started = if o.standard_launched {
+                            vec!["flex".into(), "standard".into()]
+                        } else {
+                            vec!["flex".into()]
+                        };
+                        e.reason = o.reason.as_str().to_string();
+                        e.flex_wait_ms = ms(o.flex_wait);
+                        e.start_latency_ms = ms(t0.elapsed());
+                        if o.winner.tier == AskTier::Standard {
+                            self.proxy
+                                .latency
+                                .record(&self.model, o.winner.start_latency);
+                        }
+                        tracing::info!(request_id = %e.request_id, model = %self.model, winner = o.winner.tier.as_str(), reason = e.reason, flex_wait_ms = e.flex_wait_ms, start_latency_ms = e.start_latency_ms, "flex race decided");
+                        Ok(self.respond(o.winner, caller_stream, draft).await)
+                    }
+                    Err(f) => {
+                        e.tiers_started = if f.standard_launched {
+                            vec!["flex".into(), "standard".into()]
+                        } else {
+                            vec!["flex".into()]
+                        };
+                        e.reason = "flex_error".into();
+                        e.flex_wait_ms = ms(f.flex_wait);
+                        Err(f.error)
+                    }
+                }
+            }
+            Plan::Direct(tier) => {
+                draft.event.reason = "direct".into();
+                draft.event.tiers_started = vec![tier.assumed_served().as_str().to_string()];
+                if caller_stream {
+                    let started = self
+                        .stream_attempt(tier, self.bytes_for(tier, true))
+                        .await
+                        .map_err(AttemptError::into_api)?;
+                    draft.event.start_latency_ms = ms(t0.elapsed());
+                    if tier == AskTier::Standard {
+                        self.proxy
+                            .latency
+                            .record(&self.model, started.start_latency);
+                    }
+                    Ok(self.respond(started, true, draft).await)
+                } else {
+                    self.direct_body(tier, draft).await
+                }
+            }
+        }
+    }
+
+    /// Non-streaming, no race: the provider's body goes back untouched.
+    async fn direct_body(&self, tier: AskTier, mut draft: Draft) -> Result<Response, ApiError> {
+        let req = openai::request(
+            &self.base,
+            self.api,
+            &self.secret,
+            self.bytes_for(tier, false),
+            false,
+        )?;
+        let resp = self.proxy.upstream.send(req).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("The provider could not be reached: {e}."),
+            )
+            .fix("check the provider base URL and the network; retry later.")
+        })?;
+        let (parts, body) = resp.into_parts();
+        let ct = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+        if !parts.status.is_success() {
+            return Err(ApiError::upstream(
+                parts.status,
+                ct,
+                read_body(body, MAX_ERROR_BODY).await,
+            ));
+        }
+        let bytes = read_body(body, self.proxy.cfg.max_response_bytes).await;
+        draft.event.start_latency_ms = ms(draft.t0.elapsed());
+        let mut served = tier.assumed_served();
+        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+            if let Some(t) = v["service_tier"].as_str().and_then(openai::served_tier) {
+                served = t;
+            }
+            apply_usage(self.api, &v["usage"], &mut draft.event);
+        }
+        draft.event.served_tier = served.as_str().to_string();
+        let reason = draft.event.reason.clone();
+        draft.emit(self.proxy.usage.as_ref(), parts.status.as_u16(), "ok");
+        let mut out = (parts.status, bytes).into_response();
+        if let Some(ct) = ct {
+            out.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+        }
+        outcome_headers(out.headers_mut(), served, &reason, 0);
+        Ok(out)
+    }
+
+    /// Answers from a started upstream stream: forwarded as SSE, or assembled into one body.
+    async fn respond(&self, started: Started, caller_stream: bool, mut draft: Draft) -> Response {
+        let mut tap = Tap {
+            api: self.api,
+            served: None,
+            done: false,
+        };
+        let ask = started.tier;
+        if caller_stream {
+            let pending: VecDeque<Event> = started.buffered.into();
+            for ev in &pending {
+                tap.observe(ev, &mut draft.event);
+            }
+            let served = tap.served.unwrap_or(ask.assumed_served());
+            let reason = draft.event.reason.clone();
+            let flex_wait = draft.event.flex_wait_ms;
+            let state = StreamState {
+                pending,
+                rest: started.rest,
+                tap,
+                strip_usage_chunk: self.api == Api::Chat && !self.caller_wants_usage,
+                guard: Some(UsageGuard {
+                    draft,
+                    sink: self.proxy.usage.clone(),
+                    ask,
+                }),
+            };
+            let stream = futures_util::stream::unfold(state, |mut st| async move {
+                loop {
+                    let ev = match st.pending.pop_front() {
+                        Some(ev) => ev,
+                        None => match st.rest.next().await {
+                            Some(Ok(ev)) => {
+                                if let Some(g) = st.guard.as_mut() {
+                                    st.tap.observe(&ev, &mut g.draft.event);
+                                }
+                                ev
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "upstream stream broke mid-answer");
+                                if let Some(g) = st.guard.take() {
+                                    g.finish(&st.tap, "incomplete");
+                                }
+                                return None;
+                            }
+                            None => {
+                                if let Some(g) = st.guard.take() {
+                                    g.finish(
+                                        &st.tap,
+                                        if st.tap.done { "ok" } else { "incomplete" },
+                                    );
+                                }
+                                return None;
+                            }
+                        },
+                    };
+                    if st.strip_usage_chunk && is_usage_only_chunk(&ev) {
+                        continue;
+                    }
+                    return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
+                }
+            });
+            let mut resp = Response::new(Body::from_stream(stream));
+            let h = resp.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            );
+            outcome_headers(h, served, &reason, flex_wait);
+            return resp;
+        }
+        // Non-streaming caller: read the whole upstream stream and assemble the body.
+        let mut rest = started.rest;
+        let mut assembler = chat::Assembler::default();
+        let mut final_response: Option<Value> = None;
+        let mut events: VecDeque<Event> = started.buffered.into();
+        let mut broken = None;
+        loop {
+            let ev = match events.pop_front() {
+                Some(ev) => ev,
+                None => match rest.next().await {
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                    None => break,
+                },
+            };
+            tap.observe(&ev, &mut draft.event);
+            if ev.data == "[DONE]" {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                continue;
+            };
+            match self.api {
+                Api::Chat => assembler.push(&v),
+                Api::Responses => {
+                    if responses::is_terminal(responses::event_type(&ev.event, &v)) {
+                        final_response = Some(v["response"].clone());
+                    }
+                }
+            }
+        }
+        let served = tap.served.unwrap_or(ask.assumed_served());
+        draft.event.served_tier = served.as_str().to_string();
+        let body = match self.api {
+            Api::Chat if broken.is_none() => Some(assembler.finish()),
+            Api::Responses => final_response,
+            Api::Chat => None,
+        };
+        let reason = draft.event.reason.clone();
+        let flex_wait = draft.event.flex_wait_ms;
+        let Some(body) = body else {
+            draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
+            let why = broken.unwrap_or_else(|| "it ended without a final response".into());
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_incomplete",
+                format!("The provider's answer was cut off: {why}."),
+            )
+            .fix("retry the request.")
+            .into_response_for(CallerFormat::Responses);
+        };
+        draft.emit(self.proxy.usage.as_ref(), 200, "ok");
+        let mut resp = axum::Json(body).into_response();
+        outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
+        resp
+    }
+}
+
+fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, flex_wait_ms: u64) {
+    h.insert(
+        "x-flex-served-tier",
+        HeaderValue::from_static(served.as_str()),
+    );
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert("x-flex-reason", v);
+    }
+    h.insert("x-flex-wait-ms", HeaderValue::from(flex_wait_ms));
+}
+
+fn is_usage_only_chunk(ev: &Event) -> bool {
+    ev.data.contains("\"usage\"")
+        && serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| {
+            v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object()
+        })
+}
+
+/// Copies OpenAI usage (Responses or Chat naming) into the usage event.
+fn apply_usage(api: Api, u: &Value, e: &mut UsageEvent) {
+    if !u.is_object() {
+        return;
+    }
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    match api {
+        Api::Responses => {
+            e.input_tokens = n(&u["input_tokens"]);
+            e.cached_input_tokens = n(&u["input_tokens_details"]["cached_tokens"]);
+            e.output_tokens = n(&u["output_tokens"]);
+            e.reasoning_tokens = n(&u["output_tokens_details"]["reasoning_tokens"]);
+        }
+        Api::Chat => {
+            e.input_tokens = n(&u["prompt_tokens"]);
+            e.cached_input_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
+            e.output_tokens = n(&u["completion_tokens"]);
+            e.reasoning_tokens = n(&u["completion_tokens_details"]["reasoning_tokens"]);
+        }
+    }
+}
+
+/// Watches forwarded events for the served tier, usage and the end of the answer.
+struct Tap {
+    api: Api,
+    served: Option<Tier>,
+    done: bool,
+}
+
+impl Tap {
+    fn observe(&mut self, ev: &Event, e: &mut UsageEvent) {
+        if ev.data == "[DONE]" {
+            self.done = true;
+            return;
+        }
+        let interesting = match self.api {
+            Api::Responses => {
+                ev.event.is_empty()
+                    || responses::is_terminal(&ev.event)
+                    || (self.served.is_none() && ev.event == "response.created")
+            }
+            Api::Chat => self.served.is_none() || ev.data.contains("\"usage\""),
+        };
+        if !interesting {
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            return;
+        };
+        let obj = match self.api {
+            Api::Responses => &v["response"],
+            Api::Chat => &v,
+        };
+        if let Some(t) = obj["service_tier"].as_str().and_then(openai::served_tier) {
+            self.served = Some(t);
+        }
+        apply_usage(self.api, &obj["usage"], e);
+        if self.api == Api::Responses
+            && responses::is_terminal(responses::event_type(&ev.event, &v))
+        {
+            self.done = true;
+        }
+    }
+}
+
+struct StreamState {
+    pending: VecDeque<Event>,
+    rest: crate::upstream::EventStream,
+    tap: Tap,
+    strip_usage_chunk: bool,
+    guard: Option<UsageGuard>,
+}
+
+/// Emits the usage event when a forwarded stream ends, or as `cancelled` when the caller left.
+struct UsageGuard {
+    draft: Draft,
+    sink: Arc<dyn UsageSink>,
+    ask: AskTier,
+}
+
+impl UsageGuard {
+    fn finish(mut self, tap: &Tap, outcome: &str) {
+        self.draft.event.served_tier = tap
+            .served
+            .unwrap_or(self.ask.assumed_served())
+            .as_str()
+            .to_string();
+        let draft = self.draft.clone();
+        let sink = self.sink.clone();
+        // Mark as delivered so Drop does nothing.
+        self.draft.event.request_id.clear();
+        draft.emit(sink.as_ref(), 200, outcome);
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        if self.draft.event.request_id.is_empty() {
+            return;
+        }
+        let mut draft = self.draft.clone();
+        draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
+        draft.emit(self.sink.as_ref(), 200, "cancelled");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_table() {
+        let cat = flex_shared::catalog::Catalog::default();
+        let d = Duration::from_secs(30);
+        let p = |sw, model: &str| {
+            let entry = cat.get(model);
+            let provider = entry
+                .map(|m| m.provider)
+                .or_else(|| Provider::for_model_prefix(model))
+                .unwrap_or(Provider::OpenAi);
+            plan(sw, provider, model, entry).map_err(|e| e.code)
+        };
+        assert_eq!(
+            p(StartWithin::Default, "gpt-5.5"),
+            Ok(Plan::Direct(AskTier::Standard))
+        );
+        assert_eq!(
+            p(StartWithin::Priority, "gpt-5.5"),
+            Ok(Plan::Direct(AskTier::Priority))
+        );
+        assert_eq!(
+            p(StartWithin::Auto, "gpt-5.5"),
+            Ok(Plan::Direct(AskTier::Auto))
+        );
+        assert_eq!(p(StartWithin::Within(d), "gpt-5.5"), Ok(Plan::Race(d)));
+        assert_eq!(
+            p(StartWithin::Within(d), "gpt-4o"),
+            Err("model_not_flex_capable")
+        );
+        assert_eq!(
+            p(StartWithin::Within(d), "gpt-5.5-2026-01-01"),
+            Err("model_not_flex_capable")
+        );
+        assert_eq!(
+            p(StartWithin::Default, "gpt-4o"),
+            Ok(Plan::Direct(AskTier::Standard))
+        );
+        assert_eq!(
+            p(StartWithin::Auto, "gemini-3.5-flash"),
+            Err("auto_unsupported_for_gemini")
+        );
+        assert_eq!(
+            p(StartWithin::Within(d), "gemini-3.5-flash"),
+            Ok(Plan::Race(d))
+        );
+        assert_eq!(
+            p(StartWithin::Priority, "gemini-3.5-flash"),
+            Ok(Plan::Direct(AskTier::Priority))
+        );
+        assert_eq!(
+            p(StartWithin::Within(d), "claude-opus-4-8"),
+            Err("flex_unsupported_for_anthropic")
+        );
+        assert_eq!(
+            p(StartWithin::Priority, "claude-opus-4-8"),
+            Ok(Plan::Direct(AskTier::Auto))
+        );
+        assert_eq!(
+            p(StartWithin::Default, "claude-opus-4-8"),
+            Ok(Plan::Direct(AskTier::Standard))
+        );
+    }
+
+    #[test]
+    fn classifies_openai_events() {
+        let ev = |name: &str, data: &str| Event::new(name, data);
+        assert_eq!(
+            classify(
+                Api::Responses,
+                &ev("response.created", r#"{"type":"response.created"}"#)
+            ),
+            EventClass::Lifecycle
+        );
+        assert_eq!(
+            classify(
+                Api::Responses,
+                &ev(
+                    "response.output_text.delta",
+                    r#"{"type":"response.output_text.delta"}"#
+                )
+            ),
+            EventClass::Start
+        );
+        assert_eq!(
+            classify(
+                Api::Responses,
+                &ev("error", r#"{"type":"error","code":"resource_unavailable"}"#)
+            ),
+            EventClass::CapacityError
+        );
+        assert_eq!(
+            classify(
+                Api::Chat,
+                &ev(
+                    "",
+                    r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#
+                )
+            ),
+            EventClass::Lifecycle
+        );
+        assert_eq!(
+            classify(
+                Api::Chat,
+                &ev(
+                    "",
+                    r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#
+                )
+            ),
+            EventClass::Start
+        );
+    }
+
+    #[test]
+    fn rfc3339_now_is_well_formed() {
+        let s = rfc3339_now();
+        assert_eq!(s.len(), 20, "{s}");
+        assert!(s.ends_with('Z'));
+    }
+}

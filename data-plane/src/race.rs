@@ -1,0 +1,363 @@
+//! The flex race: first byte by the deadline, flex as often as possible, never two tiers billed.
+//!
+//! The budget D starts when the request is validated. Flex is sent at once; a capacity error is
+//! retried with jittered exponential backoff while the budget allows; any other error ends the
+//! race and passes through (standard would fail the same way). Standard is launched at
+//! `D - expected standard start latency` (learned per model, never below a floor), so that it too
+//! starts by D. The first tier whose upstream stream carries a content-bearing event wins; the
+//! other future is dropped at once, which closes its upstream request before it produced output.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body_util::Full;
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::providers::{is_capacity_status, AskTier};
+use crate::sse::Event;
+use crate::upstream::{read_body, EventStream, UpstreamClient, MAX_ERROR_BODY};
+
+/// How an upstream stream event counts for the race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventClass {
+    /// Bookkeeping before any output (e.g. `response.created`).
+    Lifecycle,
+    /// The provider has begun to answer.
+    Start,
+    /// An in-stream error that means "no capacity now".
+    CapacityError,
+    /// Any other in-stream error.
+    Error,
+}
+
+/// A tier whose upstream has started answering.
+pub struct Started {
+    pub tier: AskTier,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// Events read up to and including the first content-bearing one.
+    pub buffered: Vec<Event>,
+    pub rest: EventStream,
+    /// From sending the request to the first content-bearing event.
+    pub start_latency: Duration,
+}
+
+#[derive(Debug)]
+pub enum AttemptError {
+    /// No capacity now: worth retrying on flex.
+    Capacity(ApiError),
+    /// Anything else: passes through to the caller.
+    Fatal(ApiError),
+}
+
+impl AttemptError {
+    pub fn into_api(self) -> ApiError {
+        match self {
+            AttemptError::Capacity(e) | AttemptError::Fatal(e) => e,
+        }
+    }
+}
+
+/// Sends one streaming request and reads until the upstream starts answering.
+pub async fn attempt(
+    client: &UpstreamClient,
+    req: http::Request<Full<Bytes>>,
+    tier: AskTier,
+    classify: impl Fn(&Event) -> EventClass,
+) -> Result<Started, AttemptError> {
+    let sent = Instant::now();
+    let resp = client.send(req).await.map_err(|e| {
+        AttemptError::Fatal(
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("The provider could not be reached: {e}."),
+            )
+            .fix("check the provider base URL and the network; retry later."),
+        )
+    })?;
+    let (parts, body) = resp.into_parts();
+    if !parts.status.is_success() {
+        let ct = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+        let bytes = read_body(body, MAX_ERROR_BODY).await;
+        let e = ApiError::upstream(parts.status, ct, bytes);
+        return Err(if is_capacity_status(parts.status) {
+            AttemptError::Capacity(e)
+        } else {
+            AttemptError::Fatal(e)
+        });
+    }
+    let mut rest = client.events(body);
+    let mut buffered = Vec::new();
+    loop {
+        match rest.next().await {
+            None => {
+                // The stream ended without content: that is its whole answer.
+                return Ok(Started {
+                    tier,
+                    status: parts.status,
+                    headers: parts.headers,
+                    buffered,
+                    rest,
+                    start_latency: sent.elapsed(),
+                });
+            }
+            Some(Err(e)) => {
+                return Err(AttemptError::Fatal(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_stream_error",
+                    format!("The provider's stream broke before it started answering: {e}."),
+                )));
+            }
+            Some(Ok(ev)) => {
+                let class = classify(&ev);
+                match class {
+                    EventClass::Lifecycle => buffered.push(ev),
+                    EventClass::Start => {
+                        buffered.push(ev);
+                        return Ok(Started {
+                            tier,
+                            status: parts.status,
+                            headers: parts.headers,
+                            buffered,
+                            rest,
+                            start_latency: sent.elapsed(),
+                        });
+                    }
+                    EventClass::CapacityError | EventClass::Error => {
+                        let e = ApiError::upstream(
+                            if class == EventClass::CapacityError {
+                                StatusCode::TOO_MANY_REQUESTS
+                            } else {
+                                StatusCode::BAD_GATEWAY
+                            },
+                            Some(http::HeaderValue::from_static("application/json")),
+                            Bytes::from(ev.data),
+                        );
+                        return Err(if class == EventClass::CapacityError {
+                            AttemptError::Capacity(e)
+                        } else {
+                            AttemptError::Fatal(e)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why the winner won.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Flex started first.
+    FlexStarted,
+    /// Flex had not started when standard did.
+    FlexTimeout,
+    /// Flex kept answering "no capacity" and standard started.
+    FlexCapacity,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::FlexStarted => "flex_started",
+            Reason::FlexTimeout => "flex_timeout",
+            Reason::FlexCapacity => "flex_capacity",
+        }
+    }
+}
+
+pub struct Outcome<T> {
+    pub winner: T,
+    pub reason: Reason,
+    /// Time spent on flex before it won or lost.
+    pub flex_wait: Duration,
+    pub flex_attempts: u32,
+    pub standard_launched: bool,
+}
+
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ApiError,
+    pub flex_wait: Duration,
+    pub standard_launched: bool,
+}
+
+/// Retry schedule for flex capacity errors.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Backoff {
+    /// Equal jitter: half the capped exponential delay plus a random part of the other half.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let half = exp / 2;
+        let jitter = rand::random::<u64>() % (u64::try_from(half.as_millis()).unwrap_or(0) + 1);
+        half + Duration::from_millis(jitter)
+    }
+}
+
+/// Runs the race. `flex` is called for every flex attempt; `standard` once, at `hedge_at`.
+pub async fn run<T, F, FF, S, SF>(
+    deadline: Instant,
+    hedge_at: Instant,
+    backoff: Backoff,
+    mut flex: F,
+    standard: S,
+) -> Result<Outcome<T>, Failure>
+where
+    F: FnMut() -> FF,
+    FF: Future<Output = Result<T, AttemptError>>,
+    S: FnOnce() -> SF,
+    SF: Future<Output = Result<T, AttemptError>>,
+{
+    let t0 = Instant::now();
+    let attempts = AtomicU32::new(0);
+    let saw_capacity = AtomicBool::new(false);
+    let launched = AtomicBool::new(false);
+    let flex_side = async {
+        loop {
+            let n = attempts.fetch_add(1, Ordering::Relaxed);
+            match flex().await {
+                Ok(s) => return Ok(s),
+                Err(AttemptError::Capacity(e)) => {
+                    saw_capacity.store(true, Ordering::Relaxed);
+                    let wait = backoff.delay(n);
+                    if Instant::now() + wait >= deadline {
+                        return Err(AttemptError::Capacity(e));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(fatal) => return Err(fatal),
+            }
+        }
+    };
+    let standard_side = async {
+        tokio::time::sleep_until(hedge_at).await;
+        launched.store(true, Ordering::Relaxed);
+        standard().await
+    };
+    tokio::pin!(flex_side);
+    tokio::pin!(standard_side);
+    let failure = |error: ApiError, launched: &AtomicBool| Failure {
+        error,
+        flex_wait: t0.elapsed(),
+        standard_launched: launched.load(Ordering::Relaxed),
+    };
+    tokio::select! {
+        biased;
+        r = &mut flex_side => match r {
+            Ok(winner) => Ok(Outcome {
+                winner,
+                reason: Reason::FlexStarted,
+                flex_wait: t0.elapsed(),
+                flex_attempts: attempts.load(Ordering::Relaxed),
+                standard_launched: launched.load(Ordering::Relaxed),
+            }),
+            Err(AttemptError::Fatal(e)) => Err(failure(e, &launched)),
+            Err(AttemptError::Capacity(_)) => {
+                // Flex gave up inside the budget: standard (launched now if not yet) takes over.
+                let flex_wait = t0.elapsed();
+                match (&mut standard_side).await {
+                    Ok(winner) => Ok(Outcome { winner, reason: Reason::FlexCapacity, flex_wait, flex_attempts: attempts.load(Ordering::Relaxed), standard_launched: true }),
+                    Err(e) => Err(Failure { error: e.into_api(), flex_wait, standard_launched: true }),
+                }
+            }
+        },
+        r = &mut standard_side => match r {
+            Ok(winner) => Ok(Outcome {
+                winner,
+                reason: if saw_capacity.load(Ordering::Relaxed) { Reason::FlexCapacity } else { Reason::FlexTimeout },
+                flex_wait: t0.elapsed(),
+                flex_attempts: attempts.load(Ordering::Relaxed),
+                standard_launched: true,
+            }),
+            Err(e) => Err(failure(e.into_api(), &launched)),
+        },
+    }
+}
+
+/// Learned standard-tier start latency per model: the p99 of the last samples, never below the
+/// floor. Used to launch standard early enough that it starts by the deadline.
+#[derive(Default)]
+pub struct StartLatency {
+    samples: Mutex<HashMap<String, VecDeque<Duration>>>,
+}
+
+const WINDOW: usize = 128;
+
+impl StartLatency {
+    pub fn record(&self, model: &str, d: Duration) {
+        if let Ok(mut m) = self.samples.lock() {
+            let ring = m.entry(model.to_string()).or_default();
+            if ring.len() == WINDOW {
+                ring.pop_front();
+            }
+            ring.push_back(d);
+        }
+    }
+
+    pub fn expected(&self, model: &str, floor: Duration) -> Duration {
+        let p99 = self.samples.lock().ok().and_then(|m| {
+            let ring = m.get(model)?;
+            let mut v: Vec<Duration> = ring.iter().copied().collect();
+            v.sort_unstable();
+            let idx = (v.len() * 99).div_ceil(100).saturating_sub(1);
+            v.get(idx).copied()
+        });
+        p99.map_or(floor, |p| p.max(floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn learned_latency_is_p99_above_the_floor() {
+        let l = StartLatency::default();
+        let floor = Duration::from_millis(100);
+        assert_eq!(l.expected("m", floor), floor);
+        for i in 1..=100 {
+            l.record("m", Duration::from_millis(i * 10));
+        }
+        assert_eq!(l.expected("m", floor), Duration::from_millis(990));
+        assert_eq!(l.expected("other", floor), floor);
+        for _ in 0..WINDOW {
+            l.record("m", Duration::from_millis(1));
+        }
+        assert_eq!(l.expected("m", floor), floor, "old samples age out");
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let b = Backoff::default();
+        for n in 0..20 {
+            let d = b.delay(n);
+            assert!(d <= b.max, "{d:?}");
+            assert!(d >= b.base.saturating_mul(1 << n.min(16)).min(b.max) / 2);
+        }
+    }
+}

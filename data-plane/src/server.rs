@@ -1,0 +1,217 @@
+//! The proxy's HTTP front: HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS with rustls) on one port.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::authenticate;
+use crate::error::{ApiError, ProxyError};
+use crate::formats::CallerFormat;
+use crate::proxy::Proxy;
+
+/// The proxy's routes: the four API formats, `/v1/models`, health, readiness and metrics.
+pub fn router(proxy: Arc<Proxy>) -> Router {
+    Router::new()
+        .route(
+            "/v1/responses",
+            post(|s, r| api(s, r, CallerFormat::Responses)),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|s, r| api(s, r, CallerFormat::ChatCompletions)),
+        )
+        .route(
+            "/v1/interactions",
+            post(|s, r| api(s, r, CallerFormat::Interactions)),
+        )
+        .route(
+            "/v1/messages",
+            post(|s, r| api(s, r, CallerFormat::Messages)),
+        )
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(proxy)
+}
+
+async fn api(State(proxy): State<Arc<Proxy>>, req: Request, format: CallerFormat) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = proxy.cfg.max_body_bytes;
+    let bytes: Bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let err = if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!(
+                        "The request body is larger than the limit of {} MiB.",
+                        limit / (1024 * 1024)
+                    ),
+                )
+                .fix("send large files by URL instead of inline base64, or split the request.")
+            } else {
+                ApiError::bad_request(
+                    "body_read_error",
+                    format!("The request body could not be read: {e}."),
+                )
+            };
+            return err.into_response_for(format);
+        }
+    };
+    proxy.handle(format, parts.headers, bytes).await
+}
+
+async fn models(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let caller = match authenticate(
+        proxy.snapshots.load(),
+        CallerFormat::Responses,
+        req.headers(),
+        now,
+    ) {
+        Ok(c) => c,
+        Err(e) => return e.into_response_for(CallerFormat::Responses),
+    };
+    let data: Vec<_> = caller
+        .snapshot
+        .catalog
+        .models()
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.provider.as_str(),
+                "provider": m.provider.as_str(),
+                "flex_capable": m.flex_capable,
+                "aliases": m.aliases,
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
+    match proxy.snapshots.load() {
+        Some(s) => (
+            StatusCode::OK,
+            format!("ready: snapshot version {}\n", s.version),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no snapshot loaded yet\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    let st = proxy.snapshots.status();
+    let body = format!(
+        "# TYPE snapshot_version gauge\nsnapshot_version {}\n# TYPE snapshot_age_seconds gauge\nsnapshot_age_seconds {}\n# TYPE control_plane_connected gauge\ncontrol_plane_connected {}\n# TYPE snapshot_rejected_updates_total counter\nsnapshot_rejected_updates_total {}\n",
+        proxy.snapshots.version(),
+        proxy.snapshots.age_seconds().map_or(-1, |a| a as i64),
+        u8::from(st.connected),
+        st.rejected_updates,
+    );
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "unknown_endpoint", format!("There is no endpoint {} {}.", req.method(), req.uri().path()))
+        .fix("use POST /v1/responses, /v1/chat/completions, /v1/interactions, /v1/messages or GET /v1/models; the base URL ends in /v1.")
+        .example("base_url=\"http://127.0.0.1:8080/v1\"")
+        .into_response_for(CallerFormat::Responses)
+}
+
+/// Builds a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) from PEM files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ProxyError> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert)
+            .map_err(|e| ProxyError::Tls(format!("cannot open {}: {e}", cert.display())))?,
+    ))
+    .collect();
+    let certs =
+        certs.map_err(|e| ProxyError::Tls(format!("{} is not PEM: {e}", cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key)
+            .map_err(|e| ProxyError::Tls(format!("cannot open {}: {e}", key.display())))?,
+    ))
+    .map_err(|e| ProxyError::Tls(format!("{} is not PEM: {e}", key.display())))?
+    .ok_or_else(|| ProxyError::Tls(format!("{} holds no private key", key.display())))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ProxyError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| ProxyError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serves `router` on `listener` (TLS when `tls` is given) until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(router.clone());
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
