@@ -351,6 +351,228 @@ mod tests {
         assert_eq!(l.expected("m", floor), floor, "old samples age out");
     }
 
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    const D: Duration = Duration::from_secs(10);
+    const STD_LATENCY: Duration = Duration::from_millis(500);
+
+    /// A fake upstream attempt: waits `delay`, then starts or fails; counts starts and drops.
+    #[derive(Default)]
+    struct Probe {
+        started: AtomicUsize,
+        dropped_unfinished: AtomicUsize,
+    }
+
+    struct DropFlag<'a>(&'a Probe, bool);
+    impl Drop for DropFlag<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.dropped_unfinished.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    async fn fake(
+        probe: &Probe,
+        delay: Duration,
+        result: Result<&'static str, u16>,
+    ) -> Result<&'static str, AttemptError> {
+        let mut flag = DropFlag(probe, false);
+        tokio::time::sleep(delay).await;
+        flag.1 = true;
+        match result {
+            Ok(tier) => {
+                probe.started.fetch_add(1, Ordering::SeqCst);
+                Ok(tier)
+            }
+            Err(status) => {
+                let e = ApiError::new(StatusCode::from_u16(status).unwrap(), "upstream_error", "x");
+                Err(
+                    if is_capacity_status(StatusCode::from_u16(status).unwrap()) {
+                        AttemptError::Capacity(e)
+                    } else {
+                        AttemptError::Fatal(e)
+                    },
+                )
+            }
+        }
+    }
+
+    fn times() -> (Instant, Instant, Instant) {
+        let t0 = Instant::now();
+        (t0, t0 + D, t0 + D - STD_LATENCY)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_starts_in_time_and_wins() {
+        let (t0, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, Duration::from_secs(3), Ok("flex")),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!((o.winner, o.reason), ("flex", Reason::FlexStarted));
+        assert_eq!(o.flex_wait, Duration::from_secs(3));
+        assert!(
+            !o.standard_launched,
+            "standard is never sent when flex starts before the hedge"
+        );
+        assert_eq!(s.started.load(Ordering::SeqCst), 0);
+        assert!(t0.elapsed() <= D);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_never_starts_so_standard_serves_by_the_deadline() {
+        let (t0, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, Duration::from_secs(3600), Ok("flex")),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!((o.winner, o.reason), ("standard", Reason::FlexTimeout));
+        assert!(
+            t0.elapsed() <= D,
+            "first byte at {:?}, deadline {D:?}",
+            t0.elapsed()
+        );
+        assert_eq!(f.started.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            f.dropped_unfinished.load(Ordering::SeqCst),
+            1,
+            "the flex request was cancelled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_429_then_success_stays_on_flex() {
+        let (_, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        let calls = AtomicUsize::new(0);
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                fake(
+                    &f,
+                    Duration::from_millis(50),
+                    if n < 2 { Err(429) } else { Ok("flex") },
+                )
+            },
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (o.winner, o.reason, o.flex_attempts),
+            ("flex", Reason::FlexStarted, 3)
+        );
+        assert_eq!(s.started.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_429_until_the_end_falls_back_to_standard_in_time() {
+        let (t0, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, Duration::from_millis(20), Err(429)),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!((o.winner, o.reason), ("standard", Reason::FlexCapacity));
+        assert!(o.flex_attempts > 3, "flex was retried: {}", o.flex_attempts);
+        assert!(t0.elapsed() <= D);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_starting_just_after_the_hedge_leaves_exactly_one_winner() {
+        let (_, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        // Flex starts 100 ms after standard was launched, before standard starts.
+        let flex_at = D - STD_LATENCY + Duration::from_millis(100);
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, flex_at, Ok("flex")),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.winner, "flex");
+        assert!(o.standard_launched);
+        assert_eq!(
+            f.started.load(Ordering::SeqCst) + s.started.load(Ordering::SeqCst),
+            1
+        );
+        assert_eq!(
+            s.dropped_unfinished.load(Ordering::SeqCst),
+            1,
+            "standard was cancelled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_non_capacity_flex_error_passes_through_at_once() {
+        let (t0, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        let e = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, Duration::from_millis(30), Err(400)),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(e.error.status, StatusCode::BAD_REQUEST);
+        assert!(!e.standard_launched);
+        assert_eq!(t0.elapsed(), Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_leaves_cancels_both_tiers() {
+        let (_, deadline, hedge) = times();
+        let (f, s) = (Arc::new(Probe::default()), Arc::new(Probe::default()));
+        let (f2, s2) = (f.clone(), s.clone());
+        let task = tokio::spawn(async move {
+            let _ = run(
+                deadline,
+                hedge,
+                Backoff::default(),
+                || fake(&f2, Duration::from_secs(3600), Ok("flex")),
+                || fake(&s2, Duration::from_secs(3600), Ok("standard")),
+            )
+            .await;
+        });
+        tokio::time::sleep(D).await; // both in flight
+        task.abort();
+        let _ = task.await;
+        assert_eq!(f.dropped_unfinished.load(Ordering::SeqCst), 1);
+        assert_eq!(s.dropped_unfinished.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            f.started.load(Ordering::SeqCst) + s.started.load(Ordering::SeqCst),
+            0
+        );
+    }
+
     #[test]
     fn backoff_is_jittered_and_capped() {
         let b = Backoff::default();
