@@ -1,1 +1,7 @@
+//! The `flex` binary's library: the command line, process wiring, the admin CLI and the provider
+//! simulator. The planes themselves live in `control-plane/` and `data-plane/`.
 
+pub mod admin_cli;
+pub mod cli;
+pub mod run;
+pub mod sim;

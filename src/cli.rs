@@ -1,0 +1,146 @@
+//! The `flex` command line. Every flag also reads `FLEX_<FLAG>` from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::admin_cli::AdminArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "flex", version, about = "FlexInference: a deadline-aware, multi-tenant LLM inference router")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process on embedded defaults (SQLite, in-process bus, one proxy).
+    Up(UpArgs),
+    /// The control plane: event log, admin API, snapshot Watch.
+    Control(ControlArgs),
+    /// A stateless data-plane proxy.
+    Proxy(ProxyArgs),
+    /// Operator commands over the admin API.
+    Admin(AdminArgs),
+    /// The provider simulator (OpenAI, Anthropic and Gemini wire formats).
+    Sim(SimArgs),
+}
+
+/// Provider base URLs and upstream TLS, shared by `up` and `proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpstreamArgs {
+    /// OpenAI base URL (the SDK convention, including /v1).
+    #[arg(long, env = "FLEX_OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+    /// Anthropic base URL.
+    #[arg(long, env = "FLEX_ANTHROPIC_BASE_URL")]
+    pub anthropic_base_url: Option<String>,
+    /// Gemini base URL (the proxy appends /v1beta/models/…).
+    #[arg(long, env = "FLEX_GEMINI_BASE_URL")]
+    pub gemini_base_url: Option<String>,
+    /// Extra PEM CA certificates to trust for upstream HTTPS (besides the webpki roots).
+    #[arg(long, env = "FLEX_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Serve the proxy over TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "FLEX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLEX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body accepted, in MiB.
+    #[arg(long, env = "FLEX_MAX_BODY_MIB", default_value_t = 32)]
+    pub max_body_mib: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Also start the provider simulator and create a ready-to-use `demo` org.
+    #[arg(long, env = "FLEX_DEMO")]
+    pub demo: bool,
+    /// Where the database, admin token, master key and demo.json live.
+    #[arg(long, env = "FLEX_DATA_DIR", default_value = ".flex")]
+    pub data_dir: PathBuf,
+    /// Proxy listen address (API under /v1).
+    #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin gRPC listen address.
+    #[arg(long, env = "FLEX_ADMIN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// postgres://USER@HOST:5432/DB or sqlite://PATH?mode=rwc
+    #[arg(long, env = "FLEX_DATABASE_URL")]
+    pub database_url: String,
+    /// NATS URL for snapshot distribution and usage (not available in this build yet).
+    #[arg(long, env = "FLEX_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// gRPC listen address (admin API and the proxies' Watch).
+    #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// The admin token operators must present.
+    #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// Master key file: 64 hex characters, or `key_id=hex` lines (first = active).
+    #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
+    pub master_key_file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Control plane gRPC URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "FLEX_CONTROL_URL")]
+    pub control_url: Option<String>,
+    /// NATS URL (not available in this build yet).
+    #[arg(long, env = "FLEX_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the last good snapshot is kept for a warm start.
+    #[arg(long, env = "FLEX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Master key file to decrypt provider keys.
+    #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// This proxy's id as the control plane lists it (default: hostname-pid).
+    #[arg(long, env = "FLEX_PROXY_ID")]
+    pub proxy_id: Option<String>,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Refuse any other OpenAI key (401 in OpenAI's envelope).
+    #[arg(long, env = "FLEX_OPENAI_KEY", hide_env_values = true)]
+    pub openai_key: Option<String>,
+    #[arg(long, env = "FLEX_ANTHROPIC_KEY", hide_env_values = true)]
+    pub anthropic_key: Option<String>,
+    #[arg(long, env = "FLEX_GEMINI_KEY", hide_env_values = true)]
+    pub gemini_key: Option<String>,
+    /// Delay before the flex tier starts answering, ms.
+    #[arg(long, env = "FLEX_FLEX_DELAY_MS", default_value_t = 0)]
+    pub flex_delay_ms: u64,
+    /// Delay before the standard tier starts answering, ms.
+    #[arg(long, env = "FLEX_STANDARD_DELAY_MS", default_value_t = 50)]
+    pub standard_delay_ms: u64,
+    /// Delay before the priority tier starts answering, ms.
+    #[arg(long, env = "FLEX_PRIORITY_DELAY_MS", default_value_t = 20)]
+    pub priority_delay_ms: u64,
+    /// Status the flex tier answers with when out of capacity (e.g. 429).
+    #[arg(long, env = "FLEX_FLEX_STATUS")]
+    pub flex_status: Option<u16>,
+    /// Share of flex requests refused for capacity (0.0–1.0).
+    #[arg(long, env = "FLEX_FLEX_CAPACITY_ERROR_RATE", default_value_t = 0.0)]
+    pub flex_capacity_error_rate: f64,
+    /// Output token rate; 0 = as fast as possible.
+    #[arg(long, env = "FLEX_TOKENS_PER_SEC", default_value_t = 0)]
+    pub tokens_per_sec: u64,
+}

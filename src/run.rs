@@ -1,0 +1,299 @@
+//! Wiring of the processes: `flex up`, `flex control`, `flex proxy`, `flex sim`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flex_control_plane::{ControlPlane, Metadata};
+use flex_data_plane::providers::BaseUrls;
+use flex_data_plane::proxy::{Proxy, ProxyConfig};
+use flex_data_plane::snapshot::{self, SnapshotStore};
+use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
+use flex_data_plane::usage::{ChannelSink, UsageSink};
+use flex_shared::crypto::MasterKeyring;
+use flex_shared::usage::UsageEvent;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::cli::{ControlArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
+use crate::sim::{self, SimConfig};
+
+/// Writes `contents` to a new file readable only by its owner (mode 0600).
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Reads the file, or creates it with `make()` on first start.
+fn load_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let s = make();
+            write_private(path, &s)?;
+            Ok(s)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(v)
+}
+
+fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
+    ProxyConfig { base_urls, max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024), ..ProxyConfig::default() }
+}
+
+fn base_urls(u: &UpstreamArgs, fallback: Option<(&str, &str)>) -> BaseUrls {
+    let d = BaseUrls::default();
+    let (sim_openai, sim_root) = match fallback {
+        Some((o, r)) => (Some(o.to_string()), Some(r.to_string())),
+        None => (None, None),
+    };
+    BaseUrls {
+        openai: u.openai_base_url.clone().or(sim_openai).unwrap_or(d.openai),
+        anthropic: u.anthropic_base_url.clone().or(sim_root.clone()).unwrap_or(d.anthropic),
+        gemini: u.gemini_base_url.clone().or(sim_root).unwrap_or(d.gemini),
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}: is another process using it? Pick another with the flag or env var"))
+}
+
+/// Builds the proxy and serves it on `listener` in the background.
+fn start_proxy(listener: TcpListener, u: &UpstreamArgs, cfg: ProxyConfig, store: Arc<SnapshotStore>, usage: Arc<dyn UsageSink>) -> Result<()> {
+    let upstream = UpstreamClient::new(&UpstreamConfig { extra_ca_file: u.upstream_ca_file.clone(), ..UpstreamConfig::default() })?;
+    let tls = match (&u.tls_cert, &u.tls_key) {
+        (Some(c), Some(k)) => Some(flex_data_plane::server::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let proxy = Arc::new(Proxy::new(store, upstream, cfg, usage));
+    let router = flex_data_plane::server::router(proxy);
+    tokio::spawn(async move {
+        if let Err(e) = flex_data_plane::server::serve(listener, router, tls).await {
+            tracing::error!(error = %e, "proxy server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Delivers usage events to an in-process control plane, retrying until stored.
+async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<ControlPlane>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = cp.record_usage(&batch).await {
+            tracing::warn!(error = %e, "usage ledger write failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        batch.clear();
+    }
+}
+
+fn demo_sim_keys(dir: &Path) -> Result<serde_json::Value> {
+    let text = load_or_create(&dir.join("sim-keys.json"), || {
+        json!({
+            "openai": format!("sk-sim-{}", random_hex(16)),
+            "anthropic": format!("sk-ant-sim-{}", random_hex(16)),
+            "gemini": format!("AIza-sim-{}", random_hex(16)),
+        })
+        .to_string()
+    })?;
+    serde_json::from_str(&text).context("sim-keys.json is corrupt; delete it to regenerate")
+}
+
+/// Creates (or finds) the demo org, key and provider keys and writes demo.json.
+async fn ensure_demo(cp: &ControlPlane, dir: &Path, base_url: &str, admin_endpoint: &str, admin_token: &str, sim_keys: &serde_json::Value) -> Result<serde_json::Value> {
+    let path = dir.join("demo.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+            let org_ok = v["org_id"].as_str().is_some_and(|o| cp.state().orgs.contains_key(o));
+            let key_ok = v["api_key"].as_str().is_some_and(|k| cp.snapshot().api_keys.iter().any(|e| e.key_hash == flex_shared::keys::hash(k)));
+            if org_ok && key_ok {
+                v["base_url"] = json!(base_url);
+                v["admin_endpoint"] = json!(admin_endpoint);
+                write_private(&path, &serde_json::to_string_pretty(&v)?)?;
+                return Ok(v);
+            }
+        }
+    }
+    let meta = Metadata::new("flex-up-demo");
+    let org = cp.create_org(&meta, "demo", None).await?.org;
+    let key = cp.create_api_key(&meta, &org.org_id, "demo", None, None).await?;
+    let secret = key.secret.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default();
+    for provider in ["openai", "anthropic", "gemini"] {
+        if let Some(k) = sim_keys[provider].as_str() {
+            cp.set_provider_key(&meta, &org.org_id, provider, &SecretString::from(k.to_string())).await?;
+        }
+    }
+    let v = json!({
+        "base_url": base_url,
+        "api_key": secret,
+        "org_id": org.org_id,
+        "admin_endpoint": admin_endpoint,
+        "admin_token": admin_token,
+    });
+    write_private(&path, &serde_json::to_string_pretty(&v)?)?;
+    Ok(v)
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let token = load_or_create(&dir.join("admin-token"), || format!("{}\n", random_hex(32)))?.trim().to_string();
+    let key_path = dir.join("master.key");
+    load_or_create(&key_path, MasterKeyring::generate_file_text)?;
+    let keyring = Arc::new(MasterKeyring::load(&key_path)?);
+    let db = format!("sqlite://{}?mode=rwc", dir.join("flex.db").display());
+    let cp = Arc::new(ControlPlane::open(&db, keyring.clone()).await?);
+
+    let admin_listener = bind(args.admin_listen, "the admin API").await?;
+    let admin_endpoint = format!("http://{}", admin_listener.local_addr()?);
+    let token_secret = SecretString::from(token.clone());
+    {
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cp.serve_with_listener(admin_listener, &token_secret, std::future::pending()).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
+
+    let needs_sim = args.demo && (args.upstream.openai_base_url.is_none() || args.upstream.anthropic_base_url.is_none() || args.upstream.gemini_base_url.is_none());
+    let sim_keys = if args.demo { Some(demo_sim_keys(dir)?) } else { None };
+    let sim = match (&sim_keys, needs_sim) {
+        (Some(k), true) => Some(
+            sim::spawn(SimConfig {
+                openai_key: k["openai"].as_str().map(str::to_string),
+                anthropic_key: k["anthropic"].as_str().map(str::to_string),
+                gemini_key: k["gemini"].as_str().map(str::to_string),
+                flex_delay_ms: 1500,
+                standard_delay_ms: 200,
+                ..SimConfig::default()
+            })
+            .await?,
+        ),
+        _ => None,
+    };
+    let urls = base_urls(&args.upstream, sim.as_ref().map(|s| (s.openai_base_url(), s.base_url())).as_ref().map(|(a, b)| (a.as_str(), b.as_str())));
+
+    let store = Arc::new(SnapshotStore::new(Some(keyring), Some(dir.join("proxy-state"))));
+    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
+    let (sink, rx) = ChannelSink::new();
+    tokio::spawn(deliver_in_process(rx, cp.clone()));
+    let listener = bind(args.listen, "the proxy").await?;
+    let scheme = if args.upstream.tls_cert.is_some() { "https" } else { "http" };
+    let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
+    start_proxy(listener, &args.upstream, proxy_config(&args.upstream, urls), store, sink)?;
+
+    println!("FlexInference is up.");
+    println!("  API:       {base_url}");
+    println!("  admin:     {admin_endpoint}  (token in {})", dir.join("admin-token").display());
+    if let (true, Some(keys)) = (args.demo, &sim_keys) {
+        let demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        if let Some(s) = &sim {
+            println!("  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)", s.base_url());
+        }
+        println!("  demo:      {} (org {})", dir.join("demo.json").display(), demo["org_id"].as_str().unwrap_or(""));
+        println!();
+        println!("Try it (flex wins; put \"#sim flex_delay_ms=20000\" in the input to see standard take over):");
+        println!(
+            "  curl -s {base_url}/responses -H \"Authorization: Bearer $(jq -r .api_key {})\" -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"gpt-5.5\", \"input\": \"Hello!\", \"start_within\": \"00h-00m-10s\"}}'",
+            dir.join("demo.json").display()
+        );
+    }
+    shutdown_signal().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+}
+
+pub async fn control(args: ControlArgs) -> Result<()> {
+    if args.nats_url.is_some() {
+        bail!("--nats-url: the NATS transport is not available in this build yet; proxies use the gRPC Watch (flex proxy --control-url)");
+    }
+    let keyring = Arc::new(MasterKeyring::load(&args.master_key_file)?);
+    let cp = Arc::new(ControlPlane::open(&args.database_url, keyring).await?);
+    let token = SecretString::from(args.admin_token);
+    let listener = bind(args.listen, "the control plane gRPC API").await?;
+    println!("control plane listening on http://{}", listener.local_addr()?);
+    cp.serve_with_listener(listener, &token, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn proxy(args: ProxyArgs) -> Result<()> {
+    if args.nats_url.is_some() {
+        bail!("--nats-url: the NATS transport is not available in this build yet; use --control-url");
+    }
+    let Some(control_url) = args.control_url.clone() else {
+        bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (or set FLEX_CONTROL_URL)");
+    };
+    let keyring = match &args.master_key_file {
+        Some(p) => Some(Arc::new(MasterKeyring::load(p)?)),
+        None => None,
+    };
+    let store = Arc::new(SnapshotStore::new(keyring, args.state_dir.clone()));
+    match store.load_persisted() {
+        Ok(Some(v)) => println!("warm start from persisted snapshot version {v}"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring the persisted snapshot"),
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(control_url.clone())
+        .with_context(|| format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let proxy_id = args.proxy_id.clone().unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
+    tokio::spawn(snapshot::follow_grpc(store.clone(), endpoint.clone(), proxy_id));
+    let (sink, rx) = ChannelSink::new();
+    tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
+    let listener = bind(args.listen, "the proxy").await?;
+    println!("proxy listening on {}", listener.local_addr()?);
+    start_proxy(listener, &args.upstream, proxy_config(&args.upstream, base_urls(&args.upstream, None)), store, sink)?;
+    shutdown_signal().await;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+}
+
+pub async fn sim(args: SimArgs) -> Result<()> {
+    let listener = bind(args.listen, "the simulator").await?;
+    println!("provider simulator listening on http://{}", listener.local_addr()?);
+    let cfg = SimConfig {
+        openai_key: args.openai_key,
+        anthropic_key: args.anthropic_key,
+        gemini_key: args.gemini_key,
+        flex_delay_ms: args.flex_delay_ms,
+        standard_delay_ms: args.standard_delay_ms,
+        priority_delay_ms: args.priority_delay_ms,
+        flex_status: args.flex_status,
+        tokens_per_sec: args.tokens_per_sec,
+        flex_capacity_error_rate: args.flex_capacity_error_rate,
+    };
+    sim::serve(listener, cfg).await?;
+    Ok(())
+}
+
