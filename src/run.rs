@@ -94,7 +94,7 @@ fn start_proxy(listener: TcpListener, u: &UpstreamArgs, cfg: ProxyConfig, store:
 }
 
 /// Delivers usage events to an in-process control plane, retrying until stored.
-async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<ControlPlane>) {
+pub async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<ControlPlane>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1000).await > 0 {
         let mut backoff = Duration::from_millis(50);
