@@ -1,0 +1,660 @@
+//! The domain: events (schema-versioned JSON in the log), stream ids, aggregates folded from
+//! their stream, input validation, and the decisions commands make against current state.
+//!
+//! Aggregates: an org (`org-<org_id>`), an API key (`apikey-<key_id>`), a provider key
+//! (`providerkey-<org_id>-<provider>`) and a billing account (`billing-<org_id>`). Their state is
+//! only ever the fold of their own events.
+
+use flex_shared::catalog::Provider;
+use flex_shared::crypto::Sealed;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::store::{NewEvent, StoredEvent};
+use crate::timefmt;
+
+/// Schema version of every event type below.
+pub const SCHEMA_VERSION: u32 = 1;
+/// The plan every billing account is on until plans exist.
+pub const DEFAULT_PLAN: &str = "flex";
+/// Fee on flex savings, basis points (1000 = 10%).
+pub const DEFAULT_FEE_BPS: u32 = 1000;
+
+pub fn org_stream(org_id: &str) -> String {
+    format!("org-{org_id}")
+}
+
+pub fn api_key_stream(key_id: &str) -> String {
+    format!("apikey-{key_id}")
+}
+
+pub fn provider_key_stream(org_id: &str, provider: &str) -> String {
+    format!("providerkey-{org_id}-{provider}")
+}
+
+pub fn billing_stream(org_id: &str) -> String {
+    format!("billing-{org_id}")
+}
+
+/// A new org id, `org_` + a time-ordered UUID.
+pub fn new_org_id() -> String {
+    format!("org_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A new API key id, `key_` + a time-ordered UUID.
+pub fn new_key_id() -> String {
+    format!("key_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrgStatus {
+    Active,
+    Suspended,
+}
+
+impl OrgStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrgStatus::Active => "active",
+            OrgStatus::Suspended => "suspended",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingStatus {
+    #[default]
+    Active,
+    PastDue,
+}
+
+impl BillingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingStatus::Active => "active",
+            BillingStatus::PastDue => "past_due",
+        }
+    }
+
+    /// Parses `active` or `past_due`, with an operator-readable error.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "active" => Ok(BillingStatus::Active),
+            "past_due" => Ok(BillingStatus::PastDue),
+            other => Err(Error::InvalidArgument(format!(
+                "billing status must be `active` or `past_due` (got {:?}), e.g. `flex admin billing set-status --org org_… past_due`",
+                clip(other)
+            ))),
+        }
+    }
+}
+
+/// Everything that ever happens to the aggregates. The JSON form carries a `type` tag; each type
+/// is at [`SCHEMA_VERSION`]. Fields are only ever added (with serde defaults).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    OrgCreated {
+        org_id: String,
+        name: String,
+    },
+    OrgRenamed {
+        org_id: String,
+        name: String,
+    },
+    OrgSuspended {
+        org_id: String,
+    },
+    OrgReactivated {
+        org_id: String,
+    },
+    ApiKeyCreated {
+        key_id: String,
+        org_id: String,
+        name: String,
+        /// Hex SHA-256 of the whole key.
+        key_hash: String,
+        hint: String,
+        /// RFC 3339.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+    },
+    ApiKeyRevoked {
+        key_id: String,
+        reason: String,
+    },
+    ProviderKeySet {
+        org_id: String,
+        provider: String,
+        sealed: Sealed,
+        last4: String,
+    },
+    ProviderKeyRewrapped {
+        org_id: String,
+        provider: String,
+        sealed: Sealed,
+    },
+    ProviderKeyRemoved {
+        org_id: String,
+        provider: String,
+    },
+    BillingStatusChanged {
+        org_id: String,
+        status: BillingStatus,
+    },
+}
+
+/// Debug shows the readable summary only: never a key hash or a ciphertext.
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.event_type(), self.summary())
+    }
+}
+
+impl Event {
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::OrgCreated { .. } => "OrgCreated",
+            Event::OrgRenamed { .. } => "OrgRenamed",
+            Event::OrgSuspended { .. } => "OrgSuspended",
+            Event::OrgReactivated { .. } => "OrgReactivated",
+            Event::ApiKeyCreated { .. } => "ApiKeyCreated",
+            Event::ApiKeyRevoked { .. } => "ApiKeyRevoked",
+            Event::ProviderKeySet { .. } => "ProviderKeySet",
+            Event::ProviderKeyRewrapped { .. } => "ProviderKeyRewrapped",
+            Event::ProviderKeyRemoved { .. } => "ProviderKeyRemoved",
+            Event::BillingStatusChanged { .. } => "BillingStatusChanged",
+        }
+    }
+
+    pub fn schema_version(&self) -> u32 {
+        SCHEMA_VERSION
+    }
+
+    /// The row to append.
+    pub fn to_new(&self) -> Result<NewEvent> {
+        let payload = serde_json::to_string(self)
+            .map_err(|e| Error::Internal(format!("cannot encode {}: {e}", self.event_type())))?;
+        Ok(NewEvent {
+            event_type: self.event_type().to_string(),
+            schema_version: self.schema_version(),
+            payload,
+        })
+    }
+
+    /// Decodes a stored event (refusing schema versions newer than this build knows).
+    pub fn from_stored(e: &StoredEvent) -> Result<Self> {
+        if e.schema_version > SCHEMA_VERSION {
+            return Err(Error::Internal(format!(
+                "event {} ({}) has schema version {}, newer than this build ({SCHEMA_VERSION}); upgrade the control plane",
+                e.seq, e.event_type, e.schema_version
+            )));
+        }
+        serde_json::from_str(&e.payload).map_err(|err| {
+            // serde's message names the field, never echoes the payload.
+            Error::Internal(format!(
+                "event {} ({}) cannot be decoded: {err}",
+                e.seq, e.event_type
+            ))
+        })
+    }
+
+    /// One readable line for the audit log; never a hash or ciphertext.
+    pub fn summary(&self) -> String {
+        match self {
+            Event::OrgCreated { org_id, name } => format!("org {org_id} created (name: {name:?})"),
+            Event::OrgRenamed { org_id, name } => format!("org {org_id} renamed to {name:?}"),
+            Event::OrgSuspended { org_id } => format!("org {org_id} suspended"),
+            Event::OrgReactivated { org_id } => format!("org {org_id} reactivated"),
+            Event::ApiKeyCreated {
+                key_id,
+                org_id,
+                name,
+                hint,
+                expires_at,
+                ..
+            } => {
+                let expiry = expires_at
+                    .as_deref()
+                    .map(|t| format!(", expires {t}"))
+                    .unwrap_or_default();
+                format!(
+                    "api key {key_id} created for org {org_id} (name: {name:?}, {hint}{expiry})"
+                )
+            }
+            Event::ApiKeyRevoked { key_id, reason } if reason.is_empty() => {
+                format!("api key {key_id} revoked (no reason given)")
+            }
+            Event::ApiKeyRevoked { key_id, reason } => {
+                format!("api key {key_id} revoked (reason: {reason})")
+            }
+            Event::ProviderKeySet {
+                provider,
+                sealed,
+                last4,
+                ..
+            } => format!(
+                "{provider} provider key set (…{last4}, sealed with master key {})",
+                sealed.master_key_id
+            ),
+            Event::ProviderKeyRewrapped {
+                provider, sealed, ..
+            } => format!(
+                "{provider} provider key re-wrapped under master key {}",
+                sealed.master_key_id
+            ),
+            Event::ProviderKeyRemoved { provider, .. } => {
+                format!("{provider} provider key removed")
+            }
+            Event::BillingStatusChanged { status, .. } => {
+                format!("billing status set to {}", status.as_str())
+            }
+        }
+    }
+}
+
+/// State folded from one stream.
+pub trait Aggregate: Default {
+    fn apply(&mut self, e: &Event);
+}
+
+/// An aggregate and the stream version it was folded at (the expected version of the next append).
+#[derive(Debug, Clone, Default)]
+pub struct Loaded<A> {
+    pub state: A,
+    pub version: u64,
+}
+
+impl<A: Aggregate> Loaded<A> {
+    /// Folds a stream's events.
+    pub fn fold(events: &[StoredEvent]) -> Result<Self> {
+        let mut out = Self::default();
+        for e in events {
+            out.state.apply(&Event::from_stored(e)?);
+            out.version = e.stream_version;
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OrgAggregate {
+    pub exists: bool,
+    pub name: String,
+    pub suspended: bool,
+}
+
+impl Aggregate for OrgAggregate {
+    fn apply(&mut self, e: &Event) {
+        match e {
+            Event::OrgCreated { name, .. } => {
+                self.exists = true;
+                self.name = name.clone();
+            }
+            Event::OrgRenamed { name, .. } => self.name = name.clone(),
+            Event::OrgSuspended { .. } => self.suspended = true,
+            Event::OrgReactivated { .. } => self.suspended = false,
+            _ => {}
+        }
+    }
+}
+
+impl OrgAggregate {
+    pub fn require(&self, org_id: &str) -> Result<()> {
+        if self.exists {
+            Ok(())
+        } else {
+            Err(not_found_org(org_id))
+        }
+    }
+
+    /// Rename: `None` when the name is already that (nothing to record).
+    pub fn rename(&self, org_id: &str, name: &str) -> Result<Option<Event>> {
+        self.require(org_id)?;
+        Ok((self.name != name).then(|| Event::OrgRenamed {
+            org_id: org_id.to_string(),
+            name: name.to_string(),
+        }))
+    }
+
+    pub fn suspend(&self, org_id: &str) -> Result<Event> {
+        self.require(org_id)?;
+        if self.suspended {
+            return Err(Error::FailedPrecondition(format!(
+                "org {org_id} is already suspended; reactivate it with `flex admin org reactivate {org_id}`"
+            )));
+        }
+        Ok(Event::OrgSuspended {
+            org_id: org_id.to_string(),
+        })
+    }
+
+    pub fn reactivate(&self, org_id: &str) -> Result<Event> {
+        self.require(org_id)?;
+        if !self.suspended {
+            return Err(Error::FailedPrecondition(format!(
+                "org {org_id} is not suspended, so there is nothing to reactivate"
+            )));
+        }
+        Ok(Event::OrgReactivated {
+            org_id: org_id.to_string(),
+        })
+    }
+
+    /// API keys can only be created for an existing, active org.
+    pub fn check_can_create_key(&self, org_id: &str) -> Result<()> {
+        self.require(org_id)?;
+        if self.suspended {
+            return Err(Error::FailedPrecondition(format!(
+                "org {org_id} is suspended, so it cannot get new API keys; reactivate it first (`flex admin org reactivate {org_id}`)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeyAggregate {
+    pub org_id: Option<String>,
+    pub revoked: bool,
+}
+
+impl Aggregate for ApiKeyAggregate {
+    fn apply(&mut self, e: &Event) {
+        match e {
+            Event::ApiKeyCreated { org_id, .. } => self.org_id = Some(org_id.clone()),
+            Event::ApiKeyRevoked { .. } => self.revoked = true,
+            _ => {}
+        }
+    }
+}
+
+impl ApiKeyAggregate {
+    pub fn revoke(&self, key_id: &str, reason: &str) -> Result<Event> {
+        if self.org_id.is_none() {
+            return Err(Error::NotFound(format!(
+                "API key {key_id} not found; list an org's keys with `flex admin key list --org ORG_ID`"
+            )));
+        }
+        if self.revoked {
+            return Err(Error::FailedPrecondition(format!(
+                "API key {key_id} is already revoked"
+            )));
+        }
+        Ok(Event::ApiKeyRevoked {
+            key_id: key_id.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct ProviderKeyAggregate {
+    pub sealed: Option<Sealed>,
+}
+
+impl std::fmt::Debug for ProviderKeyAggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderKeyAggregate")
+            .field("set", &self.sealed.is_some())
+            .finish()
+    }
+}
+
+impl Aggregate for ProviderKeyAggregate {
+    fn apply(&mut self, e: &Event) {
+        match e {
+            Event::ProviderKeySet { sealed, .. } | Event::ProviderKeyRewrapped { sealed, .. } => {
+                self.sealed = Some(sealed.clone());
+            }
+            Event::ProviderKeyRemoved { .. } => self.sealed = None,
+            _ => {}
+        }
+    }
+}
+
+impl ProviderKeyAggregate {
+    pub fn remove(&self, org_id: &str, provider: &str) -> Result<Event> {
+        if self.sealed.is_none() {
+            return Err(Error::NotFound(format!(
+                "org {org_id} has no {provider} provider key to remove; see `flex admin provider-key list --org {org_id}`"
+            )));
+        }
+        Ok(Event::ProviderKeyRemoved {
+            org_id: org_id.to_string(),
+            provider: provider.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BillingAggregate {
+    pub status: BillingStatus,
+}
+
+impl Aggregate for BillingAggregate {
+    fn apply(&mut self, e: &Event) {
+        if let Event::BillingStatusChanged { status, .. } = e {
+            self.status = *status;
+        }
+    }
+}
+
+impl BillingAggregate {
+    /// `None` when the status already is `status` (setting a status is declarative).
+    pub fn set_status(&self, org_id: &str, status: BillingStatus) -> Option<Event> {
+        (self.status != status).then(|| Event::BillingStatusChanged {
+            org_id: org_id.to_string(),
+            status,
+        })
+    }
+}
+
+pub fn not_found_org(org_id: &str) -> Error {
+    Error::NotFound(format!(
+        "org {:?} not found; list orgs with `flex admin org list`",
+        clip(org_id)
+    ))
+}
+
+/// At most 64 characters of user input, for echoing it in an error.
+pub fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// Org names: 1–100 characters, no control characters; surrounding whitespace is trimmed.
+pub fn validate_org_name(name: &str) -> Result<String> {
+    let n = name.trim();
+    let len = n.chars().count();
+    if len == 0 || len > 100 || has_control(n) {
+        return Err(Error::InvalidArgument(format!(
+            "org name must be 1-100 characters without control characters (got {len} characters), e.g. `flex admin org create \"Acme Inc\"`"
+        )));
+    }
+    Ok(n.to_string())
+}
+
+/// API key names: up to 100 characters, default `default`.
+pub fn validate_key_name(name: &str) -> Result<String> {
+    let n = name.trim();
+    let len = n.chars().count();
+    if len > 100 || has_control(n) {
+        return Err(Error::InvalidArgument(format!(
+            "API key name must be at most 100 characters without control characters (got {len}), e.g. `flex admin key create --org org_… --name ci`"
+        )));
+    }
+    Ok(if n.is_empty() { "default" } else { n }.to_string())
+}
+
+/// Ids the caller passes back (org, key, proxy): required, short, printable.
+pub fn validate_id(what: &str, id: &str, example: &str) -> Result<String> {
+    let id = id.trim();
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is required, e.g. {example}"
+        )));
+    }
+    if id.len() > 200 || has_control(id) || id.contains(char::is_whitespace) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {:?} is malformed (at most 200 characters, no spaces), e.g. {example}",
+            clip(id)
+        )));
+    }
+    Ok(id.to_string())
+}
+
+/// `openai`, `anthropic` or `gemini`.
+pub fn parse_provider(p: &str) -> Result<Provider> {
+    Provider::parse(p.trim()).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "provider must be openai, anthropic or gemini (got {:?}), e.g. `flex admin provider-key set --org org_… --provider openai`",
+            clip(p)
+        ))
+    })
+}
+
+/// A provider secret: trimmed (stdin adds a newline), non-empty, no inner whitespace. Errors never
+/// echo the secret.
+pub fn validate_secret(secret: &str) -> Result<String> {
+    let s = secret.trim();
+    if s.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the provider key is empty; pipe it on stdin, e.g. `printf %s \"$OPENAI_API_KEY\" | flex admin provider-key set --org org_… --provider openai`".into(),
+        ));
+    }
+    if s.len() > 4096 {
+        return Err(Error::InvalidArgument(
+            "the provider key is longer than 4096 bytes; paste only the key itself".into(),
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::InvalidArgument(
+            "the provider key contains whitespace or control characters; paste only the key itself (one line)".into(),
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Revocation reasons: up to 500 characters.
+pub fn validate_reason(reason: &str) -> Result<String> {
+    let r = reason.trim();
+    if r.chars().count() > 500 || has_control(r) {
+        return Err(Error::InvalidArgument(
+            "revocation reason must be at most 500 characters on one line, e.g. \"leaked in CI logs\"".into(),
+        ));
+    }
+    Ok(r.to_string())
+}
+
+/// An optional RFC 3339 time given by an operator.
+pub fn parse_time(field: &str, value: &str) -> Result<Option<OffsetDateTime>> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    timefmt::parse(value).map(Some).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{field} must be an RFC 3339 time (got {:?}), e.g. 2030-01-01T00:00:00Z",
+            clip(value)
+        ))
+    })
+}
+
+/// Idempotency keys: up to 200 printable characters.
+pub fn validate_idempotency_key(key: &str) -> Result<Option<String>> {
+    let k = key.trim();
+    if k.is_empty() {
+        return Ok(None);
+    }
+    if k.len() > 200 || has_control(k) {
+        return Err(Error::InvalidArgument(
+            "idempotency_key must be at most 200 printable characters, e.g. a UUID".into(),
+        ));
+    }
+    Ok(Some(k.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_json_with_a_type_tag() {
+        let e = Event::BillingStatusChanged {
+            org_id: "org_1".into(),
+            status: BillingStatus::PastDue,
+        };
+        let new = e.to_new().unwrap();
+        assert_eq!(new.event_type, "BillingStatusChanged");
+        assert!(new.payload.contains(r#""type":"BillingStatusChanged""#));
+        assert!(new.payload.contains(r#""status":"past_due""#));
+        let back: Event = serde_json::from_str(&new.payload).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn validation_messages_say_how_to_fix() {
+        let e = validate_org_name("  ").unwrap_err();
+        assert!(e.to_string().contains("1-100"), "{e}");
+        assert!(e.to_string().contains("e.g."), "{e}");
+        assert!(validate_org_name(&"x".repeat(101)).is_err());
+        assert_eq!(validate_org_name(" Acme ").unwrap(), "Acme");
+        let e = parse_provider("azure").unwrap_err();
+        assert!(e.to_string().contains("openai, anthropic or gemini"), "{e}");
+        let e = validate_secret("sk-abc def").unwrap_err();
+        assert!(!e.to_string().contains("sk-abc"), "{e}");
+        assert_eq!(validate_secret("sk-abc\n").unwrap(), "sk-abc");
+        assert!(BillingStatus::parse("late").is_err());
+        assert!(parse_time("expires_at", "tomorrow").is_err());
+        assert_eq!(parse_time("expires_at", "").unwrap(), None);
+    }
+
+    #[test]
+    fn aggregates_decide_against_their_state() {
+        let mut org = OrgAggregate::default();
+        assert!(matches!(org.suspend("o"), Err(Error::NotFound(_))));
+        org.apply(&Event::OrgCreated {
+            org_id: "o".into(),
+            name: "n".into(),
+        });
+        assert!(org.rename("o", "n").unwrap().is_none());
+        let s = org.suspend("o").unwrap();
+        org.apply(&s);
+        assert!(matches!(
+            org.check_can_create_key("o"),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            org.suspend("o"),
+            Err(Error::FailedPrecondition(_))
+        ));
+
+        let mut key = ApiKeyAggregate::default();
+        assert!(matches!(key.revoke("k", ""), Err(Error::NotFound(_))));
+        key.apply(&Event::ApiKeyCreated {
+            key_id: "k".into(),
+            org_id: "o".into(),
+            name: "n".into(),
+            key_hash: "h".into(),
+            hint: "flex_live_ab…wxyz".into(),
+            expires_at: None,
+        });
+        let r = key.revoke("k", "leaked").unwrap();
+        key.apply(&r);
+        assert!(matches!(
+            key.revoke("k", ""),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}

@@ -1,0 +1,410 @@
+//! gRPC: the admin API (token-guarded), the control API proxies use (Watch, Ack, ReportUsage),
+//! and server reflection. Handlers only translate; the work is in [`ControlPlane`], and errors map
+//! to status codes in one place ([`crate::error`]).
+
+use std::sync::Arc;
+
+use flex_shared::proto::admin as apb;
+use flex_shared::proto::admin::admin_service_server::{AdminService, AdminServiceServer};
+use flex_shared::proto::control as pb;
+use flex_shared::proto::control::control_service_server::{ControlService, ControlServiceServer};
+use flex_shared::snapshot;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::store::Metadata;
+use crate::{domain, ControlPlane};
+
+/// Response metadata set when an idempotency key replayed an earlier result.
+pub const REPLAY_HEADER: &str = "flex-idempotent-replay";
+
+const TOKEN_HELP: &str = "pass the admin token as gRPC metadata `authorization: Bearer <token>` (flex admin --token T or FLEX_ADMIN_TOKEN; grpcurl -H 'authorization: Bearer <token>'); `flex up` writes it to DATA_DIR/admin-token";
+
+/// Checks `authorization: Bearer <token>` in constant time (compares SHA-256 digests, so neither
+/// the length nor the content of the token leaks). Holds only the digest, never the token.
+#[derive(Clone)]
+pub struct AdminAuth {
+    digest: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("configured", &self.digest.is_some())
+            .finish()
+    }
+}
+
+impl AdminAuth {
+    /// An empty token disables the admin API (every call is refused).
+    pub fn new(token: &SecretString) -> Self {
+        let t = token.expose_secret().trim();
+        Self {
+            digest: (!t.is_empty()).then(|| Sha256::digest(t.as_bytes()).into()),
+        }
+    }
+
+    pub fn check(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> std::result::Result<(), Status> {
+        let Some(expected) = &self.digest else {
+            return Err(Status::unauthenticated(
+                "the control plane has no admin token configured (set --admin-token or FLEX_ADMIN_TOKEN), so the admin API is disabled",
+            ));
+        };
+        let Some(value) = metadata.get("authorization") else {
+            return Err(Status::unauthenticated(format!(
+                "missing admin token: {TOKEN_HELP}"
+            )));
+        };
+        let presented = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let Some(presented) = presented else {
+            return Err(Status::unauthenticated(format!(
+                "the authorization metadata is not of the form `Bearer <token>`: {TOKEN_HELP}"
+            )));
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        if bool::from(digest.ct_eq(expected)) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(format!(
+                "wrong admin token: {TOKEN_HELP}"
+            )))
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        self.check(req.metadata())?;
+        Ok(req)
+    }
+}
+
+/// Builds the routes (see [`ControlPlane::grpc_router`]).
+pub fn routes(
+    cp: &Arc<ControlPlane>,
+    admin_token: &SecretString,
+) -> Result<tonic::service::Routes> {
+    let admin = AdminServiceServer::with_interceptor(
+        AdminApi { cp: cp.clone() },
+        AdminAuth::new(admin_token),
+    );
+    let control = ControlServiceServer::new(ControlApi { cp: cp.clone() });
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+    Ok(tonic::service::Routes::new(admin)
+        .add_service(control)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
+/// Actor and request id of an admin call (`x-request-id` is honoured when it looks sane).
+fn admin_meta<T>(req: &Request<T>) -> Metadata {
+    let mut meta = Metadata::new("admin");
+    if let Some(id) = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+    {
+        meta.request_id = id.to_string();
+    }
+    meta
+}
+
+fn replay_marked<T>(value: T, replayed: bool) -> Response<T> {
+    let mut resp = Response::new(value);
+    if replayed {
+        resp.metadata_mut()
+            .insert(REPLAY_HEADER, MetadataValue::from_static("true"));
+    }
+    resp
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    cp: Arc<ControlPlane>,
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+fn ok<T>(r: Result<T>) -> Reply<T> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_org(&self, req: Request<apb::CreateOrgRequest>) -> Reply<apb::Org> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        let created = self
+            .cp
+            .create_org(&meta, &r.name, Some(&r.idempotency_key))
+            .await?;
+        Ok(replay_marked(created.org, created.replayed))
+    }
+
+    async fn list_orgs(&self, _req: Request<apb::ListOrgsRequest>) -> Reply<apb::ListOrgsResponse> {
+        ok(self
+            .cp
+            .list_orgs()
+            .await
+            .map(|orgs| apb::ListOrgsResponse { orgs }))
+    }
+
+    async fn rename_org(&self, req: Request<apb::RenameOrgRequest>) -> Reply<apb::Org> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self.cp.rename_org(&meta, &r.org_id, &r.name).await)
+    }
+
+    async fn suspend_org(&self, req: Request<apb::OrgRef>) -> Reply<apb::Org> {
+        let meta = admin_meta(&req);
+        ok(self.cp.suspend_org(&meta, &req.into_inner().org_id).await)
+    }
+
+    async fn reactivate_org(&self, req: Request<apb::OrgRef>) -> Reply<apb::Org> {
+        let meta = admin_meta(&req);
+        ok(self
+            .cp
+            .reactivate_org(&meta, &req.into_inner().org_id)
+            .await)
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<apb::CreateApiKeyRequest>,
+    ) -> Reply<apb::CreatedApiKey> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        let created = self
+            .cp
+            .create_api_key(
+                &meta,
+                &r.org_id,
+                &r.name,
+                Some(&r.expires_at),
+                Some(&r.idempotency_key),
+            )
+            .await?;
+        Ok(replay_marked(created.to_proto(), created.replayed))
+    }
+
+    async fn list_api_keys(&self, req: Request<apb::OrgRef>) -> Reply<apb::ListApiKeysResponse> {
+        ok(self
+            .cp
+            .list_api_keys(&req.into_inner().org_id)
+            .await
+            .map(|keys| apb::ListApiKeysResponse { keys }))
+    }
+
+    async fn revoke_api_key(&self, req: Request<apb::RevokeApiKeyRequest>) -> Reply<apb::ApiKey> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self.cp.revoke_api_key(&meta, &r.key_id, &r.reason).await)
+    }
+
+    async fn set_provider_key(
+        &self,
+        req: Request<apb::SetProviderKeyRequest>,
+    ) -> Reply<apb::ProviderKey> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        let secret = SecretString::from(r.secret);
+        ok(self
+            .cp
+            .set_provider_key(&meta, &r.org_id, &r.provider, &secret)
+            .await)
+    }
+
+    async fn remove_provider_key(
+        &self,
+        req: Request<apb::RemoveProviderKeyRequest>,
+    ) -> Reply<apb::ProviderKey> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self
+            .cp
+            .remove_provider_key(&meta, &r.org_id, &r.provider)
+            .await)
+    }
+
+    async fn list_provider_keys(
+        &self,
+        req: Request<apb::OrgRef>,
+    ) -> Reply<apb::ListProviderKeysResponse> {
+        ok(self
+            .cp
+            .list_provider_keys(&req.into_inner().org_id)
+            .await
+            .map(|keys| apb::ListProviderKeysResponse { keys }))
+    }
+
+    async fn get_billing(&self, req: Request<apb::OrgRef>) -> Reply<apb::BillingAccount> {
+        ok(self.cp.get_billing(&req.into_inner().org_id).await)
+    }
+
+    async fn set_billing_status(
+        &self,
+        req: Request<apb::SetBillingStatusRequest>,
+    ) -> Reply<apb::BillingAccount> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self
+            .cp
+            .set_billing_status(&meta, &r.org_id, &r.status)
+            .await)
+    }
+
+    async fn get_usage(&self, req: Request<apb::GetUsageRequest>) -> Reply<apb::UsageSummary> {
+        let r = req.into_inner();
+        ok(self.cp.get_usage(&r.org_id, &r.from, &r.to).await)
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<apb::OrgRef>,
+    ) -> Reply<apb::ListAuditEventsResponse> {
+        ok(self
+            .cp
+            .list_audit_events(&req.into_inner().org_id)
+            .await
+            .map(|events| apb::ListAuditEventsResponse { events }))
+    }
+
+    async fn list_proxies(
+        &self,
+        _req: Request<apb::ListProxiesRequest>,
+    ) -> Reply<apb::ListProxiesResponse> {
+        Ok(Response::new(self.cp.list_proxies()))
+    }
+}
+
+/// The control API the proxies use. Unauthenticated for now (proxies will use mTLS).
+#[derive(Debug, Clone)]
+pub struct ControlApi {
+    cp: Arc<ControlPlane>,
+}
+
+fn full(s: &pb::Snapshot) -> pb::SnapshotUpdate {
+    pb::SnapshotUpdate {
+        version: s.version,
+        kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+    }
+}
+
+fn delta(from: &pb::Snapshot, to: &pb::Snapshot) -> pb::SnapshotUpdate {
+    pb::SnapshotUpdate {
+        version: to.version,
+        kind: Some(pb::snapshot_update::Kind::Delta(snapshot::diff(from, to))),
+    }
+}
+
+/// The first update of a Watch: a delta from `have_version` when that snapshot is still in the
+/// history ring, else the full snapshot.
+pub fn first_update(
+    cp: &ControlPlane,
+    have_version: u64,
+    current: &pb::Snapshot,
+) -> pb::SnapshotUpdate {
+    match (have_version > 0)
+        .then(|| cp.snapshot_at(have_version))
+        .flatten()
+    {
+        Some(base) => delta(&base, current),
+        None => full(current),
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    type WatchStream = ReceiverStream<std::result::Result<pb::SnapshotUpdate, Status>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        let proxy_id = if r.proxy_id.trim().is_empty() {
+            match peer {
+                Some(addr) => format!("anonymous@{addr}"),
+                None => format!("anonymous-{}", uuid::Uuid::new_v4().simple()),
+            }
+        } else {
+            domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?
+        };
+        let mut rx = self.cp.subscribe();
+        let current = rx.borrow_and_update().clone();
+        let first = first_update(&self.cp, r.have_version, &current);
+        let connection = self.cp.proxies().connect(&proxy_id, "grpc");
+        let (tx, out) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let _connection = connection;
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let mut last = current;
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return; // the control plane is shutting down
+                        }
+                        let next = rx.borrow_and_update().clone();
+                        if next.version == last.version {
+                            continue;
+                        }
+                        if tx.send(Ok(delta(&last, &next))).await.is_err() {
+                            return;
+                        }
+                        last = next;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let r = req.into_inner();
+        let proxy_id = domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?;
+        let error: String = r.error.chars().take(1000).collect();
+        self.cp.ack(&proxy_id, r.version, r.accepted, &error);
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn report_usage(
+        &self,
+        req: Request<pb::ReportUsageRequest>,
+    ) -> Reply<pb::ReportUsageResponse> {
+        let r = req.into_inner();
+        ok(self
+            .cp
+            .report_usage(&r.events_json)
+            .await
+            .map(|accepted| pb::ReportUsageResponse { accepted }))
+    }
+}

@@ -1,0 +1,746 @@
+//! The append-only event store, the idempotency table and the usage ledger, over SQLite (the
+//! embedded default) or Postgres (production), with runtime queries only (no compile-time
+//! database).
+//!
+//! Invariants:
+//! - `seq` is a global order and, on both backends, commit order: Postgres appends take
+//!   `pg_advisory_xact_lock` before inserting, SQLite has a single writer. A subscriber that tails
+//!   `read_after(last_seq)` therefore never misses an event.
+//! - `(stream_id, stream_version)` is unique: an append says which version it expects the stream
+//!   to be at, and a concurrent writer that got there first turns into [`StoreError::Conflict`].
+//! - The idempotency record of a command commits in the same transaction as its events.
+//! - Usage rows are keyed by `request_id`; a duplicate insert is silently ignored.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use flex_shared::usage::UsageEvent;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::timefmt;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The advisory lock every Postgres append holds until commit (ASCII "flexevt").
+const APPEND_LOCK_KEY: i64 = 0x0066_6c65_7865_7674;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("stream {stream_id} is no longer at version {expected}")]
+    Conflict { stream_id: String, expected: u64 },
+    #[error("idempotency key `{key}` was recorded by a concurrent command")]
+    IdempotencyKeyTaken { key: String },
+    #[error("unsupported database URL (scheme `{0}`): use sqlite://PATH?mode=rwc, sqlite:PATH or postgres://USER@HOST:5432/DB")]
+    UnsupportedUrl(String),
+    #[error("an append needs at least one event")]
+    NothingToAppend,
+    #[error("{0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row in the event store: {0}")]
+    Corrupt(String),
+    #[error("value out of range for the database: {0}")]
+    OutOfRange(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// An event about to be appended.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub schema_version: u32,
+    /// JSON text.
+    pub payload: String,
+}
+
+/// Who caused an append, and in which request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub actor: String,
+    pub request_id: String,
+}
+
+impl Metadata {
+    /// Metadata with a fresh request id.
+    pub fn new(actor: impl Into<String>) -> Self {
+        Self {
+            actor: actor.into(),
+            request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    /// The control plane acting on its own (e.g. master-key rotation at start).
+    pub fn system() -> Self {
+        Self::new("system")
+    }
+}
+
+/// An event as stored. Its payload may hold key hashes and ciphertexts: never log it whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub stream_id: String,
+    pub stream_version: u64,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub payload: String,
+    pub actor: String,
+    pub request_id: String,
+    /// UTC, microsecond precision.
+    pub recorded_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for StoredEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredEvent")
+            .field("seq", &self.seq)
+            .field("stream_id", &self.stream_id)
+            .field("stream_version", &self.stream_version)
+            .field("event_type", &self.event_type)
+            .field("schema_version", &self.schema_version)
+            .field("actor", &self.actor)
+            .field("request_id", &self.request_id)
+            .field("recorded_at", &self.recorded_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stored result of an idempotent command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub command: String,
+    pub result_json: String,
+}
+
+/// Ledger totals for one org.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_micros: i64,
+    pub standard_cost_micros: i64,
+    pub flex_requests: u64,
+}
+
+/// The event store over one of the two backends. Cloning is cheap (pools are shared).
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+fn i64_of(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::OutOfRange(format!("{what} = {v}")))
+}
+
+fn u64_of(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} is negative")))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation()
+                || matches!(d.code().as_deref(), Some("23505" | "2067" | "1555"))
+        }
+        _ => false,
+    }
+}
+
+const EVENT_COLUMNS_SQLITE: &str =
+    "seq, stream_id, stream_version, event_type, schema_version, payload, actor, request_id, recorded_at";
+const EVENT_COLUMNS_PG: &str = "seq, stream_id, stream_version, event_type, schema_version, payload::text AS payload, actor, request_id, recorded_at";
+
+fn sqlite_event(r: &SqliteRow) -> Result<StoredEvent> {
+    let recorded: String = r.try_get("recorded_at")?;
+    Ok(StoredEvent {
+        seq: u64_of(r.try_get("seq")?, "seq")?,
+        stream_id: r.try_get("stream_id")?,
+        stream_version: u64_of(r.try_get("stream_version")?, "stream_version")?,
+        event_type: r.try_get("event_type")?,
+        schema_version: u32::try_from(r.try_get::<i64, _>("schema_version")?)
+            .map_err(|_| StoreError::Corrupt("schema_version out of range".into()))?,
+        payload: r.try_get("payload")?,
+        actor: r.try_get("actor")?,
+        request_id: r.try_get("request_id")?,
+        recorded_at: timefmt::parse(&recorded)
+            .ok_or_else(|| StoreError::Corrupt(format!("recorded_at `{recorded}`")))?,
+    })
+}
+
+fn pg_event(r: &PgRow) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: u64_of(r.try_get("seq")?, "seq")?,
+        stream_id: r.try_get("stream_id")?,
+        stream_version: u64_of(r.try_get("stream_version")?, "stream_version")?,
+        event_type: r.try_get("event_type")?,
+        schema_version: u32::try_from(r.try_get::<i32, _>("schema_version")?)
+            .map_err(|_| StoreError::Corrupt("schema_version out of range".into()))?,
+        payload: r.try_get("payload")?,
+        actor: r.try_get("actor")?,
+        request_id: r.try_get("request_id")?,
+        recorded_at: r.try_get("recorded_at")?,
+    })
+}
+
+/// A usage event flattened into the ledger's column types.
+struct UsageRow<'a> {
+    e: &'a UsageEvent,
+    flex_wait_ms: i64,
+    start_latency_ms: i64,
+    duration_ms: i64,
+    input_tokens: i64,
+    cached_input_tokens: i64,
+    output_tokens: i64,
+    reasoning_tokens: i64,
+    tiers_started: String,
+    received_at: OffsetDateTime,
+}
+
+impl<'a> UsageRow<'a> {
+    fn new(e: &'a UsageEvent, now: OffsetDateTime) -> Result<Self> {
+        let received_at = match timefmt::parse(&e.received_at) {
+            Some(t) => t,
+            None => {
+                tracing::warn!(
+                    request_id = %e.request_id,
+                    "usage event has no valid received_at; using the time it was recorded"
+                );
+                now
+            }
+        };
+        Ok(Self {
+            e,
+            flex_wait_ms: i64_of(e.flex_wait_ms, "flex_wait_ms")?,
+            start_latency_ms: i64_of(e.start_latency_ms, "start_latency_ms")?,
+            duration_ms: i64_of(e.duration_ms, "duration_ms")?,
+            input_tokens: i64_of(e.input_tokens, "input_tokens")?,
+            cached_input_tokens: i64_of(e.cached_input_tokens, "cached_input_tokens")?,
+            output_tokens: i64_of(e.output_tokens, "output_tokens")?,
+            reasoning_tokens: i64_of(e.reasoning_tokens, "reasoning_tokens")?,
+            tiers_started: serde_json::to_string(&e.tiers_started)
+                .map_err(|err| StoreError::OutOfRange(format!("tiers_started: {err}")))?,
+            received_at,
+        })
+    }
+}
+
+const USAGE_COLUMNS: &str = "request_id, schema_version, org_id, key_id, model, provider, \
+    caller_format, start_within, served_tier, reason, flex_wait_ms, start_latency_ms, duration_ms, \
+    input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, status, outcome, \
+    tiers_started, cost_micros, standard_cost_micros, received_at, recorded_at";
+
+impl Store {
+    /// Connects and runs the migrations. Accepts `sqlite://PATH?mode=rwc`, `sqlite:PATH`,
+    /// `sqlite::memory:` and `postgres://…` / `postgresql://…`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let memory = url.contains(":memory:") || url.contains("mode=memory");
+            let mut pool = SqlitePoolOptions::new();
+            if memory {
+                // Every connection to `:memory:` is its own database: keep exactly one, forever.
+                pool = pool
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None);
+            } else {
+                pool = pool.max_connections(8);
+            }
+            let pool = pool.connect_with(opts).await?;
+            SQLITE_MIGRATIONS.run(&pool).await?;
+            Ok(Store::Sqlite(pool))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            POSTGRES_MIGRATIONS.run(&pool).await?;
+            Ok(Store::Postgres(pool))
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            Err(StoreError::UnsupportedUrl(
+                scheme.chars().take(20).collect(),
+            ))
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(p) => p.close().await,
+            Store::Postgres(p) => p.close().await,
+        }
+    }
+
+    /// Appends `events` to `stream_id`, which must be at `expected_version` (0 = new stream).
+    /// Atomic; returns the `seq` of the last event.
+    pub async fn append(
+        &self,
+        stream_id: &str,
+        expected_version: u64,
+        events: &[NewEvent],
+        meta: &Metadata,
+    ) -> Result<u64> {
+        self.append_with_idempotency(stream_id, expected_version, events, meta, None)
+            .await
+    }
+
+    /// [`Store::append`], also recording `idempotency` in the same transaction. A key that is
+    /// already recorded fails with [`StoreError::IdempotencyKeyTaken`] and appends nothing.
+    pub async fn append_with_idempotency(
+        &self,
+        stream_id: &str,
+        expected_version: u64,
+        events: &[NewEvent],
+        meta: &Metadata,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<u64> {
+        if events.is_empty() {
+            return Err(StoreError::NothingToAppend);
+        }
+        let conflict = || StoreError::Conflict {
+            stream_id: stream_id.to_string(),
+            expected: expected_version,
+        };
+        let map_insert = |e: sqlx::Error| {
+            if is_unique_violation(&e) {
+                conflict()
+            } else {
+                StoreError::Database(e)
+            }
+        };
+        let now = timefmt::now();
+        let expected = i64_of(expected_version, "expected_version")?;
+        let mut last_seq = 0i64;
+        match self {
+            Store::Sqlite(pool) => {
+                let recorded = timefmt::format(now);
+                let mut tx = pool.begin().await?;
+                for (i, e) in (1i64..).zip(events) {
+                    let row = sqlx::query(
+                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                         payload, actor, request_id, recorded_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                    )
+                    .bind(stream_id)
+                    .bind(expected + i)
+                    .bind(&e.event_type)
+                    .bind(i64::from(e.schema_version))
+                    .bind(&e.payload)
+                    .bind(&meta.actor)
+                    .bind(&meta.request_id)
+                    .bind(&recorded)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(map_insert)?;
+                    last_seq = row.try_get(0)?;
+                }
+                if expected > 0 {
+                    let found: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM events WHERE stream_id = ? AND stream_version = ?",
+                    )
+                    .bind(stream_id)
+                    .bind(expected)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if found == 0 {
+                        return Err(conflict());
+                    }
+                }
+                if let Some(idem) = idempotency {
+                    sqlx::query(
+                        "INSERT INTO idempotency (key, command, result_json, created_at) VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(&idem.key)
+                    .bind(&idem.command)
+                    .bind(&idem.result_json)
+                    .bind(&recorded)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| {
+                        if is_unique_violation(&e) {
+                            StoreError::IdempotencyKeyTaken {
+                                key: idem.key.clone(),
+                            }
+                        } else {
+                            StoreError::Database(e)
+                        }
+                    })?;
+                }
+                tx.commit().await?;
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // Serialize appends so that seq order is commit order.
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(APPEND_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+                let current: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(stream_version), 0)::BIGINT FROM events WHERE stream_id = $1",
+                )
+                .bind(stream_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if current != expected {
+                    return Err(conflict());
+                }
+                for (i, e) in (1i64..).zip(events) {
+                    let row = sqlx::query(
+                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                         payload, actor, request_id, recorded_at) \
+                         VALUES ($1, $2, $3, $4, $5::json, $6, $7, $8) RETURNING seq",
+                    )
+                    .bind(stream_id)
+                    .bind(expected + i)
+                    .bind(&e.event_type)
+                    .bind(i32::try_from(e.schema_version).map_err(|_| {
+                        StoreError::OutOfRange(format!("schema_version = {}", e.schema_version))
+                    })?)
+                    .bind(&e.payload)
+                    .bind(&meta.actor)
+                    .bind(&meta.request_id)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(map_insert)?;
+                    last_seq = row.try_get(0)?;
+                }
+                if let Some(idem) = idempotency {
+                    sqlx::query(
+                        "INSERT INTO idempotency (key, command, result_json, created_at) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(&idem.key)
+                    .bind(&idem.command)
+                    .bind(&idem.result_json)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| {
+                        if is_unique_violation(&e) {
+                            StoreError::IdempotencyKeyTaken {
+                                key: idem.key.clone(),
+                            }
+                        } else {
+                            StoreError::Database(e)
+                        }
+                    })?;
+                }
+                tx.commit().await?;
+            }
+        }
+        u64_of(last_seq, "seq")
+    }
+
+    /// Up to `limit` events with `seq > after`, in seq order.
+    pub async fn read_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+        let after = i64_of(after, "seq")?;
+        let limit = i64::from(limit);
+        match self {
+            Store::Sqlite(pool) => {
+                let rows = sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS_SQLITE} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+                ))
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+                rows.iter().map(sqlite_event).collect()
+            }
+            Store::Postgres(pool) => {
+                let rows = sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS_PG} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+                ))
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+                rows.iter().map(pg_event).collect()
+            }
+        }
+    }
+
+    /// Every event, in seq order (for rebuilds and tests).
+    pub async fn read_all(&self) -> Result<Vec<StoredEvent>> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let batch = self.read_after(after, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            after = last.seq;
+            out.extend(batch);
+        }
+        Ok(out)
+    }
+
+    /// The events of one stream, in version order.
+    pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<StoredEvent>> {
+        self.read_streams(&[stream_id.to_string()]).await
+    }
+
+    /// The events of several streams, in seq order.
+    pub async fn read_streams(&self, stream_ids: &[String]) -> Result<Vec<StoredEvent>> {
+        if stream_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Sqlite(pool) => {
+                let marks = vec!["?"; stream_ids.len()].join(", ");
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS_SQLITE} FROM events WHERE stream_id IN ({marks}) ORDER BY seq"
+                );
+                let mut q = sqlx::query(&sql);
+                for id in stream_ids {
+                    q = q.bind(id);
+                }
+                let rows = q.fetch_all(pool).await?;
+                rows.iter().map(sqlite_event).collect()
+            }
+            Store::Postgres(pool) => {
+                let rows = sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS_PG} FROM events WHERE stream_id = ANY($1) ORDER BY seq"
+                ))
+                .bind(stream_ids)
+                .fetch_all(pool)
+                .await?;
+                rows.iter().map(pg_event).collect()
+            }
+        }
+    }
+
+    /// The highest `seq` (0 for an empty log).
+    pub async fn head(&self) -> Result<u64> {
+        let seq: i64 = match self {
+            Store::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Store::Postgres(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events")
+                    .fetch_one(pool)
+                    .await?
+            }
+        };
+        u64_of(seq, "seq")
+    }
+
+    /// The recorded result of an idempotent command, if any.
+    pub async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let row = match self {
+            Store::Sqlite(pool) => {
+                sqlx::query_as::<_, (String, String, String)>(
+                    "SELECT key, command, result_json FROM idempotency WHERE key = ?",
+                )
+                .bind(key)
+                .fetch_optional(pool)
+                .await?
+            }
+            Store::Postgres(pool) => {
+                sqlx::query_as::<_, (String, String, String)>(
+                    "SELECT key, command, result_json FROM idempotency WHERE key = $1",
+                )
+                .bind(key)
+                .fetch_optional(pool)
+                .await?
+            }
+        };
+        Ok(row.map(|(key, command, result_json)| IdempotencyRecord {
+            key,
+            command,
+            result_json,
+        }))
+    }
+
+    /// Inserts usage events in one transaction, ignoring request ids already in the ledger.
+    /// Returns how many rows were new.
+    pub async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let now = timefmt::now();
+        let rows = events
+            .iter()
+            .map(|e| UsageRow::new(e, now))
+            .collect::<Result<Vec<_>>>()?;
+        let mut inserted = 0;
+        match self {
+            Store::Sqlite(pool) => {
+                let recorded = timefmt::format(now);
+                let sql = format!(
+                    "INSERT INTO usage_ledger ({USAGE_COLUMNS}) VALUES \
+                     (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (request_id) DO NOTHING"
+                );
+                let mut tx = pool.begin().await?;
+                for r in &rows {
+                    let e = r.e;
+                    let done = sqlx::query(&sql)
+                        .bind(&e.request_id)
+                        .bind(i64::from(e.schema_version))
+                        .bind(&e.org_id)
+                        .bind(&e.key_id)
+                        .bind(&e.model)
+                        .bind(&e.provider)
+                        .bind(&e.caller_format)
+                        .bind(&e.start_within)
+                        .bind(&e.served_tier)
+                        .bind(&e.reason)
+                        .bind(r.flex_wait_ms)
+                        .bind(r.start_latency_ms)
+                        .bind(r.duration_ms)
+                        .bind(r.input_tokens)
+                        .bind(r.cached_input_tokens)
+                        .bind(r.output_tokens)
+                        .bind(r.reasoning_tokens)
+                        .bind(i64::from(e.status))
+                        .bind(&e.outcome)
+                        .bind(&r.tiers_started)
+                        .bind(e.cost_micros)
+                        .bind(e.standard_cost_micros)
+                        .bind(timefmt::format(r.received_at))
+                        .bind(&recorded)
+                        .execute(&mut *tx)
+                        .await?;
+                    inserted += done.rows_affected();
+                }
+                tx.commit().await?;
+            }
+            Store::Postgres(pool) => {
+                let sql = format!(
+                    "INSERT INTO usage_ledger ({USAGE_COLUMNS}) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                      $18, $19, $20::json, $21, $22, $23, $24) \
+                     ON CONFLICT (request_id) DO NOTHING"
+                );
+                let mut tx = pool.begin().await?;
+                for r in &rows {
+                    let e = r.e;
+                    let schema_version = i32::try_from(e.schema_version).map_err(|_| {
+                        StoreError::OutOfRange(format!("schema_version = {}", e.schema_version))
+                    })?;
+                    let done = sqlx::query(&sql)
+                        .bind(&e.request_id)
+                        .bind(schema_version)
+                        .bind(&e.org_id)
+                        .bind(&e.key_id)
+                        .bind(&e.model)
+                        .bind(&e.provider)
+                        .bind(&e.caller_format)
+                        .bind(&e.start_within)
+                        .bind(&e.served_tier)
+                        .bind(&e.reason)
+                        .bind(r.flex_wait_ms)
+                        .bind(r.start_latency_ms)
+                        .bind(r.duration_ms)
+                        .bind(r.input_tokens)
+                        .bind(r.cached_input_tokens)
+                        .bind(r.output_tokens)
+                        .bind(r.reasoning_tokens)
+                        .bind(i32::from(e.status))
+                        .bind(&e.outcome)
+                        .bind(&r.tiers_started)
+                        .bind(e.cost_micros)
+                        .bind(e.standard_cost_micros)
+                        .bind(r.received_at)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    inserted += done.rows_affected();
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Ledger totals for `org_id` over requests received in `[from, to)` (either bound optional).
+    pub async fn usage_summary(
+        &self,
+        org_id: &str,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> Result<UsageTotals> {
+        let row: (i64, i64, i64, i64, i64, i64) = match self {
+            Store::Sqlite(pool) => {
+                let mut sql = String::from(
+                    "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), \
+                     COALESCE(SUM(cost_micros), 0), COALESCE(SUM(standard_cost_micros), 0), \
+                     COALESCE(SUM(CASE WHEN served_tier = 'flex' THEN 1 ELSE 0 END), 0) \
+                     FROM usage_ledger WHERE org_id = ?",
+                );
+                if from.is_some() {
+                    sql.push_str(" AND received_at >= ?");
+                }
+                if to.is_some() {
+                    sql.push_str(" AND received_at < ?");
+                }
+                let mut q = sqlx::query_as(&sql).bind(org_id);
+                for t in [from, to].into_iter().flatten() {
+                    q = q.bind(timefmt::format(t));
+                }
+                q.fetch_one(pool).await?
+            }
+            Store::Postgres(pool) => {
+                let mut sql = String::from(
+                    "SELECT COUNT(*)::BIGINT, COALESCE(SUM(input_tokens), 0)::BIGINT, \
+                     COALESCE(SUM(output_tokens), 0)::BIGINT, COALESCE(SUM(cost_micros), 0)::BIGINT, \
+                     COALESCE(SUM(standard_cost_micros), 0)::BIGINT, \
+                     (COUNT(*) FILTER (WHERE served_tier = 'flex'))::BIGINT \
+                     FROM usage_ledger WHERE org_id = $1",
+                );
+                let mut n = 1;
+                if from.is_some() {
+                    n += 1;
+                    sql.push_str(&format!(" AND received_at >= ${n}"));
+                }
+                if to.is_some() {
+                    n += 1;
+                    sql.push_str(&format!(" AND received_at < ${n}"));
+                }
+                let mut q = sqlx::query_as(&sql).bind(org_id);
+                for t in [from, to].into_iter().flatten() {
+                    q = q.bind(t);
+                }
+                q.fetch_one(pool).await?
+            }
+        };
+        Ok(UsageTotals {
+            requests: u64_of(row.0, "requests")?,
+            input_tokens: u64_of(row.1, "input_tokens")?,
+            output_tokens: u64_of(row.2, "output_tokens")?,
+            cost_micros: row.3,
+            standard_cost_micros: row.4,
+            flex_requests: u64_of(row.5, "flex_requests")?,
+        })
+    }
+}
