@@ -194,10 +194,14 @@ impl Event {
             )));
         }
         serde_json::from_str(&e.payload).map_err(|err| {
-            // serde's message names the field, never echoes the payload.
+            // Position and class only: serde's message may quote payload values.
             Error::Internal(format!(
-                "event {} ({}) cannot be decoded: {err}",
-                e.seq, e.event_type
+                "event {} ({}) cannot be decoded ({:?} error at line {}, column {})",
+                e.seq,
+                e.event_type,
+                err.classify(),
+                err.line(),
+                err.column()
             ))
         })
     }

@@ -56,7 +56,9 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Conflict { .. } => Code::Aborted,
+            Error::Conflict { .. } | Error::Store(StoreError::IdempotencyKeyTaken { .. }) => {
+                Code::Aborted
+            }
             Error::Store(StoreError::Database(
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
             )) => Code::Unavailable,

@@ -103,6 +103,8 @@ pub struct ControlPlane {
     keyring: RwLock<Arc<MasterKeyring>>,
     projection: Arc<Projection>,
     proxies: ProxyRegistry,
+    /// Set to `true` to end every open Watch stream (graceful shutdown waits for streams).
+    stop_streams: watch::Sender<bool>,
     _poller: AbortOnDrop,
 }
 
@@ -200,6 +202,7 @@ impl ControlPlane {
             keyring: RwLock::new(keyring),
             projection,
             proxies: ProxyRegistry::default(),
+            stop_streams: watch::channel(false).0,
             _poller: AbortOnDrop(poller),
         })
     }
@@ -228,6 +231,21 @@ impl ControlPlane {
     /// Snapshots for in-process proxies: the current one at once, then every new one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
         self.projection.subscribe()
+    }
+
+    /// Ends every open Watch stream, now and from now on (proxies reconnect elsewhere). A
+    /// graceful gRPC shutdown waits for open streams, so call this when shutting down;
+    /// [`ControlPlane::serve`] does it when its shutdown future completes.
+    pub fn end_watch_streams(&self) {
+        self.stop_streams.send_replace(true);
+    }
+
+    /// Resolves when [`ControlPlane::end_watch_streams`] has been called.
+    pub fn watch_streams_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop_streams.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
     }
 
     /// The current snapshot.
@@ -851,6 +869,10 @@ impl ControlPlane {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "control plane gRPC listening");
         }
+        let shutdown = async move {
+            shutdown.await;
+            self.end_watch_streams();
+        };
         tonic::transport::Server::builder()
             .add_routes(routes)
             .serve_with_incoming_shutdown(

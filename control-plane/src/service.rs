@@ -359,9 +359,11 @@ impl ControlService for ControlApi {
         let current = rx.borrow_and_update().clone();
         let first = first_update(&self.cp, r.have_version, &current);
         let connection = self.cp.proxies().connect(&proxy_id, "grpc");
+        let ended = self.cp.watch_streams_ended();
         let (tx, out) = mpsc::channel(16);
         tokio::spawn(async move {
             let _connection = connection;
+            tokio::pin!(ended);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -369,6 +371,14 @@ impl ControlService for ControlApi {
             loop {
                 tokio::select! {
                     () = tx.closed() => return,
+                    () = &mut ended => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the control plane is shutting down; reconnect",
+                            )))
+                            .await;
+                        return;
+                    }
                     changed = rx.changed() => {
                         if changed.is_err() {
                             return; // the control plane is shutting down

@@ -26,6 +26,7 @@ both_backends!(
     watch_streams_full_then_deltas_and_tracks_proxies,
     usage_over_grpc_is_counted_once,
     reflection_lists_the_services,
+    shutdown_ends_open_watch_streams,
 );
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -33,7 +34,8 @@ const TOKEN: &str = "test-admin-token-0123456789";
 struct Server {
     cp: Arc<ControlPlane>,
     channel: Channel,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
     _db: TestDb,
 }
 
@@ -44,7 +46,7 @@ async fn start(b: Backend) -> Server {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = cp.clone();
-    tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         server
             .serve_with_listener(listener, &SecretString::from(TOKEN.to_string()), async {
                 let _ = stopped.await;
@@ -60,25 +62,24 @@ async fn start(b: Backend) -> Server {
     Server {
         cp,
         channel,
-        _stop: stop,
+        stop: Some(stop),
+        handle,
         _db: db,
     }
 }
 
-type Admin = AdminServiceClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Admin = AdminServiceClient<InterceptedService<Channel, AddToken>>;
 
 fn admin(channel: &Channel, token: Option<&str>) -> Admin {
     let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
         token.map(|t| format!("Bearer {t}").parse().unwrap());
-    let f: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-        Box::new(move |mut req: Request<()>| {
-            if let Some(h) = &header {
-                req.metadata_mut().insert("authorization", h.clone());
-            }
-            Ok(req)
-        });
+    let f: AddToken = Box::new(move |mut req: Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
     AdminServiceClient::with_interceptor(channel.clone(), f)
 }
 
@@ -565,4 +566,31 @@ async fn reflection_lists_the_services(b: Backend) {
         names.contains(&"flex.control.v1.ControlService".to_string()),
         "{names:?}"
     );
+}
+
+async fn shutdown_ends_open_watch_streams(b: Backend) {
+    let mut s = start(b).await;
+    let mut control = ControlServiceClient::new(s.channel.clone());
+    let mut stream = control
+        .watch(pb::WatchRequest {
+            proxy_id: "proxy-a".into(),
+            have_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next_update(&mut stream).await;
+    s.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut s.handle)
+        .await
+        .expect("graceful shutdown does not wait forever for Watch streams")
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends");
+    match end {
+        None => {}
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Some(Ok(u)) => panic!("unexpected update after shutdown: {u:?}"),
+    }
 }
