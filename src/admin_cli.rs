@@ -158,12 +158,18 @@ impl tonic::service::Interceptor for Auth {
 }
 
 fn read_local(dir: &Path) -> Result<(Option<String>, Option<String>)> {
-    let token = std::fs::read_to_string(dir.join("admin-token")).ok().map(|s| s.trim().to_string());
+    let token = std::fs::read_to_string(dir.join("admin-token"))
+        .ok()
+        .map(|s| s.trim().to_string());
     let endpoint = std::fs::read_to_string(dir.join("demo.json"))
         .ok()
         .and_then(|s| serde_json::from_str::<Value>(&s).ok())
         .and_then(|v| v["admin_endpoint"].as_str().map(str::to_string))
-        .or_else(|| std::fs::read_to_string(dir.join("admin-endpoint")).ok().map(|s| s.trim().to_string()));
+        .or_else(|| {
+            std::fs::read_to_string(dir.join("admin-endpoint"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        });
     Ok((endpoint, token))
 }
 
@@ -177,11 +183,19 @@ pub async fn connect(args: &AdminArgs) -> Result<Client> {
     let endpoint = endpoint.unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
     let token = token.ok_or_else(|| anyhow!("no admin token: pass --token, set FLEX_ADMIN_TOKEN, or --data-dir of a local `flex up` (which holds admin-token)"))?;
     let channel = Channel::from_shared(endpoint.clone())
-        .with_context(|| format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)"))?
+        .with_context(|| {
+            format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)")
+        })?
         .connect()
         .await
-        .with_context(|| format!("cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?"))?;
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().context("the admin token contains characters not allowed in a header")?;
+        .with_context(|| {
+            format!(
+                "cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?"
+            )
+        })?;
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token contains characters not allowed in a header")?;
     Ok(AdminServiceClient::with_interceptor(channel, Auth(value)))
 }
 
@@ -218,90 +232,222 @@ pub async fn run(args: AdminArgs) -> Result<()> {
     let j = args.json;
     match args.command {
         AdminCommand::Org(cmd) => match cmd {
-            OrgCmd::Create { name, idempotency_key } => {
-                let o = c.create_org(pb::CreateOrgRequest { name, idempotency_key: idempotency_key.unwrap_or_default() }).await.map_err(status_err)?.into_inner();
-                print(j, org_json(&o), || format!("created org {} ({})", o.org_id, o.name));
-            }
-            OrgCmd::List => {
-                let r = c.list_orgs(pb::ListOrgsRequest {}).await.map_err(status_err)?.into_inner();
-                print(j, json!({"orgs": r.orgs.iter().map(org_json).collect::<Vec<_>>()}), || {
-                    r.orgs.iter().map(|o| format!("{}  {}  {}", o.org_id, o.status, o.name)).collect::<Vec<_>>().join("\n")
+            OrgCmd::Create {
+                name,
+                idempotency_key,
+            } => {
+                let o = c
+                    .create_org(pb::CreateOrgRequest {
+                        name,
+                        idempotency_key: idempotency_key.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, org_json(&o), || {
+                    format!("created org {} ({})", o.org_id, o.name)
                 });
             }
+            OrgCmd::List => {
+                let r = c
+                    .list_orgs(pb::ListOrgsRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(
+                    j,
+                    json!({"orgs": r.orgs.iter().map(org_json).collect::<Vec<_>>()}),
+                    || {
+                        r.orgs
+                            .iter()
+                            .map(|o| format!("{}  {}  {}", o.org_id, o.status, o.name))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    },
+                );
+            }
             OrgCmd::Rename { org_id, name } => {
-                let o = c.rename_org(pb::RenameOrgRequest { org_id, name }).await.map_err(status_err)?.into_inner();
-                print(j, org_json(&o), || format!("org {} is now named {}", o.org_id, o.name));
+                let o = c
+                    .rename_org(pb::RenameOrgRequest { org_id, name })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, org_json(&o), || {
+                    format!("org {} is now named {}", o.org_id, o.name)
+                });
             }
             OrgCmd::Suspend { org_id } => {
-                let o = c.suspend_org(pb::OrgRef { org_id }).await.map_err(status_err)?.into_inner();
+                let o = c
+                    .suspend_org(pb::OrgRef { org_id })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 print(j, org_json(&o), || format!("org {} suspended", o.org_id));
             }
             OrgCmd::Reactivate { org_id } => {
-                let o = c.reactivate_org(pb::OrgRef { org_id }).await.map_err(status_err)?.into_inner();
+                let o = c
+                    .reactivate_org(pb::OrgRef { org_id })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 print(j, org_json(&o), || format!("org {} reactivated", o.org_id));
             }
         },
         AdminCommand::Key(cmd) => match cmd {
-            KeyCmd::Create { org, name, expires_at, idempotency_key } => {
+            KeyCmd::Create {
+                org,
+                name,
+                expires_at,
+                idempotency_key,
+            } => {
                 let r = c
-                    .create_api_key(pb::CreateApiKeyRequest { org_id: org, name, idempotency_key: idempotency_key.unwrap_or_default(), expires_at: expires_at.unwrap_or_default() })
+                    .create_api_key(pb::CreateApiKeyRequest {
+                        org_id: org,
+                        name,
+                        idempotency_key: idempotency_key.unwrap_or_default(),
+                        expires_at: expires_at.unwrap_or_default(),
+                    })
                     .await
                     .map_err(status_err)?
                     .into_inner();
                 let k = r.key.unwrap_or_default();
-                print(j, json!({"key_id": k.key_id, "org_id": k.org_id, "api_key": r.api_key, "hint": k.hint}), || {
-                    if r.api_key.is_empty() {
-                        format!("key {} already existed (idempotent replay); its secret was shown only when it was created", k.key_id)
-                    } else {
-                        format!("created key {}\n{}\nThis is the only time the key is shown: store it now.", k.key_id, r.api_key)
-                    }
-                });
+                print(
+                    j,
+                    json!({"key_id": k.key_id, "org_id": k.org_id, "api_key": r.api_key, "hint": k.hint}),
+                    || {
+                        if r.api_key.is_empty() {
+                            format!("key {} already existed (idempotent replay); its secret was shown only when it was created", k.key_id)
+                        } else {
+                            format!("created key {}\n{}\nThis is the only time the key is shown: store it now.", k.key_id, r.api_key)
+                        }
+                    },
+                );
             }
             KeyCmd::List { org } => {
-                let r = c.list_api_keys(pb::OrgRef { org_id: org }).await.map_err(status_err)?.into_inner();
-                print(j, json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>()}), || {
-                    r.keys.iter().map(|k| format!("{}  {}  {}  {}", k.key_id, k.status, k.hint, k.name)).collect::<Vec<_>>().join("\n")
-                });
+                let r = c
+                    .list_api_keys(pb::OrgRef { org_id: org })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(
+                    j,
+                    json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>()}),
+                    || {
+                        r.keys
+                            .iter()
+                            .map(|k| format!("{}  {}  {}  {}", k.key_id, k.status, k.hint, k.name))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    },
+                );
             }
             KeyCmd::Revoke { key_id, reason } => {
-                let k = c.revoke_api_key(pb::RevokeApiKeyRequest { key_id, reason }).await.map_err(status_err)?.into_inner();
+                let k = c
+                    .revoke_api_key(pb::RevokeApiKeyRequest { key_id, reason })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 print(j, key_json(&k), || format!("key {} revoked", k.key_id));
             }
         },
         AdminCommand::ProviderKey(cmd) => match cmd {
             ProviderKeyCmd::Set { org, provider } => {
                 let mut secret = String::new();
-                std::io::stdin().read_to_string(&mut secret).context("reading the provider key from stdin")?;
+                std::io::stdin()
+                    .read_to_string(&mut secret)
+                    .context("reading the provider key from stdin")?;
                 let secret = secret.trim().to_string();
                 if secret.is_empty() {
                     bail!("no provider key on stdin: pipe it in, e.g. `printf %s \"$OPENAI_API_KEY\" | flex admin provider-key set --org ORG --provider openai`");
                 }
-                let p = c.set_provider_key(pb::SetProviderKeyRequest { org_id: org, provider, secret }).await.map_err(status_err)?.into_inner();
-                print(j, pkey_json(&p), || format!("{} key set for org {} (…{})", p.provider, p.org_id, p.last4));
+                let p = c
+                    .set_provider_key(pb::SetProviderKeyRequest {
+                        org_id: org,
+                        provider,
+                        secret,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, pkey_json(&p), || {
+                    format!("{} key set for org {} (…{})", p.provider, p.org_id, p.last4)
+                });
             }
             ProviderKeyCmd::Remove { org, provider } => {
-                let p = c.remove_provider_key(pb::RemoveProviderKeyRequest { org_id: org, provider }).await.map_err(status_err)?.into_inner();
-                print(j, pkey_json(&p), || format!("{} key removed for org {}", p.provider, p.org_id));
+                let p = c
+                    .remove_provider_key(pb::RemoveProviderKeyRequest {
+                        org_id: org,
+                        provider,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, pkey_json(&p), || {
+                    format!("{} key removed for org {}", p.provider, p.org_id)
+                });
             }
             ProviderKeyCmd::List { org } => {
-                let r = c.list_provider_keys(pb::OrgRef { org_id: org }).await.map_err(status_err)?.into_inner();
-                print(j, json!({"keys": r.keys.iter().map(pkey_json).collect::<Vec<_>>()}), || {
-                    r.keys.iter().map(|p| format!("{}  {}  …{}  {}", p.provider, p.status, p.last4, p.updated_at)).collect::<Vec<_>>().join("\n")
-                });
+                let r = c
+                    .list_provider_keys(pb::OrgRef { org_id: org })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(
+                    j,
+                    json!({"keys": r.keys.iter().map(pkey_json).collect::<Vec<_>>()}),
+                    || {
+                        r.keys
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "{}  {}  …{}  {}",
+                                    p.provider, p.status, p.last4, p.updated_at
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    },
+                );
             }
         },
         AdminCommand::Billing(cmd) => match cmd {
             BillingCmd::Show { org } => {
-                let b = c.get_billing(pb::OrgRef { org_id: org }).await.map_err(status_err)?.into_inner();
-                print(j, billing_json(&b), || format!("org {}: billing {} (plan {}, fee {} bps)", b.org_id, b.status, b.plan, b.fee_bps));
+                let b = c
+                    .get_billing(pb::OrgRef { org_id: org })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, billing_json(&b), || {
+                    format!(
+                        "org {}: billing {} (plan {}, fee {} bps)",
+                        b.org_id, b.status, b.plan, b.fee_bps
+                    )
+                });
             }
             BillingCmd::SetStatus { org, status } => {
-                let b = c.set_billing_status(pb::SetBillingStatusRequest { org_id: org, status }).await.map_err(status_err)?.into_inner();
-                print(j, billing_json(&b), || format!("org {}: billing {}", b.org_id, b.status));
+                let b = c
+                    .set_billing_status(pb::SetBillingStatusRequest {
+                        org_id: org,
+                        status,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, billing_json(&b), || {
+                    format!("org {}: billing {}", b.org_id, b.status)
+                });
             }
         },
         AdminCommand::Usage { org, from, to } => {
-            let u = c.get_usage(pb::GetUsageRequest { org_id: org, from: from.unwrap_or_default(), to: to.unwrap_or_default() }).await.map_err(status_err)?.into_inner();
+            let u = c
+                .get_usage(pb::GetUsageRequest {
+                    org_id: org,
+                    from: from.unwrap_or_default(),
+                    to: to.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let v = json!({"org_id": u.org_id, "requests": u.requests, "flex_requests": u.flex_requests, "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cost_micros": u.cost_micros, "standard_cost_micros": u.standard_cost_micros, "savings_micros": u.savings_micros});
             print(j, v, || {
                 format!(
@@ -312,30 +458,62 @@ pub async fn run(args: AdminArgs) -> Result<()> {
             });
         }
         AdminCommand::Audit { org } => {
-            let r = c.list_audit_events(pb::OrgRef { org_id: org }).await.map_err(status_err)?.into_inner();
+            let r = c
+                .list_audit_events(pb::OrgRef { org_id: org })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let events: Vec<Value> = r
                 .events
                 .iter()
                 .map(|e| json!({"seq": e.seq, "stream_id": e.stream_id, "stream_version": e.stream_version, "event_type": e.event_type, "schema_version": e.schema_version, "actor": e.actor, "request_id": e.request_id, "recorded_at": e.recorded_at, "summary": e.summary, "payload": serde_json::from_str::<Value>(&e.payload_json).unwrap_or(Value::Null)}))
                 .collect();
             print(j, json!({"events": events}), || {
-                r.events.iter().map(|e| format!("#{:<6} {}  {:<22} {}  (by {})", e.seq, e.recorded_at, e.event_type, e.summary, e.actor)).collect::<Vec<_>>().join("\n")
+                r.events
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "#{:<6} {}  {:<22} {}  (by {})",
+                            e.seq, e.recorded_at, e.event_type, e.summary, e.actor
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         AdminCommand::Proxies => {
-            let r = c.list_proxies(pb::ListProxiesRequest {}).await.map_err(status_err)?.into_inner();
+            let r = c
+                .list_proxies(pb::ListProxiesRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let list: Vec<Value> = r
                 .proxies
                 .iter()
                 .map(|p| json!({"proxy_id": p.proxy_id, "applied_version": p.applied_version, "connected": p.connected, "transport": p.transport, "connected_since": p.connected_since, "last_seen": p.last_seen, "last_error": p.last_error}))
                 .collect();
-            print(j, json!({"current_version": r.current_version, "proxies": list}), || {
-                let mut lines = vec![format!("control plane at version {}", r.current_version)];
-                lines.extend(r.proxies.iter().map(|p| {
-                    format!("{}  v{}  {}  {}  last seen {}", p.proxy_id, p.applied_version, if p.connected { "connected" } else { "disconnected" }, p.transport, p.last_seen)
-                }));
-                lines.join("\n")
-            });
+            print(
+                j,
+                json!({"current_version": r.current_version, "proxies": list}),
+                || {
+                    let mut lines = vec![format!("control plane at version {}", r.current_version)];
+                    lines.extend(r.proxies.iter().map(|p| {
+                        format!(
+                            "{}  v{}  {}  {}  last seen {}",
+                            p.proxy_id,
+                            p.applied_version,
+                            if p.connected {
+                                "connected"
+                            } else {
+                                "disconnected"
+                            },
+                            p.transport,
+                            p.last_seen
+                        )
+                    }));
+                    lines.join("\n")
+                },
+            );
         }
     }
     Ok(())

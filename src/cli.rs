@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::admin_cli::AdminArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "flex", version, about = "FlexInference: a deadline-aware, multi-tenant LLM inference router")]
+#[command(
+    name = "flex",
+    version,
+    about = "FlexInference: a deadline-aware, multi-tenant LLM inference router"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

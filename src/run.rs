@@ -56,7 +56,11 @@ fn random_hex(bytes: usize) -> String {
 }
 
 fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
-    ProxyConfig { base_urls, max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024), ..ProxyConfig::default() }
+    ProxyConfig {
+        base_urls,
+        max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024),
+        ..ProxyConfig::default()
+    }
 }
 
 fn base_urls(u: &UpstreamArgs, fallback: Option<(&str, &str)>) -> BaseUrls {
@@ -67,7 +71,11 @@ fn base_urls(u: &UpstreamArgs, fallback: Option<(&str, &str)>) -> BaseUrls {
     };
     BaseUrls {
         openai: u.openai_base_url.clone().or(sim_openai).unwrap_or(d.openai),
-        anthropic: u.anthropic_base_url.clone().or(sim_root.clone()).unwrap_or(d.anthropic),
+        anthropic: u
+            .anthropic_base_url
+            .clone()
+            .or(sim_root.clone())
+            .unwrap_or(d.anthropic),
         gemini: u.gemini_base_url.clone().or(sim_root).unwrap_or(d.gemini),
     }
 }
@@ -77,8 +85,17 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
 }
 
 /// Builds the proxy and serves it on `listener` in the background.
-fn start_proxy(listener: TcpListener, u: &UpstreamArgs, cfg: ProxyConfig, store: Arc<SnapshotStore>, usage: Arc<dyn UsageSink>) -> Result<()> {
-    let upstream = UpstreamClient::new(&UpstreamConfig { extra_ca_file: u.upstream_ca_file.clone(), ..UpstreamConfig::default() })?;
+fn start_proxy(
+    listener: TcpListener,
+    u: &UpstreamArgs,
+    cfg: ProxyConfig,
+    store: Arc<SnapshotStore>,
+    usage: Arc<dyn UsageSink>,
+) -> Result<()> {
+    let upstream = UpstreamClient::new(&UpstreamConfig {
+        extra_ca_file: u.upstream_ca_file.clone(),
+        ..UpstreamConfig::default()
+    })?;
     let tls = match (&u.tls_cert, &u.tls_key) {
         (Some(c), Some(k)) => Some(flex_data_plane::server::tls_acceptor(c, k)?),
         _ => None,
@@ -120,12 +137,26 @@ fn demo_sim_keys(dir: &Path) -> Result<serde_json::Value> {
 }
 
 /// Creates (or finds) the demo org, key and provider keys and writes demo.json.
-async fn ensure_demo(cp: &ControlPlane, dir: &Path, base_url: &str, admin_endpoint: &str, admin_token: &str, sim_keys: &serde_json::Value) -> Result<serde_json::Value> {
+async fn ensure_demo(
+    cp: &ControlPlane,
+    dir: &Path,
+    base_url: &str,
+    admin_endpoint: &str,
+    admin_token: &str,
+    sim_keys: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let path = dir.join("demo.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
-            let org_ok = v["org_id"].as_str().is_some_and(|o| cp.state().orgs.contains_key(o));
-            let key_ok = v["api_key"].as_str().is_some_and(|k| cp.snapshot().api_keys.iter().any(|e| e.key_hash == flex_shared::keys::hash(k)));
+            let org_ok = v["org_id"]
+                .as_str()
+                .is_some_and(|o| cp.state().orgs.contains_key(o));
+            let key_ok = v["api_key"].as_str().is_some_and(|k| {
+                cp.snapshot()
+                    .api_keys
+                    .iter()
+                    .any(|e| e.key_hash == flex_shared::keys::hash(k))
+            });
             if org_ok && key_ok {
                 v["base_url"] = json!(base_url);
                 v["admin_endpoint"] = json!(admin_endpoint);
@@ -136,11 +167,23 @@ async fn ensure_demo(cp: &ControlPlane, dir: &Path, base_url: &str, admin_endpoi
     }
     let meta = Metadata::new("flex-up-demo");
     let org = cp.create_org(&meta, "demo", None).await?.org;
-    let key = cp.create_api_key(&meta, &org.org_id, "demo", None, None).await?;
-    let secret = key.secret.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default();
+    let key = cp
+        .create_api_key(&meta, &org.org_id, "demo", None, None)
+        .await?;
+    let secret = key
+        .secret
+        .as_ref()
+        .map(|s| s.expose_secret().to_string())
+        .unwrap_or_default();
     for provider in ["openai", "anthropic", "gemini"] {
         if let Some(k) = sim_keys[provider].as_str() {
-            cp.set_provider_key(&meta, &org.org_id, provider, &SecretString::from(k.to_string())).await?;
+            cp.set_provider_key(
+                &meta,
+                &org.org_id,
+                provider,
+                &SecretString::from(k.to_string()),
+            )
+            .await?;
         }
     }
     let v = json!({
@@ -156,8 +199,11 @@ async fn ensure_demo(cp: &ControlPlane, dir: &Path, base_url: &str, admin_endpoi
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let dir = &args.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    let token = load_or_create(&dir.join("admin-token"), || format!("{}\n", random_hex(32)))?.trim().to_string();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let token = load_or_create(&dir.join("admin-token"), || format!("{}\n", random_hex(32)))?
+        .trim()
+        .to_string();
     let key_path = dir.join("master.key");
     load_or_create(&key_path, MasterKeyring::generate_file_text)?;
     let keyring = Arc::new(MasterKeyring::load(&key_path)?);
@@ -170,14 +216,24 @@ pub async fn up(args: UpArgs) -> Result<()> {
     {
         let cp = cp.clone();
         tokio::spawn(async move {
-            if let Err(e) = cp.serve_with_listener(admin_listener, &token_secret, std::future::pending()).await {
+            if let Err(e) = cp
+                .serve_with_listener(admin_listener, &token_secret, std::future::pending())
+                .await
+            {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });
     }
 
-    let needs_sim = args.demo && (args.upstream.openai_base_url.is_none() || args.upstream.anthropic_base_url.is_none() || args.upstream.gemini_base_url.is_none());
-    let sim_keys = if args.demo { Some(demo_sim_keys(dir)?) } else { None };
+    let needs_sim = args.demo
+        && (args.upstream.openai_base_url.is_none()
+            || args.upstream.anthropic_base_url.is_none()
+            || args.upstream.gemini_base_url.is_none());
+    let sim_keys = if args.demo {
+        Some(demo_sim_keys(dir)?)
+    } else {
+        None
+    };
     let sim = match (&sim_keys, needs_sim) {
         (Some(k), true) => Some(
             sim::spawn(SimConfig {
@@ -192,26 +248,55 @@ pub async fn up(args: UpArgs) -> Result<()> {
         ),
         _ => None,
     };
-    let urls = base_urls(&args.upstream, sim.as_ref().map(|s| (s.openai_base_url(), s.base_url())).as_ref().map(|(a, b)| (a.as_str(), b.as_str())));
+    let urls = base_urls(
+        &args.upstream,
+        sim.as_ref()
+            .map(|s| (s.openai_base_url(), s.base_url()))
+            .as_ref()
+            .map(|(a, b)| (a.as_str(), b.as_str())),
+    );
 
-    let store = Arc::new(SnapshotStore::new(Some(keyring), Some(dir.join("proxy-state"))));
+    let store = Arc::new(SnapshotStore::new(
+        Some(keyring),
+        Some(dir.join("proxy-state")),
+    ));
     tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(deliver_in_process(rx, cp.clone()));
     let listener = bind(args.listen, "the proxy").await?;
-    let scheme = if args.upstream.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if args.upstream.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
-    start_proxy(listener, &args.upstream, proxy_config(&args.upstream, urls), store, sink)?;
+    start_proxy(
+        listener,
+        &args.upstream,
+        proxy_config(&args.upstream, urls),
+        store,
+        sink,
+    )?;
 
     println!("FlexInference is up.");
     println!("  API:       {base_url}");
-    println!("  admin:     {admin_endpoint}  (token in {})", dir.join("admin-token").display());
+    println!(
+        "  admin:     {admin_endpoint}  (token in {})",
+        dir.join("admin-token").display()
+    );
     if let (true, Some(keys)) = (args.demo, &sim_keys) {
         let demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
         if let Some(s) = &sim {
-            println!("  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)", s.base_url());
+            println!(
+                "  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)",
+                s.base_url()
+            );
         }
-        println!("  demo:      {} (org {})", dir.join("demo.json").display(), demo["org_id"].as_str().unwrap_or(""));
+        println!(
+            "  demo:      {} (org {})",
+            dir.join("demo.json").display(),
+            demo["org_id"].as_str().unwrap_or("")
+        );
         println!();
         println!("Try it (flex wins; put \"#sim flex_delay_ms=20000\" in the input to see standard take over):");
         println!(
@@ -236,14 +321,20 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     let cp = Arc::new(ControlPlane::open(&args.database_url, keyring).await?);
     let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
-    println!("control plane listening on http://{}", listener.local_addr()?);
-    cp.serve_with_listener(listener, &token, shutdown_signal()).await?;
+    println!(
+        "control plane listening on http://{}",
+        listener.local_addr()?
+    );
+    cp.serve_with_listener(listener, &token, shutdown_signal())
+        .await?;
     Ok(())
 }
 
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
     if args.nats_url.is_some() {
-        bail!("--nats-url: the NATS transport is not available in this build yet; use --control-url");
+        bail!(
+            "--nats-url: the NATS transport is not available in this build yet; use --control-url"
+        );
     }
     let Some(control_url) = args.control_url.clone() else {
         bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (or set FLEX_CONTROL_URL)");
@@ -259,29 +350,49 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         Err(e) => tracing::warn!(error = %e, "ignoring the persisted snapshot"),
     }
     let endpoint = tonic::transport::Endpoint::from_shared(control_url.clone())
-        .with_context(|| format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)"))?
+        .with_context(|| {
+            format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)")
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    let proxy_id = args.proxy_id.clone().unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
-    tokio::spawn(snapshot::follow_grpc(store.clone(), endpoint.clone(), proxy_id));
+    let proxy_id = args
+        .proxy_id
+        .clone()
+        .unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
+    tokio::spawn(snapshot::follow_grpc(
+        store.clone(),
+        endpoint.clone(),
+        proxy_id,
+    ));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
-    start_proxy(listener, &args.upstream, proxy_config(&args.upstream, base_urls(&args.upstream, None)), store, sink)?;
+    start_proxy(
+        listener,
+        &args.upstream,
+        proxy_config(&args.upstream, base_urls(&args.upstream, None)),
+        store,
+        sink,
+    )?;
     shutdown_signal().await;
     Ok(())
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "local".into())
 }
 
 pub async fn sim(args: SimArgs) -> Result<()> {
     let listener = bind(args.listen, "the simulator").await?;
-    println!("provider simulator listening on http://{}", listener.local_addr()?);
+    println!(
+        "provider simulator listening on http://{}",
+        listener.local_addr()?
+    );
     let cfg = SimConfig {
         openai_key: args.openai_key,
         anthropic_key: args.anthropic_key,
@@ -296,4 +407,3 @@ pub async fn sim(args: SimArgs) -> Result<()> {
     sim::serve(listener, cfg).await?;
     Ok(())
 }
-

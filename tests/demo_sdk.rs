@@ -1,10 +1,15 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `flex up --demo` as a user runs it (the real binary), driven by the official `openai` SDK.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The venv `.ci/run` creates with the official SDKs.
@@ -29,7 +34,12 @@ fn openai_sdk_against_flex_up_demo() {
     let child = Command::new(env!("CARGO_BIN_EXE_flex"))
         .args(["up", "--demo", "--data-dir"])
         .arg(dir.path())
-        .args(["--listen", &format!("127.0.0.1:{api}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -38,22 +48,46 @@ fn openai_sdk_against_flex_up_demo() {
     let demo = dir.path().join("demo.json");
     let t0 = Instant::now();
     while !demo.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "flex up --demo wrote no demo.json");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "flex up --demo wrote no demo.json"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
     let out = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_demo.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/openai_demo.py"
+        ))
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "SDK check failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "SDK check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The admin CLI reads endpoint and token from the data dir; --json is one object.
-    let out = Command::new(env!("CARGO_BIN_EXE_flex")).args(["admin", "--json", "--data-dir"]).arg(dir.path()).args(["org", "list"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_flex"))
+        .args(["admin", "--json", "--data-dir"])
+        .arg(dir.path())
+        .args(["org", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["orgs"][0]["name"], "demo");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("master.key")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("master.key"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
 }

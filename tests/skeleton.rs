@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! End-to-end: a real proxy, control plane and simulator over loopback HTTP; one request per tier,
 //! auth, revocation, the seeds' errors, HTTPS upstream with a private CA, snapshot over gRPC.
 
@@ -17,7 +18,12 @@ fn responses(model: &str, input: &str, sw: &str) -> serde_json::Value {
 #[tokio::test]
 async fn flex_serves_when_it_starts_in_time() {
     let s = stack().await;
-    let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-5.5", "hi", "00h-00m-10s")).await;
+    let r = post(
+        &format!("{}/responses", s.base),
+        Some(&s.api_key),
+        &responses("gpt-5.5", "hi", "00h-00m-10s"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["service_tier"], "flex");
     assert_eq!(r.json()["object"], "response");
@@ -31,23 +37,43 @@ async fn standard_takes_over_by_the_deadline_when_flex_is_slow() {
     let s = stack().await;
     let t0 = Instant::now();
     let body = json!({"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi #sim flex_delay_ms=60000"}], "start_within": "00h-00m-05s"});
-    let r = post(&format!("{}/chat/completions", s.base), Some(&s.api_key), &body).await;
+    let r = post(
+        &format!("{}/chat/completions", s.base),
+        Some(&s.api_key),
+        &body,
+    )
+    .await;
     let elapsed = t0.elapsed();
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["service_tier"], "default");
     assert_eq!(v["object"], "chat.completion");
-    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().starts_with("Simulated"));
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Simulated"));
     assert_eq!(r.header("x-flex-reason"), "flex_timeout");
     // The answer started by the deadline (5 s), not 5 s + the standard start latency.
     assert!(elapsed < Duration::from_millis(5300), "took {elapsed:?}");
-    assert!(elapsed > Duration::from_millis(4000), "standard was not hedged that early: {elapsed:?}");
+    assert!(
+        elapsed > Duration::from_millis(4000),
+        "standard was not hedged that early: {elapsed:?}"
+    );
 }
 
 #[tokio::test]
 async fn flex_capacity_errors_are_retried_then_flex_serves() {
     let s = stack().await;
-    let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-5.5", "hi #sim flex_status=429 flex_fail_times=2 sim_id=retry1", "00h-00m-10s")).await;
+    let r = post(
+        &format!("{}/responses", s.base),
+        Some(&s.api_key),
+        &responses(
+            "gpt-5.5",
+            "hi #sim flex_status=429 flex_fail_times=2 sim_id=retry1",
+            "00h-00m-10s",
+        ),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["service_tier"], "flex");
 }
@@ -55,18 +81,35 @@ async fn flex_capacity_errors_are_retried_then_flex_serves() {
 #[tokio::test]
 async fn a_non_capacity_provider_error_passes_through_untouched() {
     let s = stack().await;
-    let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-5.5", "hi #sim status=400", "00h-00m-10s")).await;
+    let r = post(
+        &format!("{}/responses", s.base),
+        Some(&s.api_key),
+        &responses("gpt-5.5", "hi #sim status=400", "00h-00m-10s"),
+    )
+    .await;
     assert_eq!(r.status, 400);
     let v = r.json();
     assert!(v["error"]["message"].is_string());
-    assert_ne!(v["error"]["code"], "upstream_error", "the provider's own body: {v}");
+    assert_ne!(
+        v["error"]["code"], "upstream_error",
+        "the provider's own body: {v}"
+    );
 }
 
 #[tokio::test]
 async fn direct_tiers_map_to_openai_service_tiers() {
     let s = stack().await;
-    for (sw, served) in [("default", "default"), ("priority", "priority"), ("auto", "default")] {
-        let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-4o", "hi", sw)).await;
+    for (sw, served) in [
+        ("default", "default"),
+        ("priority", "priority"),
+        ("auto", "default"),
+    ] {
+        let r = post(
+            &format!("{}/responses", s.base),
+            Some(&s.api_key),
+            &responses("gpt-4o", "hi", sw),
+        )
+        .await;
         assert_eq!(r.status, 200, "{sw}: {}", r.text());
         assert_eq!(r.json()["service_tier"], served, "{sw}");
         assert_eq!(r.header("x-flex-reason"), "direct");
@@ -81,20 +124,41 @@ async fn streaming_responses_and_chat_forward_events_after_the_winner_starts() {
     let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &body).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), "text/event-stream");
-    let events: Vec<serde_json::Value> = r.sse_data().iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let events: Vec<serde_json::Value> = r
+        .sse_data()
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(events[0]["type"], "response.created");
-    assert!(events.iter().any(|e| e["type"] == "response.output_text.delta"));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "response.output_text.delta"));
     let done = events.last().unwrap();
     assert_eq!(done["type"], "response.completed");
     assert_eq!(done["response"]["service_tier"], "flex");
 
     let body = json!({"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}], "stream": true, "start_within": "00h-00m-20s"});
-    let r = post(&format!("{}/chat/completions", s.base), Some(&s.api_key), &body).await;
+    let r = post(
+        &format!("{}/chat/completions", s.base),
+        Some(&s.api_key),
+        &body,
+    )
+    .await;
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    assert!(chunks.iter().all(|c| !c["choices"].as_array().unwrap().is_empty()), "no usage chunk the caller did not ask for");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| !c["choices"].as_array().unwrap().is_empty()),
+        "no usage chunk the caller did not ask for"
+    );
 }
 
 #[tokio::test]
@@ -103,21 +167,36 @@ async fn auth_refuses_missing_malformed_unknown_and_revoked_keys() {
     let url = format!("{}/responses", s.base);
     let body = responses("gpt-5.5", "hi", "default");
     let r = post(&url, None, &body).await;
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (401, Some("missing_api_key")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (401, Some("missing_api_key"))
+    );
     let r = post(&url, Some("sk-not-ours"), &body).await;
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
     let r = post(&url, Some(&flex_shared::keys::generate()), &body).await;
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
     assert_eq!(post(&url, Some(&s.api_key), &body).await.status, 200);
 
-    s.cp.revoke_api_key(&Metadata::new("test"), &s.key_id, "leaked").await.unwrap();
+    s.cp.revoke_api_key(&Metadata::new("test"), &s.key_id, "leaked")
+        .await
+        .unwrap();
     let t0 = Instant::now();
     loop {
         let r = post(&url, Some(&s.api_key), &body).await;
         if r.status == 401 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(1), "revoked key still accepted after {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "revoked key still accepted after {:?}",
+            t0.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -128,16 +207,66 @@ async fn the_seeds_errors_say_what_why_fix_and_example() {
     let url = format!("{}/responses", s.base);
     let chat = format!("{}/chat/completions", s.base);
     let cases = vec![
-        (&url, json!({"model": "gpt-5.5", "input": "hi"}), 400, "missing_start_within"),
-        (&url, responses("gpt-5.5", "hi", "00h-00m-04s"), 400, "invalid_start_within"),
-        (&url, responses("gpt-5.5", "hi", "00h-10m-01s"), 400, "invalid_start_within"),
-        (&url, responses("gpt-4o", "hi", "00h-00m-30s"), 400, "model_not_flex_capable"),
-        (&url, responses("gemini-3.5-flash", "hi", "auto"), 400, "auto_unsupported_for_gemini"),
-        (&url, responses("claude-opus-4-8", "hi", "00h-00m-30s"), 400, "flex_unsupported_for_anthropic"),
-        (&url, responses("llama-3", "hi", "default"), 404, "model_not_found"),
-        (&url, json!({"model": "gpt-5.5", "input": "hi", "start_within": "default", "service_tier": "flex"}), 400, "service_tier_not_allowed"),
-        (&chat, json!({"model": "gpt-5.5", "messages": [], "start_within": "default", "seed": 7}), 400, "unsupported_parameter"),
-        (&url, responses("gemini-3.5-flash", "hi", "default"), 400, "no_byok_key"),
+        (
+            &url,
+            json!({"model": "gpt-5.5", "input": "hi"}),
+            400,
+            "missing_start_within",
+        ),
+        (
+            &url,
+            responses("gpt-5.5", "hi", "00h-00m-04s"),
+            400,
+            "invalid_start_within",
+        ),
+        (
+            &url,
+            responses("gpt-5.5", "hi", "00h-10m-01s"),
+            400,
+            "invalid_start_within",
+        ),
+        (
+            &url,
+            responses("gpt-4o", "hi", "00h-00m-30s"),
+            400,
+            "model_not_flex_capable",
+        ),
+        (
+            &url,
+            responses("gemini-3.5-flash", "hi", "auto"),
+            400,
+            "auto_unsupported_for_gemini",
+        ),
+        (
+            &url,
+            responses("claude-opus-4-8", "hi", "00h-00m-30s"),
+            400,
+            "flex_unsupported_for_anthropic",
+        ),
+        (
+            &url,
+            responses("llama-3", "hi", "default"),
+            404,
+            "model_not_found",
+        ),
+        (
+            &url,
+            json!({"model": "gpt-5.5", "input": "hi", "start_within": "default", "service_tier": "flex"}),
+            400,
+            "service_tier_not_allowed",
+        ),
+        (
+            &chat,
+            json!({"model": "gpt-5.5", "messages": [], "start_within": "default", "seed": 7}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            &url,
+            responses("gemini-3.5-flash", "hi", "default"),
+            400,
+            "no_byok_key",
+        ),
     ];
     for (u, body, status, code) in cases {
         let r = post(u, Some(&s.api_key), &body).await;
@@ -156,18 +285,35 @@ async fn the_seeds_errors_say_what_why_fix_and_example() {
 #[tokio::test]
 async fn past_due_orgs_get_402_on_flex_only() {
     let s = stack().await;
-    s.cp.set_billing_status(&Metadata::new("test"), &s.org_id, "past_due").await.unwrap();
+    s.cp.set_billing_status(&Metadata::new("test"), &s.org_id, "past_due")
+        .await
+        .unwrap();
     let url = format!("{}/responses", s.base);
     let mut status = 0;
     for _ in 0..100 {
-        status = post(&url, Some(&s.api_key), &responses("gpt-5.5", "hi", "00h-00m-30s")).await.status;
+        status = post(
+            &url,
+            Some(&s.api_key),
+            &responses("gpt-5.5", "hi", "00h-00m-30s"),
+        )
+        .await
+        .status;
         if status == 402 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(status, 402);
-    assert_eq!(post(&url, Some(&s.api_key), &responses("gpt-5.5", "hi", "default")).await.status, 200);
+    assert_eq!(
+        post(
+            &url,
+            Some(&s.api_key),
+            &responses("gpt-5.5", "hi", "default")
+        )
+        .await
+        .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -176,8 +322,17 @@ async fn models_lists_the_catalog_with_flex_capability() {
     let r = get(&format!("{}/models", s.base), Some(&s.api_key)).await;
     assert_eq!(r.status, 200);
     let v = r.json();
-    let m = v["data"].as_array().unwrap().iter().find(|m| m["id"] == "gpt-5.5").unwrap().clone();
-    assert_eq!((m["provider"].as_str(), m["flex_capable"].as_bool()), (Some("openai"), Some(true)));
+    let m = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "gpt-5.5")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (m["provider"].as_str(), m["flex_capable"].as_bool()),
+        (Some("openai"), Some(true))
+    );
     assert_eq!(get(&format!("{}/models", s.base), None).await.status, 401);
 }
 
@@ -185,7 +340,16 @@ async fn models_lists_the_catalog_with_flex_capability() {
 async fn usage_reaches_the_ledger_with_the_served_tier_and_costs() {
     let s = stack().await;
     for sw in ["00h-00m-10s", "default"] {
-        assert_eq!(post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-5.5", "hi", sw)).await.status, 200);
+        assert_eq!(
+            post(
+                &format!("{}/responses", s.base),
+                Some(&s.api_key),
+                &responses("gpt-5.5", "hi", sw)
+            )
+            .await
+            .status,
+            200
+        );
     }
     let mut u = Default::default();
     for _ in 0..100 {
@@ -198,7 +362,10 @@ async fn usage_reaches_the_ledger_with_the_served_tier_and_costs() {
     assert_eq!(u.requests, 2);
     assert_eq!(u.flex_requests, 1);
     assert!(u.output_tokens > 0);
-    assert!(u.cost_micros > 0 && u.standard_cost_micros > u.cost_micros, "{u:?}");
+    assert!(
+        u.cost_micros > 0 && u.standard_cost_micros > u.cost_micros,
+        "{u:?}"
+    );
     assert_eq!(u.savings_micros, u.standard_cost_micros - u.cost_micros);
 }
 
@@ -209,15 +376,26 @@ async fn https_sim(dir: &std::path::Path) -> (String, std::path::PathBuf) {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    let (cert, key, ca_file) = (dir.join("leaf.pem"), dir.join("leaf.key"), dir.join("ca.pem"));
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let (cert, key, ca_file) = (
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+        dir.join("ca.pem"),
+    );
     std::fs::write(&cert, leaf.pem()).unwrap();
     std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
     std::fs::write(&ca_file, ca.pem()).unwrap();
     let acceptor = flex_data_plane::server::tls_acceptor(&cert, &key).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(flex_data_plane::server::serve(listener, flex::sim::router(sim_config()), Some(acceptor)));
+    tokio::spawn(flex_data_plane::server::serve(
+        listener,
+        flex::sim::router(sim_config()),
+        Some(acceptor),
+    ));
     (format!("https://localhost:{port}/v1"), ca_file)
 }
 
@@ -225,16 +403,34 @@ async fn https_sim(dir: &std::path::Path) -> (String, std::path::PathBuf) {
 async fn upstream_https_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (url, ca) = https_sim(dir.path()).await;
-    let s = stack_with(Options { sim: sim_config(), upstream: Some((url.clone(), ca)) }).await;
+    let s = stack_with(Options {
+        sim: sim_config(),
+        upstream: Some((url.clone(), ca)),
+    })
+    .await;
     for sw in ["default", "00h-00m-10s"] {
-        let r = post(&format!("{}/responses", s.base), Some(&s.api_key), &responses("gpt-5.5", "hi", sw)).await;
+        let r = post(
+            &format!("{}/responses", s.base),
+            Some(&s.api_key),
+            &responses("gpt-5.5", "hi", sw),
+        )
+        .await;
         assert_eq!(r.status, 200, "{sw}: {}", r.text());
     }
     // Without the CA, the same upstream is refused (the certificate is not trusted).
-    let s2 = stack_with(Options { sim: sim_config(), upstream: None }).await;
+    let s2 = stack_with(Options {
+        sim: sim_config(),
+        upstream: None,
+    })
+    .await;
     let client = flex_data_plane::upstream::UpstreamClient::new(&Default::default()).unwrap();
-    let req = http::Request::post(format!("{url}/responses")).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
-    assert!(client.send(req).await.is_err(), "untrusted certificate must fail");
+    let req = http::Request::post(format!("{url}/responses"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert!(
+        client.send(req).await.is_err(),
+        "untrusted certificate must fail"
+    );
     drop(s2);
 }
 
@@ -245,28 +441,58 @@ async fn a_proxy_gets_the_snapshot_on_connect_over_grpc_watch() {
     let addr = listener.local_addr().unwrap();
     let cp = s.cp.clone();
     tokio::spawn(async move {
-        let _ = cp.serve_with_listener(listener, &secrecy::SecretString::from("t".to_string()), std::future::pending()).await;
+        let _ = cp
+            .serve_with_listener(
+                listener,
+                &secrecy::SecretString::from("t".to_string()),
+                std::future::pending(),
+            )
+            .await;
     });
-    let store = Arc::new(flex_data_plane::snapshot::SnapshotStore::new(Some(s.keyring.clone()), None));
+    let store = Arc::new(flex_data_plane::snapshot::SnapshotStore::new(
+        Some(s.keyring.clone()),
+        None,
+    ));
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
-    tokio::spawn(flex_data_plane::snapshot::follow_grpc(store.clone(), endpoint, "p1".into()));
+    tokio::spawn(flex_data_plane::snapshot::follow_grpc(
+        store.clone(),
+        endpoint,
+        "p1".into(),
+    ));
     let want = s.cp.snapshot().version;
     let t0 = Instant::now();
     while store.version() < want {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no snapshot over gRPC");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no snapshot over gRPC"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let snap = store.load().unwrap();
     assert!(snap.keys.contains_key(&flex_shared::keys::hash(&s.api_key)));
     // An update after connect arrives too, and the proxy is listed with its version.
-    s.cp.revoke_api_key(&Metadata::new("test"), &s.key_id, "").await.unwrap();
+    s.cp.revoke_api_key(&Metadata::new("test"), &s.key_id, "")
+        .await
+        .unwrap();
     let t0 = Instant::now();
-    while store.load().unwrap().keys.contains_key(&flex_shared::keys::hash(&s.api_key)) {
-        assert!(t0.elapsed() < Duration::from_secs(1), "revocation not delivered over gRPC");
+    while store
+        .load()
+        .unwrap()
+        .keys
+        .contains_key(&flex_shared::keys::hash(&s.api_key))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "revocation not delivered over gRPC"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let proxies = s.cp.list_proxies();
-    let p = proxies.proxies.iter().find(|p| p.proxy_id == "p1").expect("proxy registered");
+    let p = proxies
+        .proxies
+        .iter()
+        .find(|p| p.proxy_id == "p1")
+        .expect("proxy registered");
     assert_eq!(p.applied_version, s.cp.snapshot().version);
 }

@@ -4,10 +4,33 @@
 
 pub mod admin {
     tonic::include_proto!("flex.admin.v1");
+
+    impl std::fmt::Debug for SetProviderKeyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SetProviderKeyRequest")
+                .field("org_id", &self.org_id)
+                .field("provider", &self.provider)
+                .field("secret", &"<redacted>")
+                .finish()
+        }
+    }
 }
 
 pub mod control {
     tonic::include_proto!("flex.control.v1");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_provider_secret_never_shows_in_debug_output() {
+        let r = super::admin::SetProviderKeyRequest {
+            org_id: "o".into(),
+            provider: "openai".into(),
+            secret: "sk-canary-1234567890".into(),
+        };
+        assert!(!format!("{r:?}").contains("canary"));
+    }
 }
 
 /// The encoded file descriptor set, for gRPC server reflection.

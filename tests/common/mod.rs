@@ -41,22 +41,42 @@ pub struct Options {
 }
 
 pub fn sim_config() -> SimConfig {
-    SimConfig { openai_key: Some(OPENAI_KEY.into()), flex_delay_ms: 200, standard_delay_ms: 50, ..SimConfig::default() }
+    SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        flex_delay_ms: 200,
+        standard_delay_ms: 50,
+        ..SimConfig::default()
+    }
 }
 
 pub async fn stack() -> Stack {
-    stack_with(Options { sim: sim_config(), upstream: None }).await
+    stack_with(Options {
+        sim: sim_config(),
+        upstream: None,
+    })
+    .await
 }
 
 pub async fn stack_with(opts: Options) -> Stack {
     let dir = tempfile::tempdir().unwrap();
-    let keyring = Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+    let keyring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
     let db = format!("sqlite://{}?mode=rwc", dir.path().join("flex.db").display());
     let cp = Arc::new(ControlPlane::open(&db, keyring.clone()).await.unwrap());
     let meta = Metadata::new("test");
     let org = cp.create_org(&meta, "acme", None).await.unwrap().org;
-    let key = cp.create_api_key(&meta, &org.org_id, "k", None, None).await.unwrap();
-    cp.set_provider_key(&meta, &org.org_id, "openai", &SecretString::from(OPENAI_KEY.to_string())).await.unwrap();
+    let key = cp
+        .create_api_key(&meta, &org.org_id, "k", None, None)
+        .await
+        .unwrap();
+    cp.set_provider_key(
+        &meta,
+        &org.org_id,
+        "openai",
+        &SecretString::from(OPENAI_KEY.to_string()),
+    )
+    .await
+    .unwrap();
     let sim = sim::spawn(opts.sim).await.unwrap();
     let (openai_url, ca) = match opts.upstream {
         Some((url, ca)) => (url, Some(ca)),
@@ -66,12 +86,27 @@ pub async fn stack_with(opts: Options) -> Stack {
     tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(flex::run::deliver_in_process(rx, cp.clone()));
-    let upstream = UpstreamClient::new(&UpstreamConfig { extra_ca_file: ca, ..UpstreamConfig::default() }).unwrap();
-    let cfg = ProxyConfig { base_urls: BaseUrls { openai: openai_url, anthropic: sim.base_url(), gemini: sim.base_url() }, ..ProxyConfig::default() };
+    let upstream = UpstreamClient::new(&UpstreamConfig {
+        extra_ca_file: ca,
+        ..UpstreamConfig::default()
+    })
+    .unwrap();
+    let cfg = ProxyConfig {
+        base_urls: BaseUrls {
+            openai: openai_url,
+            anthropic: sim.base_url(),
+            gemini: sim.base_url(),
+        },
+        ..ProxyConfig::default()
+    };
     let proxy = Arc::new(Proxy::new(store.clone(), upstream, cfg, sink));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(flex_data_plane::server::serve(listener, flex_data_plane::server::router(proxy), None));
+    tokio::spawn(flex_data_plane::server::serve(
+        listener,
+        flex_data_plane::server::router(proxy),
+        None,
+    ));
     // Wait until the proxy has the snapshot with the key.
     for _ in 0..100 {
         if store.version() >= cp.snapshot().version {
@@ -100,11 +135,15 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 
     pub fn text(&self) -> String {
@@ -113,12 +152,20 @@ impl Reply {
 
     /// The `data:` payloads of an SSE body.
     pub fn sse_data(&self) -> Vec<String> {
-        self.text().lines().filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
     }
 }
 
 pub async fn post(url: &str, key: Option<&str>, body: &Value) -> Reply {
-    post_raw(url, key.map(|k| ("authorization", format!("Bearer {k}"))), Bytes::from(body.to_string())).await
+    post_raw(
+        url,
+        key.map(|k| ("authorization", format!("Bearer {k}"))),
+        Bytes::from(body.to_string()),
+    )
+    .await
 }
 
 pub async fn post_raw(url: &str, auth: Option<(&str, String)>, body: Bytes) -> Reply {
@@ -127,10 +174,17 @@ pub async fn post_raw(url: &str, auth: Option<(&str, String)>, body: Bytes) -> R
     if let Some((name, value)) = auth {
         req = req.header(name, value);
     }
-    let resp = client.request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let resp = client
+        .request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    Reply { status: parts.status.as_u16(), headers: parts.headers, body }
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub async fn get(url: &str, key: Option<&str>) -> Reply {
@@ -139,7 +193,14 @@ pub async fn get(url: &str, key: Option<&str>) -> Reply {
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let resp = client.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let resp = client
+        .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
     let (parts, body) = resp.into_parts();
-    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
 }
