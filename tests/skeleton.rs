@@ -351,15 +351,23 @@ async fn usage_reaches_the_ledger_with_the_served_tier_and_costs() {
             200
         );
     }
+    // A request the provider refuses is counted too (with no tokens and no cost).
+    let r = post(
+        &format!("{}/responses", s.base),
+        Some(&s.api_key),
+        &responses("gpt-5.5", "hi #sim status=400", "default"),
+    )
+    .await;
+    assert_eq!(r.status, 400);
     let mut u = Default::default();
     for _ in 0..100 {
         u = s.cp.get_usage(&s.org_id, "", "").await.unwrap();
-        if u.requests == 2 {
+        if u.requests == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(u.requests, 2);
+    assert_eq!(u.requests, 3);
     assert_eq!(u.flex_requests, 1);
     assert!(u.output_tokens > 0);
     assert!(

@@ -329,7 +329,8 @@ impl Proxy {
             model,
             floor,
         };
-        let draft = draft.take().ok_or_else(|| {
+        // The original draft stays with `handle`, which reports it if this call fails.
+        let draft = draft.clone().ok_or_else(|| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -565,7 +566,7 @@ impl OpenAiCall<'_> {
                 tap,
                 strip_usage_chunk: self.api == Api::Chat && !self.caller_wants_usage,
                 guard: Some(UsageGuard {
-                    draft,
+                    draft: Some(draft),
                     sink: self.proxy.usage.clone(),
                     ask,
                 }),
@@ -576,8 +577,8 @@ impl OpenAiCall<'_> {
                         Some(ev) => ev,
                         None => match st.rest.next().await {
                             Some(Ok(ev)) => {
-                                if let Some(g) = st.guard.as_mut() {
-                                    st.tap.observe(&ev, &mut g.draft.event);
+                                if let Some(e) = st.guard.as_mut().and_then(UsageGuard::event_mut) {
+                                    st.tap.observe(&ev, e);
                                 }
                                 ev
                             }
@@ -772,34 +773,35 @@ struct StreamState {
 
 /// Emits the usage event when a forwarded stream ends, or as `cancelled` when the caller left.
 struct UsageGuard {
-    draft: Draft,
+    /// `None` once the event has been emitted.
+    draft: Option<Draft>,
     sink: Arc<dyn UsageSink>,
     ask: AskTier,
 }
 
 impl UsageGuard {
+    fn event_mut(&mut self) -> Option<&mut UsageEvent> {
+        self.draft.as_mut().map(|d| &mut d.event)
+    }
+
     fn finish(mut self, tap: &Tap, outcome: &str) {
-        self.draft.event.served_tier = tap
-            .served
-            .unwrap_or(self.ask.assumed_served())
-            .as_str()
-            .to_string();
-        let draft = self.draft.clone();
-        let sink = self.sink.clone();
-        // Mark as delivered so Drop does nothing.
-        self.draft.event.request_id.clear();
-        draft.emit(sink.as_ref(), 200, outcome);
+        if let Some(mut draft) = self.draft.take() {
+            draft.event.served_tier = tap
+                .served
+                .unwrap_or(self.ask.assumed_served())
+                .as_str()
+                .to_string();
+            draft.emit(self.sink.as_ref(), 200, outcome);
+        }
     }
 }
 
 impl Drop for UsageGuard {
     fn drop(&mut self) {
-        if self.draft.event.request_id.is_empty() {
-            return;
+        if let Some(mut draft) = self.draft.take() {
+            draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
+            draft.emit(self.sink.as_ref(), 200, "cancelled");
         }
-        let mut draft = self.draft.clone();
-        draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
-        draft.emit(self.sink.as_ref(), 200, "cancelled");
     }
 }
 
