@@ -12,10 +12,8 @@ use bytes::Bytes;
 use flex::sim::{self, SimConfig};
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
-use flex_data_plane::proxy::{Proxy, ProxyConfig};
-use flex_data_plane::snapshot::{self, SnapshotStore};
-use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
-use flex_data_plane::usage::ChannelSink;
+use flex_data_plane::proxy::ProxyConfig;
+use flex_data_plane::upstream::UpstreamConfig;
 use flex_shared::crypto::MasterKeyring;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -109,10 +107,6 @@ async fn main() {
     })
     .await
     .unwrap();
-    let store = Arc::new(SnapshotStore::new(Some(ring), None));
-    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
-    let (sink, rx) = ChannelSink::new();
-    tokio::spawn(flex::run::deliver_in_process(rx, cp.clone()));
     let cfg = ProxyConfig {
         base_urls: BaseUrls {
             openai: sim.openai_base_url(),
@@ -121,22 +115,21 @@ async fn main() {
         },
         ..ProxyConfig::default()
     };
-    let proxy = Arc::new(Proxy::new(
-        store.clone(),
-        UpstreamClient::new(&UpstreamConfig::default()).unwrap(),
-        cfg,
-        sink,
-    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!(
         "http://{}/v1/chat/completions",
         listener.local_addr().unwrap()
     );
-    tokio::spawn(flex_data_plane::server::serve(
-        listener,
-        flex_data_plane::server::router(proxy),
+    let store = flex::run::embedded_proxy(
+        &cp,
+        Some(ring),
         None,
-    ));
+        listener,
+        &UpstreamConfig::default(),
+        cfg,
+        None,
+    )
+    .unwrap();
     while store.version() < cp.snapshot().version {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

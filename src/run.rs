@@ -1,6 +1,6 @@
 //! Wiring of the processes: `flex up`, `flex control`, `flex proxy`, `flex sim`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 
 use crate::cli::{ControlArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
 use crate::sim::{self, SimConfig};
@@ -84,23 +85,21 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}: is another process using it? Pick another with the flag or env var"))
 }
 
-/// Builds the proxy and serves it on `listener` in the background.
-fn start_proxy(
+/// Serves a proxy on `listener` in the background.
+pub fn serve_proxy(
     listener: TcpListener,
-    u: &UpstreamArgs,
-    cfg: ProxyConfig,
     store: Arc<SnapshotStore>,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
     usage: Arc<dyn UsageSink>,
 ) -> Result<()> {
-    let upstream = UpstreamClient::new(&UpstreamConfig {
-        extra_ca_file: u.upstream_ca_file.clone(),
-        ..UpstreamConfig::default()
-    })?;
-    let tls = match (&u.tls_cert, &u.tls_key) {
-        (Some(c), Some(k)) => Some(flex_data_plane::server::tls_acceptor(c, k)?),
-        _ => None,
-    };
-    let proxy = Arc::new(Proxy::new(store, upstream, cfg, usage));
+    let proxy = Arc::new(Proxy::new(
+        store,
+        UpstreamClient::new(upstream)?,
+        cfg,
+        usage,
+    ));
     let router = flex_data_plane::server::router(proxy);
     tokio::spawn(async move {
         if let Err(e) = flex_data_plane::server::serve(listener, router, tls).await {
@@ -108,6 +107,38 @@ fn start_proxy(
         }
     });
     Ok(())
+}
+
+/// A proxy fed in process by `cp` (what `flex up` runs): snapshots from its watch channel, usage
+/// straight into its ledger. Returns the proxy's snapshot store.
+pub fn embedded_proxy(
+    cp: &Arc<ControlPlane>,
+    keyring: Option<Arc<MasterKeyring>>,
+    state_dir: Option<PathBuf>,
+    listener: TcpListener,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+) -> Result<Arc<SnapshotStore>> {
+    let store = Arc::new(SnapshotStore::new(keyring, state_dir));
+    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
+    let (sink, rx) = ChannelSink::new();
+    tokio::spawn(deliver_in_process(rx, cp.clone()));
+    serve_proxy(listener, store.clone(), upstream, cfg, tls, sink)?;
+    Ok(store)
+}
+
+/// The upstream client settings and listener TLS given on the command line.
+fn upstream_and_tls(u: &UpstreamArgs) -> Result<(UpstreamConfig, Option<TlsAcceptor>)> {
+    let upstream = UpstreamConfig {
+        extra_ca_file: u.upstream_ca_file.clone(),
+        ..UpstreamConfig::default()
+    };
+    let tls = match (&u.tls_cert, &u.tls_key) {
+        (Some(c), Some(k)) => Some(flex_data_plane::server::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    Ok((upstream, tls))
 }
 
 /// Delivers usage events to an in-process control plane, retrying until stored.
@@ -256,13 +287,6 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .map(|(a, b)| (a.as_str(), b.as_str())),
     );
 
-    let store = Arc::new(SnapshotStore::new(
-        Some(keyring),
-        Some(dir.join("proxy-state")),
-    ));
-    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
-    let (sink, rx) = ChannelSink::new();
-    tokio::spawn(deliver_in_process(rx, cp.clone()));
     let listener = bind(args.listen, "the proxy").await?;
     let scheme = if args.upstream.tls_cert.is_some() {
         "https"
@@ -270,12 +294,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
         "http"
     };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
-    start_proxy(
+    let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    embedded_proxy(
+        &cp,
+        Some(keyring),
+        Some(dir.join("proxy-state")),
         listener,
-        &args.upstream,
+        &upstream,
         proxy_config(&args.upstream, urls),
-        store,
-        sink,
+        tls,
     )?;
 
     println!("FlexInference is up.");
@@ -370,13 +397,9 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
-    start_proxy(
-        listener,
-        &args.upstream,
-        proxy_config(&args.upstream, base_urls(&args.upstream, None)),
-        store,
-        sink,
-    )?;
+    let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
+    serve_proxy(listener, store, &upstream, cfg, tls, sink)?;
     shutdown_signal().await;
     Ok(())
 }

@@ -329,16 +329,22 @@ impl Proxy {
             model,
             floor,
         };
-        // The original draft stays with `handle`, which reports it if this call fails.
-        let draft = draft.clone().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "request state lost",
-            )
-        })?;
+        // On success the call takes the draft and reports it when the answer ends; on failure it
+        // leaves it (with what it learned) for `handle` to report.
         call.run(plan, caller_stream, t0, draft).await
     }
+}
+
+fn lost_draft() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "request state lost",
+    )
+}
+
+fn take(slot: &mut Option<Draft>) -> Result<Draft, ApiError> {
+    slot.take().ok_or_else(lost_draft)
 }
 
 /// One request to OpenAI in its own format (passthrough apart from the tier fields).
@@ -425,8 +431,9 @@ impl OpenAiCall<'_> {
         plan: Plan,
         caller_stream: bool,
         t0: Instant,
-        mut draft: Draft,
+        slot: &mut Option<Draft>,
     ) -> Result<Response, ApiError> {
+        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
         match plan {
             Plan::Race(budget) => {
                 let flex_bytes = self.bytes_for(AskTier::Flex, true);
@@ -445,7 +452,6 @@ impl OpenAiCall<'_> {
                     || self.stream_attempt(AskTier::Standard, std_bytes.clone()),
                 )
                 .await;
-                let e = &mut draft.event;
                 match outcome {
                     Ok(o) => {
                         e.tiers_started = if o.standard_launched {
@@ -462,7 +468,7 @@ impl OpenAiCall<'_> {
                                 .record(&self.model, o.winner.start_latency);
                         }
                         tracing::info!(request_id = %e.request_id, model = %self.model, winner = o.winner.tier.as_str(), reason = e.reason, flex_wait_ms = e.flex_wait_ms, start_latency_ms = e.start_latency_ms, "flex race decided");
-                        Ok(self.respond(o.winner, caller_stream, draft).await)
+                        Ok(self.respond(o.winner, caller_stream, take(slot)?).await)
                     }
                     Err(f) => {
                         e.tiers_started = if f.standard_launched {
@@ -477,29 +483,33 @@ impl OpenAiCall<'_> {
                 }
             }
             Plan::Direct(tier) => {
-                draft.event.reason = "direct".into();
-                draft.event.tiers_started = vec![tier.assumed_served().as_str().to_string()];
+                e.reason = "direct".into();
+                e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
                 if caller_stream {
                     let started = self
                         .stream_attempt(tier, self.bytes_for(tier, true))
                         .await
                         .map_err(AttemptError::into_api)?;
-                    draft.event.start_latency_ms = ms(t0.elapsed());
+                    e.start_latency_ms = ms(t0.elapsed());
                     if tier == AskTier::Standard {
                         self.proxy
                             .latency
                             .record(&self.model, started.start_latency);
                     }
-                    Ok(self.respond(started, true, draft).await)
+                    Ok(self.respond(started, true, take(slot)?).await)
                 } else {
-                    self.direct_body(tier, draft).await
+                    self.direct_body(tier, slot).await
                 }
             }
         }
     }
 
     /// Non-streaming, no race: the provider's body goes back untouched.
-    async fn direct_body(&self, tier: AskTier, mut draft: Draft) -> Result<Response, ApiError> {
+    async fn direct_body(
+        &self,
+        tier: AskTier,
+        slot: &mut Option<Draft>,
+    ) -> Result<Response, ApiError> {
         let req = openai::request(
             &self.base,
             self.api,
@@ -525,6 +535,7 @@ impl OpenAiCall<'_> {
             ));
         }
         let bytes = read_body(body, self.proxy.cfg.max_response_bytes).await;
+        let mut draft = take(slot)?;
         draft.event.start_latency_ms = ms(draft.t0.elapsed());
         let mut served = tier.assumed_served();
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {

@@ -9,10 +9,9 @@ use bytes::Bytes;
 use flex::sim::{self, SimConfig, SimHandle};
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
-use flex_data_plane::proxy::{Proxy, ProxyConfig};
-use flex_data_plane::snapshot::{self, SnapshotStore};
-use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
-use flex_data_plane::usage::ChannelSink;
+use flex_data_plane::proxy::ProxyConfig;
+use flex_data_plane::snapshot::SnapshotStore;
+use flex_data_plane::upstream::UpstreamConfig;
 use flex_shared::crypto::MasterKeyring;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -82,15 +81,6 @@ pub async fn stack_with(opts: Options) -> Stack {
         Some((url, ca)) => (url, Some(ca)),
         None => (sim.openai_base_url(), None),
     };
-    let store = Arc::new(SnapshotStore::new(Some(keyring.clone()), None));
-    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
-    let (sink, rx) = ChannelSink::new();
-    tokio::spawn(flex::run::deliver_in_process(rx, cp.clone()));
-    let upstream = UpstreamClient::new(&UpstreamConfig {
-        extra_ca_file: ca,
-        ..UpstreamConfig::default()
-    })
-    .unwrap();
     let cfg = ProxyConfig {
         base_urls: BaseUrls {
             openai: openai_url,
@@ -99,14 +89,22 @@ pub async fn stack_with(opts: Options) -> Stack {
         },
         ..ProxyConfig::default()
     };
-    let proxy = Arc::new(Proxy::new(store.clone(), upstream, cfg, sink));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(flex_data_plane::server::serve(
-        listener,
-        flex_data_plane::server::router(proxy),
+    let upstream = UpstreamConfig {
+        extra_ca_file: ca,
+        ..UpstreamConfig::default()
+    };
+    let store = flex::run::embedded_proxy(
+        &cp,
+        Some(keyring.clone()),
         None,
-    ));
+        listener,
+        &upstream,
+        cfg,
+        None,
+    )
+    .unwrap();
     // Wait until the proxy has the snapshot with the key.
     for _ in 0..100 {
         if store.version() >= cp.snapshot().version {
