@@ -6,8 +6,10 @@
 //! knows comes from the control plane's snapshots.
 
 pub mod auth;
+pub mod canonical;
 pub mod error;
 pub mod formats;
+pub mod ids;
 pub mod providers;
 pub mod proxy;
 pub mod race;

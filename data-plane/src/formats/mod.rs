@@ -6,10 +6,29 @@
 pub mod chat;
 pub mod responses;
 
+use flex_shared::catalog::Tier;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
+use crate::canonical::StreamEvent;
 use crate::error::ApiError;
+use crate::sse::Event;
+
+/// Turns canonical stream events into a caller format's SSE events, in that format's order.
+/// Stateful (sequence numbers, open blocks); created with the tier that won, which the format
+/// reports in its own field.
+pub trait Encoder: Send {
+    fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>);
+}
+
+/// Reads `Tier` as the caller format names it.
+pub fn openai_tier_name(t: Tier) -> &'static str {
+    match t {
+        Tier::Flex => "flex",
+        Tier::Standard => "default",
+        Tier::Priority => "priority",
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallerFormat {

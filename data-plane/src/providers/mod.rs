@@ -6,6 +6,18 @@ pub mod openai;
 use flex_shared::catalog::{Provider, Tier};
 use http::StatusCode;
 
+use crate::canonical::StreamEvent;
+use crate::sse::Event;
+
+/// Turns a provider's stream events into canonical events. Stateful: it remembers open blocks,
+/// tool calls seen (so a later `STOP` still means tool use), and usage until the end.
+pub trait Decoder: Send {
+    /// Decodes one upstream SSE event, appending zero or more canonical events.
+    fn decode(&mut self, ev: &Event, out: &mut Vec<StreamEvent>);
+    /// The tier the provider reported serving, once known.
+    fn served_tier(&self) -> Option<Tier>;
+}
+
 /// The tier we ask a provider for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AskTier {
