@@ -395,6 +395,11 @@ impl Accumulator {
         }
     }
 
+    /// The `n`-th part accumulated so far.
+    pub fn part(&self, n: usize) -> Option<&Part> {
+        self.response.content.get(n)
+    }
+
     pub fn finish(mut self) -> Response {
         // An empty tool call's arguments are an empty object, never an empty string.
         for p in &mut self.response.content {

@@ -90,3 +90,489 @@ mod tests {
         assert_eq!(served_tier("priority"), Some(Tier::Priority));
     }
 }
+
+// ----- translation: canonical ⇄ the Responses API -----------------------------------------
+
+use serde_json::{json, Map, Value};
+
+use crate::canonical::{self as c, Part, Role, StreamEvent};
+use crate::providers::Decoder;
+use crate::race::EventClass;
+use crate::sse::Event;
+
+fn input_content(parts: &[Part], role: Role) -> Vec<Value> {
+    parts
+        .iter()
+        .filter_map(|p| match (p, role) {
+            (Part::Text(t), Role::User) => Some(json!({"type": "input_text", "text": t})),
+            (Part::Text(t), Role::Assistant) => Some(json!({"type": "output_text", "text": t, "annotations": []})),
+            (Part::Image(m), _) => Some(json!({"type": "input_image", "image_url": m.to_url(), "detail": "auto"})),
+            (Part::File { media, filename }, _) => Some(match media {
+                c::Media::Base64 { .. } => json!({"type": "input_file", "file_data": media.to_url(), "filename": filename.clone().unwrap_or_else(|| "file.pdf".into())}),
+                c::Media::Url(u) => json!({"type": "input_file", "file_url": u}),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The Responses request body for a canonical request (always streamed).
+pub fn body(req: &c::Request, tier: AskTier) -> Value {
+    let mut input = Vec::new();
+    for m in &req.messages {
+        let content = input_content(&m.parts, m.role);
+        if !content.is_empty() {
+            let role = if m.role == Role::User {
+                "user"
+            } else {
+                "assistant"
+            };
+            input.push(json!({"type": "message", "role": role, "content": content}));
+        }
+        for p in &m.parts {
+            match p {
+                Part::ToolCall(call) => input.push(json!({"type": "function_call", "call_id": call.id, "name": call.name, "arguments": call.arguments})),
+                Part::ToolResult(r) => input.push(json!({"type": "function_call_output", "call_id": r.call_id, "output": r.content})),
+                // Other providers' reasoning cannot be replayed to OpenAI (it needs OpenAI's own
+                // encrypted items); it is dropped, never flattened into text.
+                _ => {}
+            }
+        }
+    }
+    let mut b = Map::new();
+    b.insert("model".into(), json!(req.model));
+    b.insert("input".into(), Value::Array(input));
+    if let Some(s) = c::join_system(&req.system) {
+        b.insert("instructions".into(), json!(s));
+    }
+    let mut tools: Vec<Value> = req
+        .tools
+        .iter()
+        .map(|t| {
+            let mut v = json!({"type": "function", "name": t.name, "parameters": t.parameters});
+            if let Some(d) = &t.description {
+                v["description"] = json!(d);
+            }
+            if let Some(s) = t.strict {
+                v["strict"] = json!(s);
+            }
+            v
+        })
+        .collect();
+    if req.web_search {
+        tools.push(json!({"type": "web_search"}));
+    }
+    if !tools.is_empty() {
+        b.insert("tools".into(), Value::Array(tools));
+        b.insert(
+            "tool_choice".into(),
+            match &req.tool_choice {
+                c::ToolChoice::Auto => json!("auto"),
+                c::ToolChoice::None => json!("none"),
+                c::ToolChoice::Required => json!("required"),
+                c::ToolChoice::Tool(n) => json!({"type": "function", "name": n}),
+            },
+        );
+    }
+    if let Some(p) = req.parallel_tool_calls {
+        b.insert("parallel_tool_calls".into(), json!(p));
+    }
+    if let Some(n) = req.max_output_tokens {
+        b.insert("max_output_tokens".into(), json!(n));
+    }
+    if let Some(t) = req.temperature {
+        b.insert("temperature".into(), json!(t));
+    }
+    if let Some(t) = req.top_p {
+        b.insert("top_p".into(), json!(t));
+    }
+    match &req.response_format {
+        Some(c::ResponseFormat::JsonObject) => {
+            b.insert("text".into(), json!({"format": {"type": "json_object"}}));
+        }
+        Some(c::ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        }) => {
+            let mut f = json!({"type": "json_schema", "name": name, "schema": schema});
+            if let Some(s) = strict {
+                f["strict"] = json!(s);
+            }
+            b.insert("text".into(), json!({"format": f}));
+        }
+        None => {}
+    }
+    if let Some(e) = req.reasoning {
+        b.insert("reasoning".into(), json!({"effort": e.as_str()}));
+    }
+    if let Some(u) = &req.user {
+        b.insert("safety_identifier".into(), json!(u));
+    }
+    b.insert("stream".into(), json!(true));
+    b.insert("store".into(), json!(false));
+    b.insert("service_tier".into(), json!(tier_value(tier)));
+    Value::Object(b)
+}
+
+/// The streaming Responses request for a canonical request.
+pub fn translated_request(
+    base: &str,
+    req: &c::Request,
+    tier: AskTier,
+    key: &SecretString,
+) -> Result<http::Request<Full<Bytes>>, ApiError> {
+    let bytes = serde_json::to_vec(&body(req, tier))
+        .map(Bytes::from)
+        .unwrap_or_default();
+    request(base, Api::Responses, key, bytes, true)
+}
+
+/// How a Responses stream event counts for the race.
+pub fn classify_responses(ev: &Event) -> EventClass {
+    let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+        return EventClass::Lifecycle;
+    };
+    let t = v["type"].as_str().unwrap_or(&ev.event);
+    let error = match t {
+        "error" => &v,
+        "response.failed" => &v["response"]["error"],
+        "response.created" | "response.queued" | "response.in_progress" => {
+            return EventClass::Lifecycle
+        }
+        _ => return EventClass::Start,
+    };
+    if is_capacity_code(error["code"].as_str().unwrap_or_default()) {
+        EventClass::CapacityError
+    } else {
+        EventClass::Error
+    }
+}
+
+/// OpenAI error codes that mean "no capacity now".
+pub fn is_capacity_code(code: &str) -> bool {
+    matches!(
+        code,
+        "resource_unavailable" | "rate_limit_exceeded" | "server_overloaded" | "overloaded"
+    )
+}
+
+pub fn usage_of(u: &Value) -> c::Usage {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    c::Usage {
+        input_tokens: n(&u["input_tokens"]),
+        cached_input_tokens: n(&u["input_tokens_details"]["cached_tokens"]),
+        output_tokens: n(&u["output_tokens"]),
+        reasoning_tokens: n(&u["output_tokens_details"]["reasoning_tokens"]),
+    }
+}
+
+/// Responses stream → canonical events.
+#[derive(Default)]
+pub struct StreamDecoder {
+    /// Output indexes whose block is open, with its kind.
+    open: Vec<(usize, &'static str)>,
+    saw_call: bool,
+    served: Option<Tier>,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn ensure_open(&mut self, index: usize, kind: &'static str, out: &mut Vec<StreamEvent>) {
+        if !self.open.iter().any(|(i, _)| *i == index) {
+            self.open.push((index, kind));
+            out.push(match kind {
+                "reasoning" => StreamEvent::ReasoningStart { index },
+                _ => StreamEvent::TextStart { index },
+            });
+        }
+    }
+
+    fn close(&mut self, index: usize, out: &mut Vec<StreamEvent>) {
+        if let Some(pos) = self.open.iter().position(|(i, _)| *i == index) {
+            self.open.remove(pos);
+            out.push(StreamEvent::BlockStop { index });
+        }
+    }
+}
+
+impl Decoder for StreamDecoder {
+    fn decode(&mut self, ev: &Event, out: &mut Vec<StreamEvent>) {
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            return;
+        };
+        let t = v["type"].as_str().unwrap_or(&ev.event).to_string();
+        let index = usize::try_from(v["output_index"].as_u64().unwrap_or(0)).unwrap_or(0);
+        match t.as_str() {
+            "response.created" => {
+                let r = &v["response"];
+                if let Some(s) = r["service_tier"].as_str().and_then(served_tier) {
+                    self.served = Some(s);
+                }
+                out.push(StreamEvent::Start {
+                    id: r["id"].as_str().unwrap_or_default().to_string(),
+                    model: r["model"].as_str().unwrap_or_default().to_string(),
+                    created: r["created_at"].as_u64().unwrap_or(0),
+                });
+            }
+            "response.output_item.added" => {
+                let item = &v["item"];
+                match item["type"].as_str() {
+                    Some("function_call") => {
+                        self.saw_call = true;
+                        self.open.push((index, "tool"));
+                        out.push(StreamEvent::ToolCallStart {
+                            index,
+                            id: item["call_id"].as_str().unwrap_or_default().to_string(),
+                            name: item["name"].as_str().unwrap_or_default().to_string(),
+                            signature: None,
+                        });
+                    }
+                    Some("reasoning") => self.ensure_open(index, "reasoning", out),
+                    _ => {}
+                }
+            }
+            "response.output_text.delta" | "response.refusal.delta" => {
+                self.ensure_open(index, "text", out);
+                out.push(StreamEvent::TextDelta {
+                    index,
+                    text: v["delta"].as_str().unwrap_or_default().to_string(),
+                });
+            }
+            "response.function_call_arguments.delta" => {
+                out.push(StreamEvent::ToolCallDelta {
+                    index,
+                    arguments: v["delta"].as_str().unwrap_or_default().to_string(),
+                });
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
+                self.ensure_open(index, "reasoning", out);
+                out.push(StreamEvent::ReasoningDelta {
+                    index,
+                    text: v["delta"].as_str().unwrap_or_default().to_string(),
+                });
+            }
+            "response.output_item.done" => self.close(index, out),
+            "response.completed" | "response.incomplete" | "response.failed" => {
+                let r = &v["response"];
+                for (i, _) in std::mem::take(&mut self.open) {
+                    out.push(StreamEvent::BlockStop { index: i });
+                }
+                if let Some(s) = r["service_tier"].as_str().and_then(served_tier) {
+                    self.served = Some(s);
+                }
+                let stop = match (t.as_str(), r["incomplete_details"]["reason"].as_str()) {
+                    ("response.failed", _) => c::StopReason::Error,
+                    (_, Some("max_output_tokens")) => c::StopReason::MaxTokens,
+                    (_, Some("content_filter")) => c::StopReason::ContentFilter,
+                    _ if self.saw_call => c::StopReason::ToolUse,
+                    _ => c::StopReason::EndTurn,
+                };
+                if t == "response.failed" {
+                    out.push(StreamEvent::Error {
+                        message: r["error"]["message"]
+                            .as_str()
+                            .unwrap_or("the provider failed")
+                            .to_string(),
+                    });
+                }
+                out.push(StreamEvent::Finish {
+                    stop,
+                    usage: usage_of(&r["usage"]),
+                });
+            }
+            "error" => out.push(StreamEvent::Error {
+                message: v["message"]
+                    .as_str()
+                    .unwrap_or("provider error")
+                    .to_string(),
+            }),
+            _ => {}
+        }
+    }
+
+    fn served_tier(&self) -> Option<Tier> {
+        self.served
+    }
+}
+
+#[cfg(test)]
+mod translation_tests {
+    use super::*;
+    use crate::canonical::{Accumulator, Message, Request, ToolCall, ToolResult};
+
+    #[test]
+    fn golden_request_with_system_tools_results_and_images() {
+        let req = Request {
+            model: "gpt-5.5".into(),
+            system: vec!["Be terse.".into(), "Answer in French.".into()],
+            messages: vec![
+                Message {
+                    role: Role::User,
+                    parts: vec![
+                        Part::Text("Weather?".into()),
+                        Part::Image(c::Media::from_url("data:image/png;base64,AAAA")),
+                    ],
+                },
+                Message {
+                    role: Role::Assistant,
+                    parts: vec![Part::ToolCall(ToolCall {
+                        id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: "{\"city\":\"Paris\"}".into(),
+                        signature: None,
+                    })],
+                },
+                Message {
+                    role: Role::User,
+                    parts: vec![Part::ToolResult(ToolResult {
+                        call_id: "call_1".into(),
+                        name: None,
+                        content: "sunny".into(),
+                        is_error: false,
+                    })],
+                },
+            ],
+            tools: vec![c::Tool {
+                name: "get_weather".into(),
+                description: Some("d".into()),
+                parameters: json!({"type": "object"}),
+                strict: None,
+            }],
+            tool_choice: c::ToolChoice::Tool("get_weather".into()),
+            max_output_tokens: Some(100),
+            response_format: Some(c::ResponseFormat::JsonSchema {
+                name: "w".into(),
+                schema: json!({"type": "object"}),
+                strict: Some(true),
+            }),
+            reasoning: Some(c::Effort::Low),
+            web_search: true,
+            ..Request::default()
+        };
+        let b = body(&req, AskTier::Flex);
+        assert_eq!(b["instructions"], "Be terse.\n\nAnswer in French.");
+        assert_eq!(
+            b["input"][0]["content"][1],
+            json!({"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"})
+        );
+        assert_eq!(
+            b["input"][1],
+            json!({"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"})
+        );
+        assert_eq!(
+            b["input"][2],
+            json!({"type": "function_call_output", "call_id": "call_1", "output": "sunny"})
+        );
+        assert_eq!(b["tools"][1], json!({"type": "web_search"}));
+        assert_eq!(
+            b["tool_choice"],
+            json!({"type": "function", "name": "get_weather"})
+        );
+        assert_eq!(b["text"]["format"]["type"], "json_schema");
+        assert_eq!(b["reasoning"]["effort"], "low");
+        assert_eq!(
+            (b["service_tier"].as_str(), b["stream"].as_bool()),
+            (Some("flex"), Some(true))
+        );
+    }
+
+    #[test]
+    fn decodes_text_and_tool_call_streams_with_usage() {
+        let events = [
+            (
+                "response.created",
+                json!({"type": "response.created", "response": {"id": "resp_1", "model": "gpt-5.5", "created_at": 5, "service_tier": "flex"}}),
+            ),
+            (
+                "response.output_item.added",
+                json!({"type": "response.output_item.added", "output_index": 0, "item": {"type": "message"}}),
+            ),
+            (
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"}),
+            ),
+            (
+                "response.output_item.done",
+                json!({"type": "response.output_item.done", "output_index": 0}),
+            ),
+            (
+                "response.output_item.added",
+                json!({"type": "response.output_item.added", "output_index": 1, "item": {"type": "function_call", "call_id": "call_9", "name": "f"}}),
+            ),
+            (
+                "response.function_call_arguments.delta",
+                json!({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{\"a\""}),
+            ),
+            (
+                "response.function_call_arguments.delta",
+                json!({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": ":1}"}),
+            ),
+            (
+                "response.output_item.done",
+                json!({"type": "response.output_item.done", "output_index": 1}),
+            ),
+            (
+                "response.completed",
+                json!({"type": "response.completed", "response": {"service_tier": "flex", "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 2}}}}),
+            ),
+        ];
+        let mut d = StreamDecoder::new();
+        let mut out = Vec::new();
+        for (name, data) in events {
+            d.decode(&Event::new(name, data.to_string()), &mut out);
+        }
+        let mut acc = Accumulator::default();
+        out.iter().for_each(|e| acc.push(e));
+        let r = acc.finish();
+        assert_eq!(r.content[0], Part::Text("Hi".into()));
+        assert_eq!(
+            r.content[1],
+            Part::ToolCall(ToolCall {
+                id: "call_9".into(),
+                name: "f".into(),
+                arguments: "{\"a\":1}".into(),
+                signature: None
+            })
+        );
+        assert_eq!(r.stop, c::StopReason::ToolUse);
+        assert_eq!(
+            r.usage,
+            c::Usage {
+                input_tokens: 10,
+                cached_input_tokens: 4,
+                output_tokens: 7,
+                reasoning_tokens: 2
+            }
+        );
+        assert_eq!(d.served_tier(), Some(Tier::Flex));
+    }
+
+    #[test]
+    fn classifies_capacity_errors() {
+        assert_eq!(
+            classify_responses(&Event::new(
+                "response.created",
+                r#"{"type":"response.created"}"#
+            )),
+            EventClass::Lifecycle
+        );
+        assert_eq!(
+            classify_responses(&Event::new(
+                "error",
+                r#"{"type":"error","code":"resource_unavailable"}"#
+            )),
+            EventClass::CapacityError
+        );
+        assert_eq!(
+            classify_responses(&Event::new(
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta"}"#
+            )),
+            EventClass::Start
+        );
+    }
+}
