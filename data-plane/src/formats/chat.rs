@@ -271,3 +271,451 @@ mod tests {
         ));
     }
 }
+
+// ----- translation: the Chat Completions caller format ⇄ canonical ------------------------
+
+use flex_shared::catalog::Tier;
+
+use super::{openai_tier_name, Encoder};
+use crate::canonical::{self as c, Message, Part, Role, StreamEvent};
+use crate::ids;
+use crate::sse::Event;
+
+fn invalid(param: &str, why: String) -> ApiError {
+    ApiError::bad_request("invalid_request", why)
+        .param(param.to_string())
+        .fix("follow the Chat Completions shape for this field.")
+        .example(r#""messages": [{"role": "user", "content": "Hello!"}]"#)
+}
+
+fn parts_of(content: &Value, param: &str) -> Result<Vec<Part>, ApiError> {
+    match content {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![Part::Text(s.clone())]),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p["type"].as_str() {
+                Some("text") => Ok(Part::Text(p["text"].as_str().unwrap_or_default().to_string())),
+                Some("refusal") => Ok(Part::Text(p["refusal"].as_str().unwrap_or_default().to_string())),
+                Some("image_url") => Ok(Part::Image(c::Media::from_url(p["image_url"]["url"].as_str().unwrap_or_default()))),
+                Some("file") => match p["file"]["file_data"].as_str() {
+                    Some(d) => Ok(Part::File { media: c::Media::from_url(d), filename: p["file"]["filename"].as_str().map(str::to_string) }),
+                    None => Err(ApiError::bad_request("unsupported_parameter", format!("`{param}[{i}].file` has no `file_data`; a `file_id` refers to OpenAI's file store and cannot be sent to another provider."))
+                        .param(format!("{param}[{i}]"))
+                        .fix("send the file inline as a base64 data URL in `file_data`.")
+                        .example(r#"{"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,..."}}"#)),
+                },
+                other => Err(invalid(&format!("{param}[{i}]"), format!("content part type {other:?} is not supported."))),
+            })
+            .collect(),
+        _ => Err(invalid(param, format!("`{param}` must be a string or an array of content parts."))),
+    }
+}
+
+fn push(messages: &mut Vec<Message>, role: Role, parts: Vec<Part>) {
+    match messages.last_mut() {
+        Some(last) if last.role == role => last.parts.extend(parts),
+        _ => messages.push(Message { role, parts }),
+    }
+}
+
+/// A Chat Completions request as canonical (for a non-OpenAI model). `validate` ran already.
+pub fn parse_request(body: &RawBody) -> Result<c::Request, ApiError> {
+    let mut req = c::Request {
+        model: body.str_field("model").unwrap_or_default(),
+        ..c::Request::default()
+    };
+    let Some(Value::Array(messages)) = body.value("messages") else {
+        return Err(invalid(
+            "messages",
+            "Missing required parameter `messages` (an array of {role, content}).".into(),
+        ));
+    };
+    for (i, m) in messages.iter().enumerate() {
+        let here = format!("messages[{i}]");
+        match m["role"].as_str() {
+            Some("system" | "developer") => {
+                req.system.extend(
+                    parts_of(&m["content"], &format!("{here}.content"))?
+                        .into_iter()
+                        .filter_map(|p| if let Part::Text(t) = p { Some(t) } else { None }),
+                );
+            }
+            Some("user") => push(
+                &mut req.messages,
+                Role::User,
+                parts_of(&m["content"], &format!("{here}.content"))?,
+            ),
+            Some("assistant") => {
+                let mut parts = parts_of(&m["content"], &format!("{here}.content"))?;
+                if let Some(calls) = m["tool_calls"].as_array() {
+                    for call in calls {
+                        parts.push(Part::ToolCall(c::ToolCall {
+                            id: call["id"].as_str().unwrap_or_default().to_string(),
+                            name: call["function"]["name"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_string(),
+                            arguments: call["function"]["arguments"]
+                                .as_str()
+                                .unwrap_or("{}")
+                                .to_string(),
+                            signature: None,
+                        }));
+                    }
+                }
+                push(&mut req.messages, Role::Assistant, parts);
+            }
+            Some("tool") => {
+                let call_id = m["tool_call_id"].as_str().unwrap_or_default().to_string();
+                let content = parts_of(&m["content"], &format!("{here}.content"))?
+                    .into_iter()
+                    .filter_map(|p| if let Part::Text(t) = p { Some(t) } else { None })
+                    .collect::<Vec<_>>()
+                    .join("");
+                // Trap 3: Chat tool messages carry no name; Gemini needs it, so look it up.
+                let name = c::call_name(&req.messages, &call_id);
+                push(
+                    &mut req.messages,
+                    Role::User,
+                    vec![Part::ToolResult(c::ToolResult {
+                        call_id,
+                        name,
+                        content,
+                        is_error: false,
+                    })],
+                );
+            }
+            other => return Err(invalid(
+                &here,
+                format!(
+                    "`{here}.role` is {other:?}; use system, developer, user, assistant or tool."
+                ),
+            )),
+        }
+    }
+    if let Some(Value::Array(tools)) = body.value("tools") {
+        for t in &tools {
+            let f = &t["function"];
+            req.tools.push(c::Tool {
+                name: f["name"].as_str().unwrap_or_default().to_string(),
+                description: f["description"].as_str().map(str::to_string),
+                parameters: f
+                    .get("parameters")
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                strict: f["strict"].as_bool(),
+            });
+        }
+    }
+    req.tool_choice = match body.value("tool_choice") {
+        Some(Value::String(s)) if s == "none" => c::ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => c::ToolChoice::Required,
+        Some(Value::Object(o)) => o
+            .get("function")
+            .and_then(|f| f["name"].as_str())
+            .map_or(c::ToolChoice::Required, |n| {
+                c::ToolChoice::Tool(n.to_string())
+            }),
+        _ => c::ToolChoice::Auto,
+    };
+    req.parallel_tool_calls = body.bool_field("parallel_tool_calls");
+    req.max_output_tokens = body
+        .value("max_completion_tokens")
+        .or_else(|| body.value("max_tokens"))
+        .and_then(|v| v.as_u64());
+    req.temperature = body.value("temperature").and_then(|v| v.as_f64());
+    req.top_p = body.value("top_p").and_then(|v| v.as_f64());
+    req.response_format = body
+        .value("response_format")
+        .and_then(|f| match f["type"].as_str() {
+            Some("json_schema") => Some(c::ResponseFormat::JsonSchema {
+                name: f["json_schema"]["name"]
+                    .as_str()
+                    .unwrap_or("response")
+                    .to_string(),
+                schema: f["json_schema"]["schema"].clone(),
+                strict: f["json_schema"]["strict"].as_bool(),
+            }),
+            Some("json_object") => Some(c::ResponseFormat::JsonObject),
+            _ => None,
+        });
+    req.reasoning = body
+        .str_field("reasoning_effort")
+        .as_deref()
+        .and_then(c::Effort::parse);
+    req.user = body
+        .str_field("safety_identifier")
+        .or_else(|| body.str_field("user"));
+    req.stream = body.bool_field("stream").unwrap_or(false);
+    Ok(req)
+}
+
+fn finish_reason(stop: c::StopReason) -> &'static str {
+    match stop {
+        c::StopReason::MaxTokens => "length",
+        c::StopReason::ToolUse => "tool_calls",
+        c::StopReason::ContentFilter | c::StopReason::Refusal => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn usage_json(u: &c::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    })
+}
+
+fn completion_id(id: &str) -> String {
+    if id.starts_with("chatcmpl-") {
+        id.to_string()
+    } else {
+        format!("chatcmpl-{id}")
+    }
+}
+
+/// A canonical response as a `chat.completion`.
+pub fn render_response(r: &c::Response, served: Tier) -> Value {
+    let text: String = r
+        .content
+        .iter()
+        .filter_map(|p| {
+            if let Part::Text(t) = p {
+                Some(t.as_str())
+            } else {
+                None
+            }
+        })
+        .collect();
+    let calls: Vec<Value> = r
+        .content
+        .iter()
+        .filter_map(|p| match p {
+            Part::ToolCall(call) => Some(json!({"id": ids::for_chat(&call.id), "type": "function", "function": {"name": call.name, "arguments": call.arguments}})),
+            _ => None,
+        })
+        .collect();
+    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) }, "refusal": null});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    json!({
+        "id": completion_id(&r.id),
+        "object": "chat.completion",
+        "created": r.created,
+        "model": r.model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(r.stop)}],
+        "service_tier": openai_tier_name(served),
+        "usage": usage_json(&r.usage),
+    })
+}
+
+/// Canonical events → `chat.completion.chunk`s, then `[DONE]`.
+pub struct StreamEncoder {
+    served: Tier,
+    model: String,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    /// Canonical block index → tool-call index, for tool-call blocks.
+    calls: Vec<usize>,
+}
+
+impl StreamEncoder {
+    pub fn new(served: Tier, model: &str, include_usage: bool) -> Self {
+        Self {
+            served,
+            model: model.to_string(),
+            id: String::new(),
+            created: 0,
+            include_usage,
+            calls: Vec::new(),
+        }
+    }
+
+    fn chunk(&self, choices: Value) -> Event {
+        Event::new("", json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "service_tier": openai_tier_name(self.served), "choices": choices}).to_string())
+    }
+
+    fn delta(&self, delta: Value) -> Event {
+        self.chunk(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]))
+    }
+}
+
+impl Encoder for StreamEncoder {
+    fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>) {
+        match ev {
+            StreamEvent::Start { id, model, created } => {
+                self.id = completion_id(if id.is_empty() { "flex" } else { id });
+                if !model.is_empty() {
+                    self.model = model.clone();
+                }
+                self.created = *created;
+                out.push(self.delta(json!({"role": "assistant", "content": ""})));
+            }
+            StreamEvent::TextDelta { text, .. } => out.push(self.delta(json!({"content": text}))),
+            StreamEvent::ToolCallStart {
+                index, id, name, ..
+            } => {
+                self.calls.push(*index);
+                let k = self.calls.len() - 1;
+                out.push(self.delta(json!({"tool_calls": [{"index": k, "id": ids::for_chat(id), "type": "function", "function": {"name": name, "arguments": ""}}]})));
+            }
+            StreamEvent::ToolCallDelta { index, arguments } => {
+                if let Some(k) = self.calls.iter().position(|i| i == index) {
+                    out.push(self.delta(
+                        json!({"tool_calls": [{"index": k, "function": {"arguments": arguments}}]}),
+                    ));
+                }
+            }
+            // Chat Completions has no reasoning content; blocks open and close implicitly.
+            StreamEvent::TextStart { .. }
+            | StreamEvent::ReasoningStart { .. }
+            | StreamEvent::ReasoningDelta { .. }
+            | StreamEvent::ReasoningSignature { .. }
+            | StreamEvent::BlockStop { .. } => {}
+            StreamEvent::Finish { stop, usage } => {
+                out.push(self.chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(*stop)}])));
+                if self.include_usage {
+                    let mut last = self.chunk(json!([]));
+                    if let Ok(mut v) = serde_json::from_str::<Value>(&last.data) {
+                        v["usage"] = usage_json(usage);
+                        last = Event::new("", v.to_string());
+                    }
+                    out.push(last);
+                }
+                out.push(Event::new("", "[DONE]"));
+            }
+            StreamEvent::Error { message } => {
+                out.push(Event::new("", json!({"error": {"message": message, "type": "api_error", "param": null, "code": "upstream_error"}}).to_string()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod translation_tests {
+    use super::*;
+    use crate::formats::CallerFormat;
+
+    fn body(v: Value) -> RawBody {
+        RawBody::parse(v.to_string().as_bytes(), CallerFormat::ChatCompletions)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn trap_3_parallel_tool_messages_become_one_user_turn_with_names() {
+        let r = parse_request(&body(json!({"model": "claude-opus-4-8", "messages": [
+            {"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "w", "arguments": "{}"}},
+                {"id": "call_b", "type": "function", "function": {"name": "t", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_a", "content": "1"},
+            {"role": "tool", "tool_call_id": "call_b", "content": "2"}],
+            "max_completion_tokens": 50, "reasoning_effort": "medium",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": true}}}))).unwrap();
+        assert_eq!(r.system, vec!["S1", "S2"]);
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(
+            r.messages[0].parts[1],
+            Part::Image(c::Media::Base64 {
+                mime: "image/jpeg".into(),
+                data: "/9j/".into()
+            })
+        );
+        assert_eq!(r.messages[2].parts.len(), 2);
+        let Part::ToolResult(b) = &r.messages[2].parts[1] else {
+            panic!()
+        };
+        assert_eq!(b.name.as_deref(), Some("t"));
+        assert_eq!(r.max_output_tokens, Some(50));
+        assert_eq!(r.reasoning, Some(c::Effort::Medium));
+    }
+
+    #[test]
+    fn trap_6_usage_totals_in_chat_terms() {
+        let r = c::Response {
+            id: "x".into(),
+            model: "m".into(),
+            content: vec![Part::Text("ok".into())],
+            usage: c::Usage {
+                input_tokens: 100,
+                cached_input_tokens: 40,
+                output_tokens: 30,
+                reasoning_tokens: 10,
+            },
+            ..c::Response::default()
+        };
+        let v = render_response(&r, Tier::Standard);
+        assert_eq!(
+            v["usage"]["prompt_tokens"], 100,
+            "prompt_tokens includes cached"
+        );
+        assert_eq!(
+            v["usage"]["completion_tokens"], 30,
+            "completion_tokens includes reasoning"
+        );
+        assert_eq!(v["usage"]["total_tokens"], 130);
+        assert_eq!(v["service_tier"], "default");
+    }
+
+    #[test]
+    fn trap_7_stream_tool_arguments_keyed_by_index_and_final_usage_is_real() {
+        let r = c::Response {
+            id: "x".into(),
+            model: "m".into(),
+            content: vec![
+                Part::ToolCall(c::ToolCall {
+                    id: "toolu_".to_string() + &"z".repeat(50),
+                    name: "f".into(),
+                    arguments: "{\"a\":1}".into(),
+                    signature: None,
+                }),
+                Part::ToolCall(c::ToolCall {
+                    id: "call_2".into(),
+                    name: "g".into(),
+                    arguments: "{}".into(),
+                    signature: None,
+                }),
+            ],
+            stop: c::StopReason::ToolUse,
+            usage: c::Usage {
+                input_tokens: 5,
+                cached_input_tokens: 0,
+                output_tokens: 9,
+                reasoning_tokens: 0,
+            },
+            created: 3,
+        };
+        let mut enc = StreamEncoder::new(Tier::Flex, "m", true);
+        let mut out = Vec::new();
+        c::events_of(&r)
+            .iter()
+            .for_each(|e| enc.encode(e, &mut out));
+        assert_eq!(out.last().unwrap().data, "[DONE]");
+        let chunks: Vec<Value> = out[..out.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect();
+        let mut asm = Assembler::default();
+        chunks.iter().for_each(|c| asm.push(c));
+        let done = asm.finish();
+        let calls = done["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap();
+        assert_eq!(calls.len(), 2);
+        assert!(
+            calls[0]["id"].as_str().unwrap().len() <= 40,
+            "trap 1: Chat ids fit 40 chars"
+        );
+        assert_eq!(calls[0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(done["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(done["usage"]["completion_tokens"], 9);
+    }
+}
