@@ -189,6 +189,78 @@ impl Proxy {
         }
     }
 
+    /// Gets an upstream stream started for `plan`: the flex race for a duration, the one tier
+    /// otherwise. Records the outcome (reason, tiers started, flex wait, start latency) in `e`,
+    /// and feeds standard start latencies to the learned hedge.
+    pub(crate) async fn start_upstream<F, Fut>(
+        &self,
+        plan: Plan,
+        t0: Instant,
+        model: &str,
+        floor: Duration,
+        e: &mut UsageEvent,
+        attempt: F,
+    ) -> Result<Started, ApiError>
+    where
+        F: Fn(AskTier) -> Fut,
+        Fut: std::future::Future<Output = Result<Started, AttemptError>>,
+    {
+        match plan {
+            Plan::Race(budget) => {
+                let deadline = t0 + budget;
+                let expected = self.latency.expected(model, floor);
+                let hedge_at = deadline
+                    .checked_sub(expected)
+                    .unwrap_or(t0)
+                    .max(Instant::now());
+                let outcome = race::run(
+                    deadline,
+                    hedge_at,
+                    self.cfg.backoff,
+                    || attempt(AskTier::Flex),
+                    || attempt(AskTier::Standard),
+                )
+                .await;
+                let launched = |standard: bool| -> Vec<String> {
+                    if standard {
+                        vec!["flex".into(), "standard".into()]
+                    } else {
+                        vec!["flex".into()]
+                    }
+                };
+                match outcome {
+                    Ok(o) => {
+                        e.tiers_started = launched(o.standard_launched);
+                        e.reason = o.reason.as_str().to_string();
+                        e.flex_wait_ms = ms(o.flex_wait);
+                        e.start_latency_ms = ms(t0.elapsed());
+                        if o.winner.tier == AskTier::Standard {
+                            self.latency.record(model, o.winner.start_latency);
+                        }
+                        tracing::info!(request_id = %e.request_id, model, winner = o.winner.tier.as_str(), reason = e.reason, flex_wait_ms = e.flex_wait_ms, start_latency_ms = e.start_latency_ms, "flex race decided");
+                        Ok(o.winner)
+                    }
+                    Err(f) => {
+                        e.tiers_started = launched(f.standard_launched);
+                        e.reason = "flex_error".into();
+                        e.flex_wait_ms = ms(f.flex_wait);
+                        Err(f.error)
+                    }
+                }
+            }
+            Plan::Direct(tier) => {
+                e.reason = "direct".into();
+                e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
+                let started = attempt(tier).await.map_err(AttemptError::into_api)?;
+                e.start_latency_ms = ms(t0.elapsed());
+                if tier == AskTier::Standard {
+                    self.latency.record(model, started.start_latency);
+                }
+                Ok(started)
+            }
+        }
+    }
+
     /// Serves one API request in `format`.
     pub async fn handle(
         self: Arc<Self>,
@@ -361,43 +433,24 @@ struct OpenAiCall<'a> {
 
 /// Classifies an OpenAI stream event for the race.
 fn classify(api: Api, ev: &Event) -> EventClass {
-    if ev.data == "[DONE]" {
-        return EventClass::Start;
-    }
-    let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-        return EventClass::Lifecycle;
-    };
-    let error = match api {
-        Api::Responses => {
-            let t = responses::event_type(&ev.event, &v);
-            if t == "error" {
-                Some(&v)
-            } else if t == "response.failed" {
-                Some(&v["response"]["error"])
-            } else if responses::is_lifecycle(t) {
-                return EventClass::Lifecycle;
-            } else {
-                return EventClass::Start;
-            }
-        }
+    match api {
+        Api::Responses => openai::classify_responses(ev),
         Api::Chat => {
-            if v.get("error").is_some() {
-                Some(&v["error"])
-            } else if chat::chunk_has_content(&v) {
+            if ev.data == "[DONE]" {
                 return EventClass::Start;
-            } else {
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
                 return EventClass::Lifecycle;
+            };
+            match v.get("error") {
+                Some(e) if openai::is_capacity_code(e["code"].as_str().unwrap_or_default()) => {
+                    EventClass::CapacityError
+                }
+                Some(_) => EventClass::Error,
+                None if chat::chunk_has_content(&v) => EventClass::Start,
+                None => EventClass::Lifecycle,
             }
         }
-    };
-    let code = error.and_then(|e| e["code"].as_str()).unwrap_or_default();
-    if matches!(
-        code,
-        "resource_unavailable" | "rate_limit_exceeded" | "server_overloaded" | "overloaded"
-    ) {
-        EventClass::CapacityError
-    } else {
-        EventClass::Error
     }
 }
 
@@ -433,75 +486,20 @@ impl OpenAiCall<'_> {
         t0: Instant,
         slot: &mut Option<Draft>,
     ) -> Result<Response, ApiError> {
-        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
-        match plan {
-            Plan::Race(budget) => {
-                let flex_bytes = self.bytes_for(AskTier::Flex, true);
-                let std_bytes = self.bytes_for(AskTier::Standard, true);
-                let deadline = t0 + budget;
-                let expected = self.proxy.latency.expected(&self.model, self.floor);
-                let hedge_at = deadline
-                    .checked_sub(expected)
-                    .unwrap_or(t0)
-                    .max(Instant::now());
-                let outcome = race::run(
-                    deadline,
-                    hedge_at,
-                    self.proxy.cfg.backoff,
-                    || self.stream_attempt(AskTier::Flex, flex_bytes.clone()),
-                    || self.stream_attempt(AskTier::Standard, std_bytes.clone()),
-                )
-                .await;
-                match outcome {
-                    Ok(o) => {
-                        e.tiers_started = if o.standard_launched {
-                            vec!["flex".into(), "standard".into()]
-                        } else {
-                            vec!["flex".into()]
-                        };
-                        e.reason = o.reason.as_str().to_string();
-                        e.flex_wait_ms = ms(o.flex_wait);
-                        e.start_latency_ms = ms(t0.elapsed());
-                        if o.winner.tier == AskTier::Standard {
-                            self.proxy
-                                .latency
-                                .record(&self.model, o.winner.start_latency);
-                        }
-                        tracing::info!(request_id = %e.request_id, model = %self.model, winner = o.winner.tier.as_str(), reason = e.reason, flex_wait_ms = e.flex_wait_ms, start_latency_ms = e.start_latency_ms, "flex race decided");
-                        Ok(self.respond(o.winner, caller_stream, take(slot)?).await)
-                    }
-                    Err(f) => {
-                        e.tiers_started = if f.standard_launched {
-                            vec!["flex".into(), "standard".into()]
-                        } else {
-                            vec!["flex".into()]
-                        };
-                        e.reason = "flex_error".into();
-                        e.flex_wait_ms = ms(f.flex_wait);
-                        Err(f.error)
-                    }
-                }
-            }
-            Plan::Direct(tier) => {
-                e.reason = "direct".into();
-                e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
-                if caller_stream {
-                    let started = self
-                        .stream_attempt(tier, self.bytes_for(tier, true))
-                        .await
-                        .map_err(AttemptError::into_api)?;
-                    e.start_latency_ms = ms(t0.elapsed());
-                    if tier == AskTier::Standard {
-                        self.proxy
-                            .latency
-                            .record(&self.model, started.start_latency);
-                    }
-                    Ok(self.respond(started, true, take(slot)?).await)
-                } else {
-                    self.direct_body(tier, slot).await
-                }
-            }
+        if let (Plan::Direct(tier), false) = (plan, caller_stream) {
+            let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
+            e.reason = "direct".into();
+            e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
+            return self.direct_body(tier, slot).await;
         }
+        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
+        let started = self
+            .proxy
+            .start_upstream(plan, t0, &self.model, self.floor, e, |tier| {
+                self.stream_attempt(tier, self.bytes_for(tier, true))
+            })
+            .await?;
+        Ok(self.respond(started, caller_stream, take(slot)?).await)
     }
 
     /// Non-streaming, no race: the provider's body goes back untouched.
