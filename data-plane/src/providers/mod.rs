@@ -1,6 +1,7 @@
 //! Upstream providers: one module each, around the same few questions (how to address a request
 //! for a tier, which event means "started", which error means "no capacity").
 
+pub mod anthropic;
 pub mod openai;
 
 use flex_shared::catalog::{Provider, Tier};
