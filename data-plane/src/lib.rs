@@ -17,5 +17,6 @@ pub mod server;
 pub mod snapshot;
 pub mod sse;
 pub mod start_within;
+pub mod translate;
 pub mod upstream;
 pub mod usage;

@@ -24,6 +24,7 @@ use crate::race::{self, AttemptError, Backoff, EventClass, StartLatency, Started
 use crate::snapshot::{ProviderSecret, SnapshotStore};
 use crate::sse::Event;
 use crate::start_within::{self, StartWithin};
+use crate::translate::{self, TranslatedCall};
 use crate::upstream::{read_body, UpstreamClient, MAX_ERROR_BODY};
 use crate::usage::UsageSink;
 
@@ -140,14 +141,14 @@ fn rfc3339_now() -> String {
 
 /// What we know about a request, filled in as it goes; becomes its usage event.
 #[derive(Clone)]
-struct Draft {
-    event: UsageEvent,
-    t0: Instant,
-    model: Option<Model>,
+pub(crate) struct Draft {
+    pub(crate) event: UsageEvent,
+    pub(crate) t0: Instant,
+    pub(crate) model: Option<Model>,
 }
 
 impl Draft {
-    fn emit(mut self, sink: &dyn UsageSink, status: u16, outcome: &str) {
+    pub(crate) fn emit(mut self, sink: &dyn UsageSink, status: u16, outcome: &str) {
         self.event.status = status;
         self.event.outcome = outcome.to_string();
         self.event.duration_ms = ms(self.t0.elapsed());
@@ -169,7 +170,7 @@ impl Draft {
     }
 }
 
-fn ms(d: Duration) -> u64 {
+pub(crate) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -375,19 +376,31 @@ impl Proxy {
                     .example(format!("echo \"$PROVIDER_KEY\" | flex admin provider-key set --org {} --provider {provider}", key.org_id)));
             }
         };
-        let api = match (format, provider) {
-            (CallerFormat::Responses, Provider::OpenAi) => Api::Responses,
-            (CallerFormat::ChatCompletions, Provider::OpenAi) => Api::Chat,
-            _ => {
-                return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "translation_unavailable", format!("Translating the {} format to {provider} is not available in this build yet.", format.as_str()))
-                    .fix("call an OpenAI model through /v1/responses or /v1/chat/completions for now.")
-                    .example(r#"POST /v1/responses {"model": "gpt-5.5", "input": "Hello!", "start_within": "00h-00m-30s"}"#));
-            }
-        };
         let caller_stream = body.bool_field("stream").unwrap_or(false);
         let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
             Duration::from_millis(u64::from(m.standard_start_floor_ms))
         });
+        let api = match (format, provider) {
+            (CallerFormat::Responses, Provider::OpenAi) => Api::Responses,
+            (CallerFormat::ChatCompletions, Provider::OpenAi) => Api::Chat,
+            _ => {
+                let req = translate::parse_request(format, &body)?;
+                translate::require_max_tokens(provider, &req, format)?;
+                let call = TranslatedCall {
+                    proxy: self,
+                    format,
+                    provider,
+                    base: self.cfg.base_urls.for_provider(provider).to_string(),
+                    secret,
+                    include_usage: body
+                        .value("stream_options")
+                        .is_some_and(|v| v["include_usage"] == json!(true)),
+                    req,
+                    floor,
+                };
+                return call.run(plan, t0, draft).await;
+            }
+        };
         let call = OpenAiCall {
             proxy: self,
             api,
@@ -407,7 +420,7 @@ impl Proxy {
     }
 }
 
-fn lost_draft() -> ApiError {
+pub(crate) fn lost_draft() -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
@@ -415,7 +428,7 @@ fn lost_draft() -> ApiError {
     )
 }
 
-fn take(slot: &mut Option<Draft>) -> Result<Draft, ApiError> {
+pub(crate) fn take(slot: &mut Option<Draft>) -> Result<Draft, ApiError> {
     slot.take().ok_or_else(lost_draft)
 }
 
@@ -594,14 +607,14 @@ impl OpenAiCall<'_> {
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "upstream stream broke mid-answer");
                                 if let Some(g) = st.guard.take() {
-                                    g.finish(&st.tap, "incomplete");
+                                    g.finish(st.tap.served, "incomplete");
                                 }
                                 return None;
                             }
                             None => {
                                 if let Some(g) = st.guard.take() {
                                     g.finish(
-                                        &st.tap,
+                                        st.tap.served,
                                         if st.tap.done { "ok" } else { "incomplete" },
                                     );
                                 }
@@ -689,7 +702,7 @@ impl OpenAiCall<'_> {
     }
 }
 
-fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, flex_wait_ms: u64) {
+pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, flex_wait_ms: u64) {
     h.insert(
         "x-flex-served-tier",
         HeaderValue::from_static(served.as_str()),
@@ -781,22 +794,21 @@ struct StreamState {
 }
 
 /// Emits the usage event when a forwarded stream ends, or as `cancelled` when the caller left.
-struct UsageGuard {
+pub(crate) struct UsageGuard {
     /// `None` once the event has been emitted.
-    draft: Option<Draft>,
-    sink: Arc<dyn UsageSink>,
-    ask: AskTier,
+    pub(crate) draft: Option<Draft>,
+    pub(crate) sink: Arc<dyn UsageSink>,
+    pub(crate) ask: AskTier,
 }
 
 impl UsageGuard {
-    fn event_mut(&mut self) -> Option<&mut UsageEvent> {
+    pub(crate) fn event_mut(&mut self) -> Option<&mut UsageEvent> {
         self.draft.as_mut().map(|d| &mut d.event)
     }
 
-    fn finish(mut self, tap: &Tap, outcome: &str) {
+    pub(crate) fn finish(mut self, served: Option<Tier>, outcome: &str) {
         if let Some(mut draft) = self.draft.take() {
-            draft.event.served_tier = tap
-                .served
+            draft.event.served_tier = served
                 .unwrap_or(self.ask.assumed_served())
                 .as_str()
                 .to_string();

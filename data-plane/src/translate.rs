@@ -1,0 +1,329 @@
+//! The translated path: a caller format that is not the provider's own goes through the
+//! canonical model. Upstream is always streamed (the race needs the start, and one code path
+//! serves every pair); a non-streaming caller gets the body assembled from the stream.
+//!
+//! The dispatch tables below are the only place that pairs formats and providers.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use flex_shared::catalog::{Provider, Tier};
+use http::{HeaderValue, StatusCode};
+use http_body_util::Full;
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::canonical::{self as c, Accumulator, StreamEvent};
+use crate::error::ApiError;
+use crate::formats::{chat, responses, CallerFormat, Encoder, RawBody};
+use crate::providers::{openai, AskTier, Decoder};
+use crate::proxy::{lost_draft, outcome_headers, take, Draft, Plan, Proxy, UsageGuard};
+use crate::race::{self, AttemptError, EventClass, Started};
+use crate::sse::Event;
+use crate::upstream::EventStream;
+
+// ----- dispatch -----------------------------------------------------------------------------
+
+fn not_available(what: String) -> ApiError {
+    ApiError::new(StatusCode::NOT_IMPLEMENTED, "translation_unavailable", what)
+        .fix("use a format and provider pair this build translates (see README: Status).")
+        .example(r#"POST /v1/responses {"model": "gpt-5.5", "input": "Hello!", "start_within": "00h-00m-30s"}"#)
+}
+
+/// The caller's body as canonical.
+pub fn parse_request(format: CallerFormat, body: &RawBody) -> Result<c::Request, ApiError> {
+    match format {
+        CallerFormat::Responses => responses::parse_request(body),
+        CallerFormat::ChatCompletions => chat::parse_request(body),
+        other => Err(not_available(format!(
+            "The {} caller format is not translated in this build yet.",
+            other.as_str()
+        ))),
+    }
+}
+
+/// A complete canonical response in the caller's format.
+pub fn render(format: CallerFormat, r: &c::Response, served: Tier) -> Value {
+    match format {
+        CallerFormat::ChatCompletions => chat::render_response(r, served),
+        _ => responses::render_response(r, served),
+    }
+}
+
+/// A stream encoder for the caller's format.
+pub fn encoder(
+    format: CallerFormat,
+    served: Tier,
+    model: &str,
+    include_usage: bool,
+) -> Box<dyn Encoder> {
+    match format {
+        CallerFormat::ChatCompletions => {
+            Box::new(chat::StreamEncoder::new(served, model, include_usage))
+        }
+        _ => Box::new(responses::StreamEncoder::new(served, model)),
+    }
+}
+
+/// The streaming upstream request for a canonical request.
+pub fn upstream_request(
+    provider: Provider,
+    base: &str,
+    req: &c::Request,
+    tier: AskTier,
+    key: &SecretString,
+) -> Result<http::Request<Full<Bytes>>, ApiError> {
+    match provider {
+        Provider::OpenAi => openai::translated_request(base, req, tier, key),
+        other => Err(not_available(format!(
+            "Translating to {other} is not available in this build yet."
+        ))),
+    }
+}
+
+/// How an upstream event of `provider` counts for the race.
+pub fn classify(provider: Provider, ev: &Event) -> EventClass {
+    match provider {
+        Provider::OpenAi => openai::classify_responses(ev),
+        _ => EventClass::Start,
+    }
+}
+
+/// A stream decoder for `provider`.
+pub fn decoder(provider: Provider) -> Box<dyn Decoder> {
+    match provider {
+        Provider::OpenAi | Provider::Anthropic | Provider::Gemini => {
+            Box::new(openai::StreamDecoder::new())
+        }
+    }
+}
+
+// ----- the call -----------------------------------------------------------------------------
+
+/// Whether a provider needs a token cap on every request (Anthropic does).
+pub fn require_max_tokens(
+    provider: Provider,
+    req: &c::Request,
+    format: CallerFormat,
+) -> Result<(), ApiError> {
+    if provider != Provider::Anthropic || req.max_output_tokens.is_some() {
+        return Ok(());
+    }
+    let field = match format {
+        CallerFormat::ChatCompletions => "max_completion_tokens",
+        CallerFormat::Messages => "max_tokens",
+        CallerFormat::Interactions => "generation_config.max_output_tokens",
+        CallerFormat::Responses => "max_output_tokens",
+    };
+    Err(ApiError::bad_request(
+        "missing_max_tokens",
+        format!("`{}` is a Claude model, and Anthropic requires a cap on output tokens, but the request sets no `{field}`.", req.model),
+    )
+    .param(field)
+    .fix(format!("set `{field}` and resend."))
+    .example(format!(r#""{field}": 1024"#)))
+}
+
+pub(crate) struct TranslatedCall<'a> {
+    pub proxy: &'a Proxy,
+    pub format: CallerFormat,
+    pub provider: Provider,
+    pub base: String,
+    pub secret: SecretString,
+    pub req: c::Request,
+    pub include_usage: bool,
+    pub floor: Duration,
+}
+
+impl TranslatedCall<'_> {
+    async fn attempt(&self, tier: AskTier) -> Result<Started, AttemptError> {
+        let req = upstream_request(self.provider, &self.base, &self.req, tier, &self.secret)
+            .map_err(AttemptError::Fatal)?;
+        let provider = self.provider;
+        race::attempt(&self.proxy.upstream, req, tier, move |ev| {
+            classify(provider, ev)
+        })
+        .await
+    }
+
+    pub(crate) async fn run(
+        self,
+        plan: Plan,
+        t0: Instant,
+        slot: &mut Option<Draft>,
+    ) -> Result<Response, ApiError> {
+        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
+        let started = self
+            .proxy
+            .start_upstream(plan, t0, &self.req.model, self.floor, e, |tier| {
+                self.attempt(tier)
+            })
+            .await?;
+        let draft = take(slot)?;
+        Ok(if self.req.stream {
+            self.stream(started, draft)
+        } else {
+            self.assemble(started, draft).await
+        })
+    }
+
+    fn stream(self, started: Started, draft: Draft) -> Response {
+        let served = started.tier.assumed_served();
+        let reason = draft.event.reason.clone();
+        let flex_wait = draft.event.flex_wait_ms;
+        let state = State {
+            pending: started.buffered.into(),
+            rest: started.rest,
+            decoder: decoder(self.provider),
+            encoder: encoder(self.format, served, &self.req.model, self.include_usage),
+            out: VecDeque::new(),
+            finished: false,
+            guard: Some(UsageGuard {
+                draft: Some(draft),
+                sink: self.proxy.usage.clone(),
+                ask: started.tier,
+            }),
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(ev) = st.out.pop_front() {
+                    return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
+                }
+                // The usage guard goes when the answer has ended.
+                st.guard.as_ref()?;
+                let upstream = match st.pending.pop_front() {
+                    Some(ev) => Some(Ok(ev)),
+                    None => st.rest.next().await,
+                };
+                match upstream {
+                    Some(Ok(ev)) => st.feed(&ev),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "upstream stream broke mid-answer");
+                        let mut out = Vec::new();
+                        st.encoder.encode(
+                            &StreamEvent::Error {
+                                message: format!("the provider's stream broke: {e}"),
+                            },
+                            &mut out,
+                        );
+                        st.out.extend(out);
+                        st.end("incomplete");
+                    }
+                    None => {
+                        let outcome = if st.finished { "ok" } else { "incomplete" };
+                        st.end(outcome);
+                    }
+                }
+            }
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        outcome_headers(h, served, &reason, flex_wait);
+        resp
+    }
+
+    async fn assemble(self, started: Started, mut draft: Draft) -> Response {
+        let mut dec = decoder(self.provider);
+        let mut acc = Accumulator::default();
+        let mut pending: VecDeque<Event> = started.buffered.into();
+        let mut rest = started.rest;
+        let mut broken = None;
+        let mut events = Vec::new();
+        loop {
+            let ev = match pending.pop_front() {
+                Some(ev) => ev,
+                None => match rest.next().await {
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                    None => break,
+                },
+            };
+            events.clear();
+            dec.decode(&ev, &mut events);
+            events.iter().for_each(|e| acc.push(e));
+        }
+        let served = dec.served_tier().unwrap_or(started.tier.assumed_served());
+        draft.event.served_tier = served.as_str().to_string();
+        let reason = draft.event.reason.clone();
+        let flex_wait = draft.event.flex_wait_ms;
+        if !acc.finished {
+            let why = broken
+                .or(acc.error.clone())
+                .unwrap_or_else(|| "it ended without a final event".into());
+            draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_incomplete",
+                format!("The provider's answer was cut off: {why}."),
+            )
+            .fix("retry the request.")
+            .into_response_for(self.format);
+        }
+        let mut r = acc.finish();
+        if r.model.is_empty() {
+            r.model = self.req.model.clone();
+        }
+        apply(&r.usage, &mut draft.event);
+        draft.emit(self.proxy.usage.as_ref(), 200, "ok");
+        let mut resp = axum::Json(render(self.format, &r, served)).into_response();
+        outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
+        resp
+    }
+}
+
+fn apply(u: &c::Usage, e: &mut flex_shared::usage::UsageEvent) {
+    e.input_tokens = u.input_tokens;
+    e.cached_input_tokens = u.cached_input_tokens;
+    e.output_tokens = u.output_tokens;
+    e.reasoning_tokens = u.reasoning_tokens;
+}
+
+struct State {
+    pending: VecDeque<Event>,
+    rest: EventStream,
+    decoder: Box<dyn Decoder>,
+    encoder: Box<dyn Encoder>,
+    out: VecDeque<Event>,
+    finished: bool,
+    guard: Option<UsageGuard>,
+}
+
+impl State {
+    fn feed(&mut self, ev: &Event) {
+        let mut canonical = Vec::new();
+        self.decoder.decode(ev, &mut canonical);
+        let mut out = Vec::new();
+        for e in &canonical {
+            if let StreamEvent::Finish { usage, .. } = e {
+                self.finished = true;
+                if let Some(ue) = self.guard.as_mut().and_then(UsageGuard::event_mut) {
+                    apply(usage, ue);
+                }
+            }
+            self.encoder.encode(e, &mut out);
+        }
+        self.out.extend(out);
+    }
+
+    fn end(&mut self, outcome: &str) {
+        let served = self.decoder.served_tier();
+        if let Some(g) = self.guard.take() {
+            g.finish(served, outcome);
+        }
+    }
+}
