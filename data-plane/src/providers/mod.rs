@@ -2,6 +2,7 @@
 //! for a tier, which event means "started", which error means "no capacity").
 
 pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 
 use flex_shared::catalog::{Provider, Tier};
