@@ -10,6 +10,7 @@
 //! Secrets: API keys are stored only as SHA-256 hashes and shown once. Provider keys are sealed
 //! with the master keyring before they reach the log; admin responses carry only `last4`.
 
+pub mod billing;
 pub mod domain;
 pub mod error;
 pub mod projection;
@@ -20,6 +21,7 @@ pub mod timefmt;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -42,9 +44,15 @@ pub use crate::error::{Error, Result};
 use crate::projection::{Projection, State};
 use crate::proxies::ProxyRegistry;
 pub use crate::store::{Metadata, Store, StoreError};
+/// The sqlx this crate is built with ([`Store`]'s variants hold its pools), for callers that
+/// need the pools themselves (tests, benchmarks).
+pub use sqlx;
 
 /// How often each instance polls the log for events appended by other instances.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The overdue-invoice check ([`ControlPlane::check_overdue_invoices`]) runs when an instance
+/// opens and then every this many polls (120 × 500 ms = every minute).
+pub const OVERDUE_CHECK_EVERY_POLLS: u64 = 120;
 /// How many times an idempotent command retries after a conflict.
 const IDEMPOTENT_ATTEMPTS: usize = 5;
 
@@ -81,12 +89,16 @@ impl CreatedApiKey {
 }
 
 /// Outcome of [`ControlPlane::rotate_master_key`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RotationReport {
     /// Provider keys re-sealed under the active master key.
     pub resealed: usize,
     /// Provider keys that already were under the active master key.
     pub already_current: usize,
+    /// The master key id every provider key is now sealed under.
+    pub active_key_id: String,
+    /// Whether the master key file was read again first ([`ControlPlane::rotate_master_key_from_file`]).
+    pub key_file_reloaded: bool,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -101,6 +113,8 @@ impl Drop for AbortOnDrop {
 pub struct ControlPlane {
     store: Store,
     keyring: RwLock<Arc<MasterKeyring>>,
+    /// The file the keyring came from, read again on `RotateMasterKey`.
+    master_key_file: Option<PathBuf>,
     projection: Arc<Projection>,
     proxies: ProxyRegistry,
     /// Set to `true` to end every open Watch stream (graceful shutdown waits for streams).
@@ -181,13 +195,21 @@ impl ControlPlane {
         let projection = Arc::new(Projection::open(store.clone()).await?);
         let poller = {
             let projection = projection.clone();
+            let store = store.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(POLL_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
+                for polls in 0u64.. {
                     tick.tick().await;
                     if let Err(e) = projection.catch_up().await {
                         tracing::warn!(error = %e, "projection poll failed; retrying");
+                    }
+                    if polls % OVERDUE_CHECK_EVERY_POLLS == 0 {
+                        if let Err(e) =
+                            billing::check_overdue(&store, &projection, timefmt::now()).await
+                        {
+                            tracing::warn!(error = %e, "overdue-invoice check failed; retrying at the next one");
+                        }
                     }
                 }
             })
@@ -200,6 +222,7 @@ impl ControlPlane {
         Ok(Self {
             store,
             keyring: RwLock::new(keyring),
+            master_key_file: None,
             projection,
             proxies: ProxyRegistry::default(),
             stop_streams: watch::channel(false).0,
@@ -226,6 +249,89 @@ impl ControlPlane {
     /// [`ControlPlane::rotate_master_key`].
     pub fn set_keyring(&self, keyring: Arc<MasterKeyring>) {
         *self.keyring.write().unwrap_or_else(PoisonError::into_inner) = keyring;
+    }
+
+    /// Remembers the master key file the keyring was loaded from, so that
+    /// [`ControlPlane::rotate_master_key_from_file`] (the `RotateMasterKey` RPC) reads it again.
+    #[must_use]
+    pub fn with_master_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.master_key_file = Some(path.into());
+        self
+    }
+
+    /// The master key file given with [`ControlPlane::with_master_key_file`], if any.
+    pub fn master_key_file(&self) -> Option<&Path> {
+        self.master_key_file.as_deref()
+    }
+
+    /// Reads the master key file again (when there is one) and swaps the keyring in. Refuses
+    /// (`FAILED_PRECONDITION`, keyring unchanged) a file that cannot be read or parsed, or that
+    /// lacks a master key some provider key is still sealed under. Returns whether it reloaded.
+    pub async fn reload_master_key_file(&self) -> Result<bool> {
+        let Some(path) = &self.master_key_file else {
+            return Ok(false);
+        };
+        let keyring = MasterKeyring::load(path).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cannot reload the master key file: {e}. The keyring in use is unchanged; fix the file and retry"
+            ))
+        })?;
+        self.catch_up().await?;
+        let state = self.state();
+        let mut missing: std::collections::BTreeMap<&str, usize> = Default::default();
+        for p in state.provider_keys.values() {
+            if let Some(sealed) = &p.sealed {
+                if !keyring.key_ids().any(|id| id == sealed.master_key_id) {
+                    *missing.entry(sealed.master_key_id.as_str()).or_default() += 1;
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let list = missing
+                .iter()
+                .map(|(id, n)| format!("`{id}` ({n} provider keys)"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::FailedPrecondition(format!(
+                "the master key file {} lacks master keys still in use: {list}. Keep their lines (as `key_id=hex`, after the new active key) until `flex admin rotate-master-key` has re-sealed every provider key; the keyring in use is unchanged",
+                path.display()
+            )));
+        }
+        tracing::info!(
+            path = %path.display(),
+            active_key_id = keyring.active_key_id(),
+            "master key file reloaded"
+        );
+        self.set_keyring(Arc::new(keyring));
+        Ok(true)
+    }
+
+    /// Master-key rotation as operators run it (`flex admin rotate-master-key`, the
+    /// `RotateMasterKey` RPC): reloads the master key file ([`ControlPlane::reload_master_key_file`]),
+    /// then re-seals every provider key under its active key ([`ControlPlane::rotate_master_key`]).
+    /// Idempotent: run it again at any time.
+    ///
+    /// The procedure, without downtime:
+    /// 1. Generate a key (`openssl rand -hex 32`) and add it as the **first** line of the master
+    ///    key file, as `key_id=hex` (e.g. `mk-2026-11=…`). Keep the old key on a later line: the
+    ///    first line seals, every line opens. (A bare hex line's id is its fingerprint, which is
+    ///    what the provider keys sealed under it record, so leave an old bare line as it is.)
+    /// 2. Give every proxy (`flex proxy --master-key-file`) the new file and restart them one at a
+    ///    time: they must be able to open secrets sealed under the new key before any exist. With
+    ///    `flex up` the proxy runs in the same process, so restart `flex up` instead. With several
+    ///    control-plane instances, update each one's file too.
+    /// 3. Run `flex admin rotate-master-key` (against each control-plane instance): the control
+    ///    plane reads the file again, seals new secrets under the new key from then on, and
+    ///    re-wraps every provider key under it (`ProviderKeyRewrapped` events; proxies get them in
+    ///    the next snapshot). It reports `resealed` and `already_current`.
+    /// 4. Once it reports `resealed: 0`, drop the old line from every file (proxies at their next
+    ///    restart). A reload refuses a file that lacks a key still in use, so dropping it too early
+    ///    cannot strand a secret.
+    pub async fn rotate_master_key_from_file(&self, meta: &Metadata) -> Result<RotationReport> {
+        let reloaded = self.reload_master_key_file().await?;
+        let mut report = self.rotate_master_key(meta).await?;
+        report.key_file_reloaded = reloaded;
+        Ok(report)
     }
 
     /// Snapshots for in-process proxies: the current one at once, then every new one.
@@ -284,16 +390,35 @@ impl ControlPlane {
         event: &Event,
         meta: &Metadata,
     ) -> Result<()> {
+        self.append_events(stream_id, expected, std::slice::from_ref(event), meta, None)
+            .await
+    }
+
+    /// Appends `events` atomically (with an idempotency record when given), then catches up.
+    async fn append_events(
+        &self,
+        stream_id: &str,
+        expected: u64,
+        events: &[Event],
+        meta: &Metadata,
+        idempotency: Option<&store::IdempotencyRecord>,
+    ) -> Result<()> {
+        let new = events
+            .iter()
+            .map(Event::to_new)
+            .collect::<Result<Vec<_>>>()?;
         self.store
-            .append(stream_id, expected, &[event.to_new()?], meta)
+            .append_with_idempotency(stream_id, expected, &new, meta, idempotency)
             .await?;
-        tracing::info!(
-            stream_id,
-            event_type = event.event_type(),
-            actor = %meta.actor,
-            request_id = %meta.request_id,
-            "event appended"
-        );
+        for event in events {
+            tracing::info!(
+                stream_id,
+                event_type = event.event_type(),
+                actor = %meta.actor,
+                request_id = %meta.request_id,
+                "event appended"
+            );
+        }
         self.projection.catch_up().await
     }
 
@@ -613,9 +738,7 @@ impl ControlPlane {
         } else {
             self.catch_up().await?;
         }
-        self.state()
-            .billing_admin(&org_id)
-            .ok_or_else(|| domain::not_found_org(&org_id))
+        self.billing_view(&org_id)
     }
 
     /// Re-seals every provider key that is not under the active master key (emits
@@ -624,7 +747,10 @@ impl ControlPlane {
         self.catch_up().await?;
         let keyring = self.keyring();
         let active = keyring.active_key_id().to_string();
-        let mut report = RotationReport::default();
+        let mut report = RotationReport {
+            active_key_id: active.clone(),
+            ..RotationReport::default()
+        };
         let targets: Vec<(String, String)> = self
             .state()
             .provider_keys
@@ -713,8 +839,13 @@ impl ControlPlane {
 
     pub async fn get_billing(&self, org_id: &str) -> Result<apb::BillingAccount> {
         self.catch_up().await?;
+        self.billing_view(org_id)
+    }
+
+    /// The org's billing account from the projection, invoice status as of now.
+    fn billing_view(&self, org_id: &str) -> Result<apb::BillingAccount> {
         self.state()
-            .billing_admin(org_id)
+            .billing_admin(org_id, timefmt::now())
             .ok_or_else(|| domain::not_found_org(org_id))
     }
 

@@ -19,7 +19,7 @@ use flex_shared::snapshot;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::domain::{BillingStatus, Event, OrgStatus, DEFAULT_FEE_BPS, DEFAULT_PLAN};
+use crate::domain::{Aggregate, BillingAggregate, BillingStatus, Event, Invoice, OrgStatus};
 use crate::error::Result;
 use crate::store::{Store, StoredEvent};
 use crate::timefmt;
@@ -133,8 +133,9 @@ pub struct State {
     pub api_keys: BTreeMap<String, ApiKeyView>,
     /// By (org_id, provider).
     pub provider_keys: BTreeMap<(String, String), ProviderKeyView>,
-    /// Orgs without an entry are `active`.
-    pub billing: BTreeMap<String, BillingStatus>,
+    /// Billing accounts, folded exactly as commands fold them; orgs without an entry have the
+    /// default account (`active`, the default plan and fee, no invoices).
+    pub billing: BTreeMap<String, BillingAggregate>,
     /// Operator overrides of the model catalog. Hook: no event sets them yet; a future
     /// `ModelOverrideSet` event folds into here and they ship in every snapshot.
     pub models: BTreeMap<String, pb::ModelEntry>,
@@ -246,14 +247,30 @@ impl State {
                     p.updated_at = at;
                 }
             }
-            Event::BillingStatusChanged { org_id, status } => {
-                self.billing.insert(org_id, status);
+            Event::BillingStatusChanged { ref org_id, .. }
+            | Event::BillingPlanSet { ref org_id, .. }
+            | Event::InvoiceIssued { ref org_id, .. }
+            | Event::PaymentRecorded { ref org_id, .. } => {
+                self.billing
+                    .entry(org_id.clone())
+                    .or_default()
+                    .apply(&event);
             }
         }
     }
 
     pub fn billing_status(&self, org_id: &str) -> BillingStatus {
-        self.billing.get(org_id).copied().unwrap_or_default()
+        self.billing
+            .get(org_id)
+            .map(|b| b.status)
+            .unwrap_or_default()
+    }
+
+    /// The org's fee on flex savings, basis points.
+    pub fn fee_bps(&self, org_id: &str) -> u32 {
+        self.billing
+            .get(org_id)
+            .map_or(crate::domain::DEFAULT_FEE_BPS, |b| b.fee_bps)
     }
 
     pub fn org_admin(&self, org_id: &str) -> Option<apb::Org> {
@@ -265,13 +282,40 @@ impl State {
         })
     }
 
-    pub fn billing_admin(&self, org_id: &str) -> Option<apb::BillingAccount> {
-        self.orgs.get(org_id).map(|o| apb::BillingAccount {
+    /// The org's billing account as the admin API shows it; invoice status is as of `now`.
+    pub fn billing_admin(&self, org_id: &str, now: OffsetDateTime) -> Option<apb::BillingAccount> {
+        let o = self.orgs.get(org_id)?;
+        let default = BillingAggregate::default();
+        let b = self.billing.get(org_id).unwrap_or(&default);
+        Some(apb::BillingAccount {
             org_id: o.org_id.clone(),
-            status: self.billing_status(org_id).as_str().to_string(),
-            plan: DEFAULT_PLAN.to_string(),
-            fee_bps: DEFAULT_FEE_BPS,
+            status: b.status.as_str().to_string(),
+            plan: b.plan.clone(),
+            fee_bps: b.fee_bps,
+            balance_due_micros: b.balance_due_micros(),
+            open_invoices: b
+                .invoices
+                .iter()
+                .filter(|i| i.open_micros() > 0)
+                .map(|i| invoice_admin(org_id, i, now))
+                .collect(),
+            invoiced_micros: b.invoiced_micros(),
+            paid_micros: b.paid_micros,
+            status_reason: b.status_reason.clone().unwrap_or_default(),
         })
+    }
+
+    /// One invoice as the admin API shows it.
+    pub fn invoice_admin(
+        &self,
+        org_id: &str,
+        invoice_id: &str,
+        now: OffsetDateTime,
+    ) -> Option<apb::Invoice> {
+        self.billing
+            .get(org_id)?
+            .invoice(invoice_id)
+            .map(|i| invoice_admin(org_id, i, now))
     }
 
     /// The snapshot at this state's version (canonical, hashed; `produced_at` = now).
@@ -288,7 +332,7 @@ impl State {
                     name: o.name.clone(),
                     active: o.status == OrgStatus::Active,
                     billing_status: self.billing_status(&o.org_id).as_str().to_string(),
-                    fee_bps: DEFAULT_FEE_BPS,
+                    fee_bps: self.fee_bps(&o.org_id),
                 })
                 .collect(),
             api_keys: self
@@ -322,6 +366,23 @@ impl State {
         snapshot::canonicalize(&mut s);
         s.content_hash = snapshot::content_hash(&s);
         s
+    }
+}
+
+fn invoice_admin(org_id: &str, i: &Invoice, now: OffsetDateTime) -> apb::Invoice {
+    apb::Invoice {
+        invoice_id: i.invoice_id.clone(),
+        org_id: org_id.to_string(),
+        period_from: timefmt::format(i.period_from),
+        period_to: timefmt::format(i.period_to),
+        amount_micros: i.amount_micros,
+        paid_micros: i.paid_micros,
+        open_micros: i.open_micros(),
+        due_at: timefmt::format(i.due_at),
+        status: i.status_at(now).to_string(),
+        savings_micros: i.savings_micros,
+        fee_bps: i.fee_bps,
+        issued_at: timefmt::format(i.issued_at),
     }
 }
 

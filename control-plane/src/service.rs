@@ -280,6 +280,68 @@ impl AdminService for AdminApi {
             .await)
     }
 
+    async fn set_billing_plan(
+        &self,
+        req: Request<apb::SetBillingPlanRequest>,
+    ) -> Reply<apb::BillingAccount> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self
+            .cp
+            .set_billing_plan(&meta, &r.org_id, &r.plan, r.fee_bps)
+            .await)
+    }
+
+    async fn issue_invoice(&self, req: Request<apb::IssueInvoiceRequest>) -> Reply<apb::Invoice> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        let issued = self
+            .cp
+            .issue_invoice(
+                &meta,
+                &r.org_id,
+                &r.period_from,
+                &r.period_to,
+                Some(&r.due_at),
+                Some(&r.idempotency_key),
+            )
+            .await?;
+        Ok(replay_marked(issued.invoice, issued.replayed))
+    }
+
+    async fn record_payment(&self, req: Request<apb::RecordPaymentRequest>) -> Reply<apb::Payment> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        let recorded = self
+            .cp
+            .record_payment(
+                &meta,
+                &r.org_id,
+                Some(&r.invoice_id),
+                r.amount_micros,
+                Some(&r.idempotency_key),
+            )
+            .await?;
+        Ok(replay_marked(recorded.payment, recorded.replayed))
+    }
+
+    async fn rotate_master_key(
+        &self,
+        req: Request<apb::RotateMasterKeyRequest>,
+    ) -> Reply<apb::RotateMasterKeyResponse> {
+        let meta = admin_meta(&req);
+        ok(self
+            .cp
+            .rotate_master_key_from_file(&meta)
+            .await
+            .map(|r| apb::RotateMasterKeyResponse {
+                resealed: r.resealed as u64,
+                already_current: r.already_current as u64,
+                active_key_id: r.active_key_id,
+                key_file_reloaded: r.key_file_reloaded,
+            }))
+    }
+
     async fn get_usage(&self, req: Request<apb::GetUsageRequest>) -> Reply<apb::UsageSummary> {
         let r = req.into_inner();
         ok(self.cp.get_usage(&r.org_id, &r.from, &r.to).await)

@@ -76,6 +76,19 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A control plane whose keyring comes from `path` and that reloads it on rotation.
+    pub async fn open_with_key_file(&self, path: &std::path::Path) -> Arc<ControlPlane> {
+        let keyring = Arc::new(MasterKeyring::load(path).expect("master key file"));
+        Arc::new(
+            ControlPlane::open(&self.url, keyring)
+                .await
+                .unwrap_or_else(|e| panic!("open control plane on {:?}: {e}", self.backend))
+                .with_master_key_file(path),
+        )
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some((admin, name)) = self.pg.take() else {
