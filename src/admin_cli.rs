@@ -61,6 +61,12 @@ pub enum AdminCommand {
     },
     /// Connected proxies and their snapshot version.
     Proxies,
+    /// Re-seals every provider key under the active master key, after reloading the master key
+    /// file the control plane was started with. Procedure: add the new key as the first line
+    /// (`key_id=hex`) of the file, keep the old line; restart proxies (or `flex up`) so they read
+    /// it; run this; once it reports `resealed: 0`, drop the old line.
+    #[command(name = "rotate-master-key")]
+    RotateMasterKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +149,48 @@ pub enum BillingCmd {
         #[arg(value_parser = ["active", "past_due"])]
         status: String,
     },
+    /// Sets the plan and its fee on flex savings.
+    #[command(name = "set-plan")]
+    SetPlan {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        plan: String,
+        /// Basis points of the flex savings, 0-10000 (1000 = 10%).
+        #[arg(long)]
+        fee_bps: u32,
+    },
+    /// Invoices the fee on the org's flex savings over [--from, --to) from the usage ledger.
+    #[command(name = "issue-invoice")]
+    IssueInvoice {
+        #[arg(long)]
+        org: String,
+        /// RFC 3339 start of the period (inclusive).
+        #[arg(long)]
+        from: String,
+        /// RFC 3339 end of the period (exclusive); the period must have ended.
+        #[arg(long)]
+        to: String,
+        /// RFC 3339 due date (default: 14 days from now).
+        #[arg(long)]
+        due_at: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Records a payment, against one invoice or open invoices oldest first.
+    #[command(name = "record-payment")]
+    RecordPayment {
+        #[arg(long)]
+        org: String,
+        /// Integer micro-dollars (12500000 = $12.50).
+        #[arg(long)]
+        amount_micros: i64,
+        #[arg(long)]
+        invoice: Option<String>,
+        /// Recommended: a retried call with the same key records the payment once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
 }
 
 type Client = AdminServiceClient<InterceptedService<Channel, Auth>>;
@@ -223,8 +271,57 @@ fn pkey_json(p: &pb::ProviderKey) -> Value {
     json!({"org_id": p.org_id, "provider": p.provider, "last4": p.last4, "status": p.status, "master_key_id": p.master_key_id, "updated_at": p.updated_at})
 }
 
+fn invoice_json(i: &pb::Invoice) -> Value {
+    json!({"invoice_id": i.invoice_id, "org_id": i.org_id, "period_from": i.period_from, "period_to": i.period_to, "amount_micros": i.amount_micros, "paid_micros": i.paid_micros, "open_micros": i.open_micros, "due_at": i.due_at, "status": i.status, "savings_micros": i.savings_micros, "fee_bps": i.fee_bps, "issued_at": i.issued_at})
+}
+
 fn billing_json(b: &pb::BillingAccount) -> Value {
-    json!({"org_id": b.org_id, "status": b.status, "plan": b.plan, "fee_bps": b.fee_bps})
+    json!({"org_id": b.org_id, "status": b.status, "status_reason": b.status_reason, "plan": b.plan, "fee_bps": b.fee_bps, "balance_due_micros": b.balance_due_micros, "invoiced_micros": b.invoiced_micros, "paid_micros": b.paid_micros, "open_invoices": b.open_invoices.iter().map(invoice_json).collect::<Vec<_>>()})
+}
+
+/// Micro-dollars as dollars, with integer arithmetic only.
+fn dollars(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}${}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+fn invoice_line(i: &pb::Invoice) -> String {
+    format!(
+        "{}  [{}, {})  {} of {} open  due {}  {}",
+        i.invoice_id,
+        i.period_from,
+        i.period_to,
+        dollars(i.open_micros),
+        dollars(i.amount_micros),
+        i.due_at,
+        i.status
+    )
+}
+
+fn billing_human(b: &pb::BillingAccount) -> String {
+    let reason = if b.status_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", b.status_reason)
+    };
+    let mut lines = vec![
+        format!("org {}: billing {}{reason}", b.org_id, b.status),
+        format!("plan {}, fee {} bps of flex savings", b.plan, b.fee_bps),
+        format!(
+            "balance due {} ({} open invoices; invoiced {}, paid {})",
+            dollars(b.balance_due_micros),
+            b.open_invoices.len(),
+            dollars(b.invoiced_micros),
+            dollars(b.paid_micros)
+        ),
+    ];
+    lines.extend(
+        b.open_invoices
+            .iter()
+            .map(|i| format!("  {}", invoice_line(i))),
+    );
+    lines.join("\n")
 }
 
 pub async fn run(args: AdminArgs) -> Result<()> {
@@ -417,12 +514,81 @@ pub async fn run(args: AdminArgs) -> Result<()> {
                     .await
                     .map_err(status_err)?
                     .into_inner();
+                print(j, billing_json(&b), || billing_human(&b));
+            }
+            BillingCmd::SetPlan { org, plan, fee_bps } => {
+                let b = c
+                    .set_billing_plan(pb::SetBillingPlanRequest {
+                        org_id: org,
+                        plan,
+                        fee_bps: Some(fee_bps),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 print(j, billing_json(&b), || {
                     format!(
-                        "org {}: billing {} (plan {}, fee {} bps)",
-                        b.org_id, b.status, b.plan, b.fee_bps
+                        "org {}: plan {}, fee {} bps of flex savings",
+                        b.org_id, b.plan, b.fee_bps
                     )
                 });
+            }
+            BillingCmd::IssueInvoice {
+                org,
+                from,
+                to,
+                due_at,
+                idempotency_key,
+            } => {
+                let i = c
+                    .issue_invoice(pb::IssueInvoiceRequest {
+                        org_id: org,
+                        period_from: from,
+                        period_to: to,
+                        due_at: due_at.unwrap_or_default(),
+                        idempotency_key: idempotency_key.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                print(j, invoice_json(&i), || {
+                    format!(
+                        "issued {} ({} bps of {} flex savings)",
+                        invoice_line(&i),
+                        i.fee_bps,
+                        dollars(i.savings_micros)
+                    )
+                });
+            }
+            BillingCmd::RecordPayment {
+                org,
+                amount_micros,
+                invoice,
+                idempotency_key,
+            } => {
+                let p = c
+                    .record_payment(pb::RecordPaymentRequest {
+                        org_id: org,
+                        invoice_id: invoice.unwrap_or_default(),
+                        amount_micros,
+                        idempotency_key: idempotency_key.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                let account = p.account.unwrap_or_default();
+                print(
+                    j,
+                    json!({"payment_id": p.payment_id, "org_id": p.org_id, "invoice_id": p.invoice_id, "amount_micros": p.amount_micros, "account": billing_json(&account)}),
+                    || {
+                        format!(
+                            "recorded payment {} of {}\n{}",
+                            p.payment_id,
+                            dollars(p.amount_micros),
+                            billing_human(&account)
+                        )
+                    },
+                );
             }
             BillingCmd::SetStatus { org, status } => {
                 let b = c
@@ -480,6 +646,33 @@ pub async fn run(args: AdminArgs) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+        AdminCommand::RotateMasterKey => {
+            let r = c
+                .rotate_master_key(pb::RotateMasterKeyRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print(
+                j,
+                json!({"resealed": r.resealed, "already_current": r.already_current, "active_key_id": r.active_key_id}),
+                || {
+                    let reload = if r.key_file_reloaded {
+                        "master key file reloaded; "
+                    } else {
+                        "no master key file to reload; "
+                    };
+                    let next = if r.resealed == 0 {
+                        "every provider key is under it: old master keys can now be dropped from the file"
+                    } else {
+                        "keep the old master key lines until a run reports 0 re-sealed"
+                    };
+                    format!(
+                        "{reload}active master key {}: {} provider keys re-sealed, {} already current; {next}",
+                        r.active_key_id, r.resealed, r.already_current
+                    )
+                },
+            );
         }
         AdminCommand::Proxies => {
             let r = c

@@ -239,7 +239,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     load_or_create(&key_path, MasterKeyring::generate_file_text)?;
     let keyring = Arc::new(MasterKeyring::load(&key_path)?);
     let db = format!("sqlite://{}?mode=rwc", dir.join("flex.db").display());
-    let cp = Arc::new(ControlPlane::open(&db, keyring.clone()).await?);
+    let cp = Arc::new(
+        ControlPlane::open(&db, keyring.clone())
+            .await?
+            .with_master_key_file(&key_path),
+    );
 
     let admin_listener = bind(args.admin_listen, "the admin API").await?;
     let admin_endpoint = format!("http://{}", admin_listener.local_addr()?);
@@ -345,7 +349,11 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         bail!("--nats-url: the NATS transport is not available in this build yet; proxies use the gRPC Watch (flex proxy --control-url)");
     }
     let keyring = Arc::new(MasterKeyring::load(&args.master_key_file)?);
-    let cp = Arc::new(ControlPlane::open(&args.database_url, keyring).await?);
+    let cp = Arc::new(
+        ControlPlane::open(&args.database_url, keyring)
+            .await?
+            .with_master_key_file(&args.master_key_file),
+    );
     let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     println!(
