@@ -42,6 +42,8 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("an append needs at least one event")]
     NothingToAppend,
+    #[error("an imported event's stream position is already taken (stream {stream_id}); nothing of the batch was imported")]
+    ImportConflict { stream_id: String },
     #[error("{0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -62,6 +64,17 @@ pub struct NewEvent {
     /// JSON text.
     pub payload: String,
 }
+
+/// An event of a bulk import ([`Store::import_events`]), at a stream position the caller assigns.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImportEvent {
+    pub stream_id: String,
+    pub stream_version: u64,
+    pub event: NewEvent,
+}
+
+/// Rows per multi-row INSERT of an import (8 bind parameters each, well under both engines' limits).
+const IMPORT_ROWS_PER_INSERT: usize = 500;
 
 /// Who caused an append, and in which request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -454,6 +467,123 @@ impl Store {
                             StoreError::Database(e)
                         }
                     })?;
+                }
+                tx.commit().await?;
+            }
+        }
+        u64_of(last_seq, "seq")
+    }
+
+    /// Bulk-appends events whose stream versions the caller assigns (imports, benchmarks), in one
+    /// transaction of multi-row INSERTs. `(stream_id, stream_version)` stays unique: a position
+    /// that is taken fails the whole batch with [`StoreError::ImportConflict`]. Unlike
+    /// [`Store::append`] it does not check that a stream's versions follow its current one, so the
+    /// caller gives each stream the versions 1, 2, 3… in order (commands treat a gap as a
+    /// conflict). On Postgres it holds the append lock, so `seq` order stays commit order.
+    /// Returns the `seq` of the last event (0 for an empty batch).
+    pub async fn import_events(&self, events: &[ImportEvent], meta: &Metadata) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let now = timefmt::now();
+        let rows = events
+            .iter()
+            .map(|e| {
+                Ok((
+                    e,
+                    i64_of(e.stream_version, "stream_version")?,
+                    i32::try_from(e.event.schema_version).map_err(|_| {
+                        StoreError::OutOfRange(format!(
+                            "schema_version = {}",
+                            e.event.schema_version
+                        ))
+                    })?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let map_insert = |chunk: &[(&ImportEvent, i64, i32)]| {
+            let stream_id = chunk
+                .first()
+                .map(|(e, _, _)| e.stream_id.clone())
+                .unwrap_or_default();
+            move |e: sqlx::Error| {
+                if is_unique_violation(&e) {
+                    StoreError::ImportConflict { stream_id }
+                } else {
+                    StoreError::Database(e)
+                }
+            }
+        };
+        let mut last_seq = 0i64;
+        match self {
+            Store::Sqlite(pool) => {
+                let recorded = timefmt::format(now);
+                let mut tx = pool.begin().await?;
+                for chunk in rows.chunks(IMPORT_ROWS_PER_INSERT) {
+                    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+                    let sql = format!(
+                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                         payload, actor, request_id, recorded_at) VALUES {values} RETURNING seq"
+                    );
+                    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+                    for (e, version, schema) in chunk {
+                        q = q
+                            .bind(&e.stream_id)
+                            .bind(*version)
+                            .bind(&e.event.event_type)
+                            .bind(i64::from(*schema))
+                            .bind(&e.event.payload)
+                            .bind(&meta.actor)
+                            .bind(&meta.request_id)
+                            .bind(&recorded);
+                    }
+                    let seqs = q.fetch_all(&mut *tx).await.map_err(map_insert(chunk))?;
+                    last_seq = last_seq.max(seqs.into_iter().max().unwrap_or(0));
+                }
+                tx.commit().await?;
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(APPEND_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+                for chunk in rows.chunks(IMPORT_ROWS_PER_INSERT) {
+                    let values = (0..chunk.len())
+                        .map(|i| {
+                            let b = i * 8;
+                            format!(
+                                "(${}, ${}, ${}, ${}, ${}::json, ${}, ${}, ${})",
+                                b + 1,
+                                b + 2,
+                                b + 3,
+                                b + 4,
+                                b + 5,
+                                b + 6,
+                                b + 7,
+                                b + 8
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                         payload, actor, request_id, recorded_at) VALUES {values} RETURNING seq"
+                    );
+                    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+                    for (e, version, schema) in chunk {
+                        q = q
+                            .bind(&e.stream_id)
+                            .bind(*version)
+                            .bind(&e.event.event_type)
+                            .bind(*schema)
+                            .bind(&e.event.payload)
+                            .bind(&meta.actor)
+                            .bind(&meta.request_id)
+                            .bind(now);
+                    }
+                    let seqs = q.fetch_all(&mut *tx).await.map_err(map_insert(chunk))?;
+                    last_seq = last_seq.max(seqs.into_iter().max().unwrap_or(0));
                 }
                 tx.commit().await?;
             }

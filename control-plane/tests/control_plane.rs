@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{k1, keyring, keyring_text, meta, Backend, TestDb};
-use flex_control_plane::store::{Metadata, NewEvent, StoreError};
+use flex_control_plane::domain::Event;
+use flex_control_plane::store::{ImportEvent, Metadata, NewEvent, StoreError};
 use flex_control_plane::{ControlPlane, Error};
 use flex_shared::crypto::Sealed;
 use flex_shared::snapshot;
@@ -25,6 +26,7 @@ both_backends!(
     two_instances_on_one_database_converge,
     usage_is_counted_once_per_request,
     commands_validate_against_current_state,
+    bulk_import_keeps_positions_unique_and_folds_like_commands,
 );
 
 fn ev(n: u32) -> NewEvent {
@@ -166,6 +168,30 @@ async fn busy_history(cp: &ControlPlane) -> Vec<String> {
         .await
         .unwrap();
     cp.set_billing_status(&m, &orgs[2], "active").await.unwrap();
+    cp.set_billing_plan(&m, &orgs[0], "scale", Some(750))
+        .await
+        .unwrap();
+    cp.record_usage(&[usage("busy-1", &orgs[0], "flex", "2025-01-05T00:00:00Z")])
+        .await
+        .unwrap();
+    let inv = cp
+        .issue_invoice(
+            &m,
+            &orgs[0],
+            "2025-01-01T00:00:00Z",
+            "2025-02-01T00:00:00Z",
+            Some("2025-02-15T00:00:00Z"),
+            None,
+        )
+        .await
+        .unwrap()
+        .invoice;
+    cp.check_overdue_invoices(flex_control_plane::timefmt::now())
+        .await
+        .unwrap();
+    cp.record_payment(&m, &orgs[0], Some(&inv.invoice_id), 1, None)
+        .await
+        .unwrap();
     orgs
 }
 
@@ -196,6 +222,13 @@ async fn state_after_many_commands_equals_a_rebuild(b: Backend) {
     assert!(org(&orgs[2]).active);
     assert_eq!(org(&orgs[2]).billing_status, "active");
     assert_eq!(org(&orgs[3]).billing_status, "past_due");
+    assert_eq!(org(&orgs[0]).fee_bps, 750);
+    assert_eq!(org(&orgs[1]).fee_bps, 1000);
+    assert_eq!(
+        org(&orgs[0]).billing_status,
+        "past_due",
+        "its invoice is overdue and only partly paid"
+    );
     assert!(snap.models.is_empty());
 
     // A second instance opened on the same log folds to the same state.
@@ -811,4 +844,78 @@ async fn commands_validate_against_current_state(b: Backend) {
     assert!(audit
         .iter()
         .all(|e| e.actor == "test" && !e.request_id.is_empty()));
+}
+
+async fn bulk_import_keeps_positions_unique_and_folds_like_commands(b: Backend) {
+    let db = TestDb::new(b).await;
+    let cp = db.open(k1()).await;
+    let m = Metadata::new("import");
+    let row = |stream: &str, version: u64, e: &Event| ImportEvent {
+        stream_id: stream.to_string(),
+        stream_version: version,
+        event: e.to_new().unwrap(),
+    };
+    // 1,200 events: more than one multi-row INSERT.
+    let mut rows = Vec::new();
+    for i in 0..400 {
+        let org_id = format!("org_imp{i:04}");
+        let stream = format!("org-{org_id}");
+        rows.push(row(
+            &stream,
+            1,
+            &Event::OrgCreated {
+                org_id: org_id.clone(),
+                name: format!("imported {i}"),
+            },
+        ));
+        rows.push(row(
+            &stream,
+            2,
+            &Event::OrgRenamed {
+                org_id: org_id.clone(),
+                name: format!("renamed {i}"),
+            },
+        ));
+        rows.push(row(
+            &stream,
+            3,
+            &Event::OrgSuspended {
+                org_id: org_id.clone(),
+            },
+        ));
+    }
+    assert_eq!(cp.store().import_events(&[], &m).await.unwrap(), 0);
+    let last = cp.store().import_events(&rows, &m).await.unwrap();
+    assert_eq!(last, cp.store().head().await.unwrap());
+    let all = cp.store().read_all().await.unwrap();
+    assert_eq!(all.len(), 1200);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(all.iter().all(|e| e.actor == "import"));
+
+    // A taken position fails the whole batch.
+    let clash = vec![
+        row(
+            "org-org_new",
+            1,
+            &Event::OrgCreated {
+                org_id: "org_new".into(),
+                name: "new".into(),
+            },
+        ),
+        rows[1].clone(),
+    ];
+    let err = cp.store().import_events(&clash, &m).await.unwrap_err();
+    assert!(matches!(err, StoreError::ImportConflict { .. }), "{err:?}");
+    assert_eq!(cp.store().read_all().await.unwrap().len(), 1200);
+
+    // Imported streams fold like any other and take commands at the next version.
+    cp.catch_up().await.unwrap();
+    let state = cp.state();
+    assert_eq!(state.orgs.len(), 400);
+    assert_eq!(state.orgs["org_imp0007"].name, "renamed 7");
+    assert_eq!(*state, cp.rebuild().await.unwrap());
+    let org = cp.reactivate_org(&meta(), "org_imp0007").await.unwrap();
+    assert_eq!(org.status, "active");
+    let reopened = db.open(k1()).await;
+    assert_eq!(reopened.snapshot().content_hash, cp.snapshot().content_hash);
 }
