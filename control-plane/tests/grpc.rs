@@ -27,6 +27,9 @@ both_backends!(
     usage_over_grpc_is_counted_once,
     reflection_lists_the_services,
     shutdown_ends_open_watch_streams,
+    billing_rpcs_plan_invoice_payment_and_past_due,
+    rotate_master_key_rpc_reloads_the_key_file,
+    suspend_and_reactivate_toggle_the_keys_access_end_to_end,
 );
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -42,6 +45,11 @@ struct Server {
 async fn start(b: Backend) -> Server {
     let db = TestDb::new(b).await;
     let cp = db.open(k1()).await;
+    start_with(db, cp).await
+}
+
+/// Serves `cp` (opened on `db`) over a socket.
+async fn start_with(db: TestDb, cp: Arc<ControlPlane>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -593,4 +601,474 @@ async fn shutdown_ends_open_watch_streams(b: Backend) {
         Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
         Some(Ok(u)) => panic!("unexpected update after shutdown: {u:?}"),
     }
+}
+
+fn usage_json(request_id: &str, org_id: &str, cost: i64, standard: i64, at: &str) -> String {
+    serde_json::json!({
+        "schema_version": 1, "request_id": request_id, "org_id": org_id, "key_id": "key_1",
+        "model": "gpt-5-mini", "provider": "openai", "caller_format": "responses",
+        "start_within": "00h-01m-00s", "served_tier": "flex", "reason": "flex_started",
+        "flex_wait_ms": 0, "start_latency_ms": 800, "duration_ms": 2000, "input_tokens": 1000,
+        "cached_input_tokens": 0, "output_tokens": 200, "reasoning_tokens": 0, "status": 200,
+        "outcome": "ok", "tiers_started": ["flex"], "cost_micros": cost,
+        "standard_cost_micros": standard, "received_at": at
+    })
+    .to_string()
+}
+
+async fn billing_rpcs_plan_invoice_payment_and_past_due(b: Backend) {
+    let s = start(b).await;
+    let mut a = admin(&s.channel, Some(TOKEN));
+    let org_id = a
+        .create_org(apb::CreateOrgRequest {
+            name: "billed".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .org_id;
+    let mut control = ControlServiceClient::new(s.channel.clone());
+    control
+        .report_usage(pb::ReportUsageRequest {
+            events_json: vec![
+                usage_json("u1", &org_id, 200_000, 1_000_000, "2025-01-10T00:00:00Z"),
+                usage_json("u2", &org_id, 0, 333_333, "2025-02-10T00:00:00Z"),
+            ],
+        })
+        .await
+        .unwrap();
+
+    // SetBillingPlan: fee_bps is required and bounded.
+    let err = a
+        .set_billing_plan(apb::SetBillingPlanRequest {
+            org_id: org_id.clone(),
+            plan: "growth".into(),
+            fee_bps: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("fee_bps is required"),
+        "{}",
+        err.message()
+    );
+    let account = a
+        .set_billing_plan(apb::SetBillingPlanRequest {
+            org_id: org_id.clone(),
+            plan: "growth".into(),
+            fee_bps: Some(1_500),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((account.plan.as_str(), account.fee_bps), ("growth", 1_500));
+    let err = a
+        .set_billing_plan(apb::SetBillingPlanRequest {
+            org_id: "org_nope".into(),
+            plan: "growth".into(),
+            fee_bps: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // IssueInvoice: 15% of 800,000 savings; the idempotency key replays.
+    let err = a
+        .issue_invoice(apb::IssueInvoiceRequest {
+            org_id: org_id.clone(),
+            period_from: "2025-02-01T00:00:00Z".into(),
+            period_to: "2025-01-01T00:00:00Z".into(),
+            due_at: String::new(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let jan = apb::IssueInvoiceRequest {
+        org_id: org_id.clone(),
+        period_from: "2025-01-01T00:00:00Z".into(),
+        period_to: "2025-02-01T00:00:00Z".into(),
+        due_at: "2030-01-01T00:00:00Z".into(),
+        idempotency_key: "inv-jan".into(),
+    };
+    let first = a.issue_invoice(jan.clone()).await.unwrap();
+    assert!(first.metadata().get("flex-idempotent-replay").is_none());
+    let invoice = first.into_inner();
+    assert_eq!(
+        (
+            invoice.savings_micros,
+            invoice.fee_bps,
+            invoice.amount_micros
+        ),
+        (800_000, 1_500, 120_000)
+    );
+    assert_eq!(invoice.status, "open");
+    let replay = a.issue_invoice(jan).await.unwrap();
+    assert_eq!(
+        replay.metadata().get("flex-idempotent-replay").unwrap(),
+        "true"
+    );
+    assert_eq!(replay.into_inner(), invoice);
+    let err = a
+        .issue_invoice(apb::IssueInvoiceRequest {
+            org_id: org_id.clone(),
+            period_from: "2025-01-31T00:00:00Z".into(),
+            period_to: "2025-02-28T00:00:00Z".into(),
+            due_at: String::new(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "overlap");
+    // February is due already: 333,333 × 15% = 49,999.95 → 50,000.
+    let feb = a
+        .issue_invoice(apb::IssueInvoiceRequest {
+            org_id: org_id.clone(),
+            period_from: "2025-02-01T00:00:00Z".into(),
+            period_to: "2025-03-01T00:00:00Z".into(),
+            due_at: "2025-03-15T00:00:00Z".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (feb.amount_micros, feb.status.as_str()),
+        (50_000, "overdue")
+    );
+
+    // The overdue check makes the org past due; proxies see it in the snapshot.
+    s.cp.check_overdue_invoices(flex_control_plane::timefmt::now())
+        .await
+        .unwrap();
+    let shown = a
+        .get_billing(apb::OrgRef {
+            org_id: org_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.status, "past_due");
+    assert!(shown.status_reason.contains(&feb.invoice_id));
+    assert_eq!(shown.balance_due_micros, 170_000);
+    assert_eq!(shown.open_invoices.len(), 2);
+    let entry =
+        s.cp.snapshot()
+            .orgs
+            .iter()
+            .find(|o| o.org_id == org_id)
+            .cloned()
+            .unwrap();
+    assert_eq!(
+        (entry.billing_status.as_str(), entry.fee_bps),
+        ("past_due", 1_500)
+    );
+
+    // RecordPayment: refused beyond what is open; paying February restores active.
+    let pay = |invoice_id: &str, amount: i64, key: &str| apb::RecordPaymentRequest {
+        org_id: org_id.clone(),
+        invoice_id: invoice_id.into(),
+        amount_micros: amount,
+        idempotency_key: key.into(),
+    };
+    let err = a
+        .record_payment(pay(&feb.invoice_id, 50_001, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("at most 50000"), "{}", err.message());
+    let err = a.record_payment(pay("inv_nope", 1, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = a.record_payment(pay("", 0, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let paid = a
+        .record_payment(pay(&feb.invoice_id, 50_000, "pay-feb"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paid.payment_id.starts_with("pay_"));
+    let account = paid.account.unwrap();
+    assert_eq!(account.status, "active");
+    assert_eq!(account.balance_due_micros, 120_000);
+    assert_eq!(account.paid_micros, 50_000);
+    let replay = a
+        .record_payment(pay(&feb.invoice_id, 50_000, "pay-feb"))
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.metadata().get("flex-idempotent-replay").unwrap(),
+        "true"
+    );
+    let replay = replay.into_inner();
+    assert_eq!(replay.payment_id, paid.payment_id);
+    assert_eq!(replay.account.unwrap().paid_micros, 50_000, "recorded once");
+
+    let audit = a
+        .list_audit_events(apb::OrgRef {
+            org_id: org_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let types: Vec<&str> = audit.events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "OrgCreated",
+            "BillingPlanSet",
+            "InvoiceIssued",
+            "InvoiceIssued",
+            "BillingStatusChanged",
+            "PaymentRecorded",
+            "BillingStatusChanged"
+        ]
+    );
+    assert_eq!(audit.events[4].actor, "system");
+    assert_eq!(*s.cp.state(), s.cp.rebuild().await.unwrap());
+}
+
+async fn rotate_master_key_rpc_reloads_the_key_file(b: Backend) {
+    let db = TestDb::new(b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    std::fs::write(&path, common::keyring_text("k1", 0x11)).unwrap();
+    let cp = db.open_with_key_file(&path).await;
+    let s = start_with(db, cp).await;
+    let mut a = admin(&s.channel, Some(TOKEN));
+    let org_id = a
+        .create_org(apb::CreateOrgRequest {
+            name: "byok".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .org_id;
+    for provider in ["openai", "gemini"] {
+        a.set_provider_key(apb::SetProviderKeyRequest {
+            org_id: org_id.clone(),
+            provider: provider.into(),
+            secret: format!("sk-{provider}-before-rotation"),
+        })
+        .await
+        .unwrap();
+    }
+    // Without the admin token: refused like every admin call.
+    let err = admin(&s.channel, None)
+        .rotate_master_key(apb::RotateMasterKeyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Dropping k1 before re-sealing is refused.
+    std::fs::write(&path, common::keyring_text("k2", 0x22)).unwrap();
+    let err = a
+        .rotate_master_key(apb::RotateMasterKeyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("`k1` (2 provider keys)"),
+        "{}",
+        err.message()
+    );
+    // New key first, old key kept.
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            common::keyring_text("k2", 0x22),
+            common::keyring_text("k1", 0x11)
+        ),
+    )
+    .unwrap();
+    let r = a
+        .rotate_master_key(apb::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r,
+        apb::RotateMasterKeyResponse {
+            resealed: 2,
+            already_current: 0,
+            active_key_id: "k2".into(),
+            key_file_reloaded: true,
+        }
+    );
+    let keys = a
+        .list_provider_keys(apb::OrgRef {
+            org_id: org_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(keys.iter().all(|k| k.master_key_id == "k2"), "{keys:?}");
+    // Now the old line can go.
+    std::fs::write(&path, common::keyring_text("k2", 0x22)).unwrap();
+    let r = a
+        .rotate_master_key(apb::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.resealed, r.already_current), (0, 2));
+    let text = format!("{r:?} {keys:?}");
+    assert!(!text.contains("before-rotation"), "{text}");
+}
+
+/// What the data plane's auth decides for `api_key` against a snapshot: the key's hash must be
+/// present and its org active (`data-plane/src/auth.rs`).
+fn access(snap: &pb::Snapshot, api_key: &str) -> Result<(), &'static str> {
+    let hash = flex_shared::keys::hash(api_key);
+    let key = snap
+        .api_keys
+        .iter()
+        .find(|k| k.key_hash == hash)
+        .ok_or("invalid_api_key")?;
+    match snap.orgs.iter().find(|o| o.org_id == key.org_id) {
+        Some(o) if o.active => Ok(()),
+        _ => Err("org_suspended"),
+    }
+}
+
+async fn suspend_and_reactivate_toggle_the_keys_access_end_to_end(b: Backend) {
+    let s = start(b).await;
+    let mut a = admin(&s.channel, Some(TOKEN));
+    let org_id = a
+        .create_org(apb::CreateOrgRequest {
+            name: "toggled".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .org_id;
+    let mut keys = Vec::new();
+    for name in ["ci", "prod"] {
+        keys.push(
+            a.create_api_key(apb::CreateApiKeyRequest {
+                org_id: org_id.clone(),
+                name: name.into(),
+                idempotency_key: String::new(),
+                expires_at: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .api_key,
+        );
+    }
+    // A bystander org's key must keep working throughout.
+    let other_org = a
+        .create_org(apb::CreateOrgRequest {
+            name: "bystander".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .org_id;
+    let other_key = a
+        .create_api_key(apb::CreateApiKeyRequest {
+            org_id: other_org,
+            name: String::new(),
+            idempotency_key: String::new(),
+            expires_at: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+
+    // A proxy follows the Watch stream, applying deltas as it would.
+    let mut control = ControlServiceClient::new(s.channel.clone());
+    let mut stream = control
+        .watch(pb::WatchRequest {
+            proxy_id: "proxy-toggle".into(),
+            have_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_update(&mut stream).await;
+    let Some(pb::snapshot_update::Kind::Full(mut have)) = first.kind else {
+        panic!("first update must be a full snapshot: {first:?}");
+    };
+    for k in &keys {
+        assert_eq!(access(&have, k), Ok(()));
+    }
+    async fn follow_until(
+        stream: &mut tonic::Streaming<pb::SnapshotUpdate>,
+        have: &mut pb::Snapshot,
+        version: u64,
+    ) {
+        while have.version < version {
+            let u = next_update(stream).await;
+            let Some(pb::snapshot_update::Kind::Delta(d)) = u.kind else {
+                panic!("later updates are deltas: {u:?}");
+            };
+            *have = snapshot::apply_delta(have, u.version, &d).unwrap();
+        }
+    }
+
+    let suspended = a
+        .suspend_org(apb::OrgRef {
+            org_id: org_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(suspended.status, "suspended");
+    follow_until(&mut stream, &mut have, s.cp.snapshot().version).await;
+    let entry = have.orgs.iter().find(|o| o.org_id == org_id).unwrap();
+    assert!(!entry.active, "the snapshot marks the org inactive");
+    for k in &keys {
+        assert_eq!(access(&have, k), Err("org_suspended"));
+        // The keys are not revoked: they come back with the org.
+        let hash = flex_shared::keys::hash(k);
+        assert!(have.api_keys.iter().any(|e| e.key_hash == hash));
+    }
+    assert_eq!(access(&have, &other_key), Ok(()));
+    // A suspended org gets no new keys either.
+    let err = a
+        .create_api_key(apb::CreateApiKeyRequest {
+            org_id: org_id.clone(),
+            name: "more".into(),
+            idempotency_key: String::new(),
+            expires_at: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let active = a
+        .reactivate_org(apb::OrgRef {
+            org_id: org_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(active.status, "active");
+    follow_until(&mut stream, &mut have, s.cp.snapshot().version).await;
+    for k in &keys {
+        assert_eq!(access(&have, k), Ok(()));
+    }
+    assert_eq!(access(&have, &other_key), Ok(()));
+    assert_eq!(have.content_hash, s.cp.snapshot().content_hash);
+    let audit: Vec<String> = a
+        .list_audit_events(apb::OrgRef { org_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.summary)
+        .collect();
+    assert!(audit.iter().any(|l| l.ends_with("suspended")), "{audit:?}");
+    assert!(
+        audit.iter().any(|l| l.ends_with("reactivated")),
+        "{audit:?}"
+    );
 }
