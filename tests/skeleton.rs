@@ -204,6 +204,15 @@ async fn auth_refuses_missing_malformed_unknown_and_revoked_keys() {
 #[tokio::test]
 async fn the_seeds_errors_say_what_why_fix_and_example() {
     let s = stack().await;
+    s.cp.remove_provider_key(&Metadata::new("test"), &s.org_id, "gemini")
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if s.store.version() >= s.cp.snapshot().version {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let url = format!("{}/responses", s.base);
     let chat = format!("{}/chat/completions", s.base);
     let cases = vec![

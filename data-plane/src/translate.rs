@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use crate::canonical::{self as c, Accumulator, StreamEvent};
 use crate::error::ApiError;
-use crate::formats::{chat, responses, CallerFormat, Encoder, RawBody};
-use crate::providers::{openai, AskTier, Decoder};
+use crate::formats::{chat, messages, responses, CallerFormat, Encoder, RawBody};
+use crate::providers::{anthropic, openai, AskTier, Decoder};
 use crate::proxy::{lost_draft, outcome_headers, take, Draft, Plan, Proxy, UsageGuard};
 use crate::race::{self, AttemptError, EventClass, Started};
 use crate::sse::Event;
@@ -39,6 +39,7 @@ pub fn parse_request(format: CallerFormat, body: &RawBody) -> Result<c::Request,
     match format {
         CallerFormat::Responses => responses::parse_request(body),
         CallerFormat::ChatCompletions => chat::parse_request(body),
+        CallerFormat::Messages => messages::parse_request(body),
         other => Err(not_available(format!(
             "The {} caller format is not translated in this build yet.",
             other.as_str()
@@ -50,6 +51,7 @@ pub fn parse_request(format: CallerFormat, body: &RawBody) -> Result<c::Request,
 pub fn render(format: CallerFormat, r: &c::Response, served: Tier) -> Value {
     match format {
         CallerFormat::ChatCompletions => chat::render_response(r, served),
+        CallerFormat::Messages => messages::render_response(r, served),
         _ => responses::render_response(r, served),
     }
 }
@@ -62,10 +64,12 @@ pub fn encoder(
     include_usage: bool,
 ) -> Box<dyn Encoder> {
     match format {
+        CallerFormat::Responses => Box::new(responses::StreamEncoder::new(served, model)),
         CallerFormat::ChatCompletions => {
             Box::new(chat::StreamEncoder::new(served, model, include_usage))
         }
-        _ => Box::new(responses::StreamEncoder::new(served, model)),
+        CallerFormat::Messages => Box::new(messages::StreamEncoder::new(served, model)),
+        CallerFormat::Interactions => Box::new(responses::StreamEncoder::new(served, model)),
     }
 }
 
@@ -79,9 +83,10 @@ pub fn upstream_request(
 ) -> Result<http::Request<Full<Bytes>>, ApiError> {
     match provider {
         Provider::OpenAi => openai::translated_request(base, req, tier, key),
-        other => Err(not_available(format!(
-            "Translating to {other} is not available in this build yet."
-        ))),
+        Provider::Anthropic => anthropic::request(base, req, tier, key),
+        Provider::Gemini => Err(not_available(
+            "Translating to Gemini is not available in this build yet.".into(),
+        )),
     }
 }
 
@@ -89,16 +94,16 @@ pub fn upstream_request(
 pub fn classify(provider: Provider, ev: &Event) -> EventClass {
     match provider {
         Provider::OpenAi => openai::classify_responses(ev),
-        _ => EventClass::Start,
+        Provider::Anthropic => anthropic::classify(ev),
+        Provider::Gemini => EventClass::Start,
     }
 }
 
 /// A stream decoder for `provider`.
 pub fn decoder(provider: Provider) -> Box<dyn Decoder> {
     match provider {
-        Provider::OpenAi | Provider::Anthropic | Provider::Gemini => {
-            Box::new(openai::StreamDecoder::new())
-        }
+        Provider::OpenAi | Provider::Gemini => Box::new(openai::StreamDecoder::new()),
+        Provider::Anthropic => Box::new(anthropic::StreamDecoder::new()),
     }
 }
 

@@ -21,6 +21,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 pub const OPENAI_KEY: &str = "sk-sim-openai-test-key-000000";
+pub const ANTHROPIC_KEY: &str = "sk-ant-sim-test-key-000000";
+pub const GEMINI_KEY: &str = "AIza-sim-test-key-000000";
 
 pub struct Stack {
     pub cp: Arc<ControlPlane>,
@@ -42,6 +44,8 @@ pub struct Options {
 pub fn sim_config() -> SimConfig {
     SimConfig {
         openai_key: Some(OPENAI_KEY.into()),
+        anthropic_key: Some(ANTHROPIC_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
         flex_delay_ms: 200,
         standard_delay_ms: 50,
         ..SimConfig::default()
@@ -68,14 +72,20 @@ pub async fn stack_with(opts: Options) -> Stack {
         .create_api_key(&meta, &org.org_id, "k", None, None)
         .await
         .unwrap();
-    cp.set_provider_key(
-        &meta,
-        &org.org_id,
-        "openai",
-        &SecretString::from(OPENAI_KEY.to_string()),
-    )
-    .await
-    .unwrap();
+    for (provider, key) in [
+        ("openai", OPENAI_KEY),
+        ("anthropic", ANTHROPIC_KEY),
+        ("gemini", GEMINI_KEY),
+    ] {
+        cp.set_provider_key(
+            &meta,
+            &org.org_id,
+            provider,
+            &SecretString::from(key.to_string()),
+        )
+        .await
+        .unwrap();
+    }
     let sim = sim::spawn(opts.sim).await.unwrap();
     let (openai_url, ca) = match opts.upstream {
         Some((url, ca)) => (url, Some(ca)),
