@@ -4,6 +4,7 @@
 //! how a non-streaming body is assembled from an upstream stream.
 
 pub mod chat;
+pub mod interactions;
 pub mod messages;
 pub mod responses;
 
