@@ -1482,4 +1482,51 @@ mod tests {
             1
         );
     }
+
+    /// Bytes recorded from the provider simulator (`flex sim`), through the real SSE parser.
+    #[test]
+    fn decodes_simulator_transcripts() {
+        const TEXT: &str = r#"data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Simulated"}]},"index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1,"thoughtsTokenCount":0,"totalTokenCount":6,"promptTokensDetails":[{"modality":"TEXT","tokenCount":5}],"serviceTier":"flex"},"modelVersion":"gemini-3.5-flash","responseId":"796459a0b7820d4ae1798c9f"}
+
+data: {"candidates":[{"content":{"role":"model","parts":[{"text":" answer"}]},"index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":2,"thoughtsTokenCount":0,"totalTokenCount":7,"promptTokensDetails":[{"modality":"TEXT","tokenCount":5}],"serviceTier":"flex"},"modelVersion":"gemini-3.5-flash","responseId":"796459a0b7820d4ae1798c9f"}
+
+data: {"candidates":[{"content":{"role":"model","parts":[{"text":" word1"}]},"index":0,"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":3,"thoughtsTokenCount":0,"totalTokenCount":8,"promptTokensDetails":[{"modality":"TEXT","tokenCount":5}],"serviceTier":"flex"},"modelVersion":"gemini-3.5-flash","responseId":"796459a0b7820d4ae1798c9f"}
+
+"#;
+        const TOOL: &str = r#"data: {"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"get_weather","args":{"location":"Paris"}}}]},"index":0,"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"thoughtsTokenCount":0,"totalTokenCount":7,"promptTokensDetails":[{"modality":"TEXT","tokenCount":3}],"serviceTier":"standard"},"modelVersion":"gemini-3.5-flash","responseId":"a385eb9057f9a0659033a5e4"}
+
+"#;
+        let run = |raw: &str| {
+            let mut parser = crate::sse::Parser::new();
+            let mut evs = Vec::new();
+            // Split at an awkward byte to exercise framing.
+            let (a, b) = raw.as_bytes().split_at(raw.len() / 3);
+            parser.feed(a, &mut evs).unwrap();
+            parser.feed(b, &mut evs).unwrap();
+            assert_eq!(classify(&evs[0]), EventClass::Start);
+            let mut d = StreamDecoder::new();
+            let mut out = Vec::new();
+            for e in &evs {
+                d.decode(e, &mut out);
+            }
+            (accumulate(&out), d.served_tier())
+        };
+        let (r, tier) = run(TEXT);
+        assert_eq!(r.content, vec![Part::Text("Simulated answer word1".into())]);
+        assert_eq!(r.stop, StopReason::EndTurn);
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (5, 3));
+        assert_eq!(r.model, "gemini-3.5-flash");
+        assert_eq!(tier, Some(Tier::Flex));
+        let (r, tier) = run(TOOL);
+        assert_eq!(r.stop, StopReason::ToolUse);
+        let Part::ToolCall(c) = &r.content[0] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (c.name.as_str(), c.arguments.as_str()),
+            ("get_weather", r#"{"location":"Paris"}"#)
+        );
+        assert_eq!(r.usage.total(), 7);
+        assert_eq!(tier, Some(Tier::Standard));
+    }
 }
