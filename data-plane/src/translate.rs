@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use crate::canonical::{self as c, Accumulator, StreamEvent};
 use crate::error::ApiError;
-use crate::formats::{chat, messages, responses, CallerFormat, Encoder, RawBody};
-use crate::providers::{anthropic, openai, AskTier, Decoder};
+use crate::formats::{chat, interactions, messages, responses, CallerFormat, Encoder, RawBody};
+use crate::providers::{anthropic, gemini, openai, AskTier, Decoder};
 use crate::proxy::{lost_draft, outcome_headers, take, Draft, Plan, Proxy, UsageGuard};
 use crate::race::{self, AttemptError, EventClass, Started};
 use crate::sse::Event;
@@ -28,31 +28,23 @@ use crate::upstream::EventStream;
 
 // ----- dispatch -----------------------------------------------------------------------------
 
-fn not_available(what: String) -> ApiError {
-    ApiError::new(StatusCode::NOT_IMPLEMENTED, "translation_unavailable", what)
-        .fix("use a format and provider pair this build translates (see README: Status).")
-        .example(r#"POST /v1/responses {"model": "gpt-5.5", "input": "Hello!", "start_within": "00h-00m-30s"}"#)
-}
-
 /// The caller's body as canonical.
 pub fn parse_request(format: CallerFormat, body: &RawBody) -> Result<c::Request, ApiError> {
     match format {
         CallerFormat::Responses => responses::parse_request(body),
         CallerFormat::ChatCompletions => chat::parse_request(body),
+        CallerFormat::Interactions => interactions::parse_request(body),
         CallerFormat::Messages => messages::parse_request(body),
-        other => Err(not_available(format!(
-            "The {} caller format is not translated in this build yet.",
-            other.as_str()
-        ))),
     }
 }
 
 /// A complete canonical response in the caller's format.
 pub fn render(format: CallerFormat, r: &c::Response, served: Tier) -> Value {
     match format {
+        CallerFormat::Responses => responses::render_response(r, served),
         CallerFormat::ChatCompletions => chat::render_response(r, served),
+        CallerFormat::Interactions => interactions::render_response(r, served),
         CallerFormat::Messages => messages::render_response(r, served),
-        _ => responses::render_response(r, served),
     }
 }
 
@@ -68,8 +60,8 @@ pub fn encoder(
         CallerFormat::ChatCompletions => {
             Box::new(chat::StreamEncoder::new(served, model, include_usage))
         }
+        CallerFormat::Interactions => Box::new(interactions::StreamEncoder::new(served, model)),
         CallerFormat::Messages => Box::new(messages::StreamEncoder::new(served, model)),
-        CallerFormat::Interactions => Box::new(responses::StreamEncoder::new(served, model)),
     }
 }
 
@@ -84,9 +76,7 @@ pub fn upstream_request(
     match provider {
         Provider::OpenAi => openai::translated_request(base, req, tier, key),
         Provider::Anthropic => anthropic::request(base, req, tier, key),
-        Provider::Gemini => Err(not_available(
-            "Translating to Gemini is not available in this build yet.".into(),
-        )),
+        Provider::Gemini => gemini::request(base, req, tier, key),
     }
 }
 
@@ -95,15 +85,16 @@ pub fn classify(provider: Provider, ev: &Event) -> EventClass {
     match provider {
         Provider::OpenAi => openai::classify_responses(ev),
         Provider::Anthropic => anthropic::classify(ev),
-        Provider::Gemini => EventClass::Start,
+        Provider::Gemini => gemini::classify(ev),
     }
 }
 
 /// A stream decoder for `provider`.
 pub fn decoder(provider: Provider) -> Box<dyn Decoder> {
     match provider {
-        Provider::OpenAi | Provider::Gemini => Box::new(openai::StreamDecoder::new()),
+        Provider::OpenAi => Box::new(openai::StreamDecoder::new()),
         Provider::Anthropic => Box::new(anthropic::StreamDecoder::new()),
+        Provider::Gemini => Box::new(gemini::StreamDecoder::new()),
     }
 }
 

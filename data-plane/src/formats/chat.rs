@@ -387,12 +387,14 @@ pub fn parse_request(body: &RawBody) -> Result<c::Request, ApiError> {
                     })],
                 );
             }
-            other => return Err(invalid(
-                &here,
-                format!(
+            other => {
+                return Err(invalid(
+                    &here,
+                    format!(
                     "`{here}.role` is {other:?}; use system, developer, user, assistant or tool."
                 ),
-            )),
+                ))
+            }
         }
     }
     if let Some(Value::Array(tools)) = body.value("tools") {

@@ -231,7 +231,7 @@ pub fn parse_request(body: &RawBody) -> Result<c::Request, ApiError> {
 fn usage_json(u: &c::Usage) -> Value {
     json!({
         "input_tokens": u.input_tokens,
-        "input_tokens_details": {"cached_tokens": u.cached_input_tokens},
+        "input_tokens_details": {"cached_tokens": u.cached_input_tokens, "cache_write_tokens": 0},
         "output_tokens": u.output_tokens,
         "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
         "total_tokens": u.total(),
