@@ -15,6 +15,8 @@ import openai
 import pydantic
 from anthropic.types import Message, RawMessageStreamEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from google import genai
+from google.genai import types as genai_types
 from openai.types.responses import Response, ResponseStreamEvent
 
 ROOT, KEY, MODELS = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -41,7 +43,7 @@ def strict(schema, data):
 
 oai = openai.OpenAI(base_url=f"{ROOT}/v1", api_key=KEY, max_retries=0)
 ant = anthropic.Anthropic(base_url=ROOT, api_key=KEY, max_retries=0)
-results = []
+gem = genai.Client(api_key=KEY, http_options=genai_types.HttpOptions(base_url=ROOT, api_version="v1"))
 
 
 # ----- Responses -------------------------------------------------------------------------
@@ -190,7 +192,48 @@ def messages_case(model, case, stream):
         assert any(b.type == "text" and b.text for b in r.content), r.content
 
 
-CALLERS = {"responses": responses_case, "chat": chat_case, "messages": messages_case}
+# ----- Interactions (google-genai) -------------------------------------------------------
+
+def interactions_case(model, case, stream):
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
+    kw = dict(model=model, generation_config={"max_output_tokens": 256}, extra_body=sw(model))
+    if case == "text":
+        kw.update(system_instruction="Be brief.", input="Say hi.")
+    elif case == "tool_call":
+        kw.update(tools=tools, input="Weather in Paris? #sim tool=get_weather")
+    elif case == "tool_result":
+        kw.update(tools=tools, input=[
+            {"type": "user_input", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+            {"type": "function_call", "id": "call_abc123", "name": "get_weather", "arguments": {"location": "Paris"}},
+            {"type": "function_result", "call_id": "call_abc123", "name": "get_weather", "result": "sunny, 21C"}])
+    elif case == "image":
+        kw.update(input=[{"type": "text", "text": "What is in this image?"},
+                         {"type": "image", "data": PNG.split(",", 1)[1], "mime_type": "image/png"}])
+    elif case == "structured":
+        kw.update(input="Answer in JSON.", response_format=SCHEMA)
+    if stream:
+        final, kinds = None, []
+        for ev in gem.interactions.create(stream=True, **kw):
+            kinds.append(ev.event_type)
+            if ev.event_type == "interaction.completed":
+                final = ev.interaction
+        assert kinds[0] == "interaction.created" and final is not None, kinds
+        r = final
+    else:
+        r = gem.interactions.create(**kw)
+    assert r.service_tier in ("flex", "standard", "priority"), r.service_tier
+    assert r.usage.total_tokens == r.usage.total_input_tokens + r.usage.total_output_tokens, r.usage
+    if case == "tool_call":
+        assert r.status == "requires_action", r.status
+        call = [s for s in r.steps if s.type == "function_call"][0]
+        assert call.name == "get_weather" and isinstance(call.arguments, dict), call
+    else:
+        assert r.status == "completed", r.status
+        texts = [c.text for s in r.steps if s.type == "model_output" for c in s.content if c.type == "text"]
+        assert texts and texts[0], r.steps
+
+
+CALLERS = {"responses": responses_case, "chat": chat_case, "messages": messages_case, "interactions": interactions_case}
 failures = []
 count = 0
 for caller, fn in CALLERS.items():
