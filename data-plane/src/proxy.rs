@@ -39,6 +39,19 @@ pub struct ProxyConfig {
     /// Floor of the learned standard start latency when the catalog gives none.
     pub standard_start_floor: Duration,
     pub backoff: Backoff,
+    pub strategy: RaceStrategy,
+}
+
+/// When standard is launched in a flex race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RaceStrategy {
+    /// At the deadline minus the learned standard start latency, so standard also starts by the
+    /// deadline (the product's behaviour).
+    #[default]
+    Hedged,
+    /// Only at the deadline (flex may still win until standard starts): a gateway that waits
+    /// out the budget before falling back. Kept for the race-quality benchmark's comparison.
+    Naive,
 }
 
 impl Default for ProxyConfig {
@@ -49,6 +62,7 @@ impl Default for ProxyConfig {
             max_response_bytes: 64 * 1024 * 1024,
             standard_start_floor: Duration::from_millis(500),
             backoff: Backoff::default(),
+            strategy: RaceStrategy::default(),
         }
     }
 }
@@ -210,10 +224,13 @@ impl Proxy {
             Plan::Race(budget) => {
                 let deadline = t0 + budget;
                 let expected = self.latency.expected(model, floor);
-                let hedge_at = deadline
-                    .checked_sub(expected)
-                    .unwrap_or(t0)
-                    .max(Instant::now());
+                let hedge_at = match self.cfg.strategy {
+                    RaceStrategy::Hedged => deadline
+                        .checked_sub(expected)
+                        .unwrap_or(t0)
+                        .max(Instant::now()),
+                    RaceStrategy::Naive => deadline,
+                };
                 let outcome = race::run(
                     deadline,
                     hedge_at,
