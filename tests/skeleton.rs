@@ -422,7 +422,9 @@ async fn upstream_https_with_a_private_ca() {
     let (url, ca) = https_sim(dir.path()).await;
     let s = stack_with(Options {
         sim: sim_config(),
-        upstream: Some((url.clone(), ca)),
+        openai_url: Some(url.clone()),
+        ca: Some(ca),
+        anthropic_url: None,
     })
     .await;
     for sw in ["default", "00h-00m-10s"] {
@@ -437,7 +439,9 @@ async fn upstream_https_with_a_private_ca() {
     // Without the CA, the same upstream is refused (the certificate is not trusted).
     let s2 = stack_with(Options {
         sim: sim_config(),
-        upstream: None,
+        openai_url: None,
+        ca: None,
+        anthropic_url: None,
     })
     .await;
     let client = flex_data_plane::upstream::UpstreamClient::new(&Default::default()).unwrap();

@@ -10,6 +10,7 @@ pub mod canonical;
 pub mod error;
 pub mod formats;
 pub mod ids;
+pub mod passthrough;
 pub mod providers;
 pub mod proxy;
 pub mod race;

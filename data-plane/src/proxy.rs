@@ -1,31 +1,27 @@
 //! The request path: authenticate → validate → plan the tier → call the provider (racing flex
 //! against the deadline when asked) → answer in the caller's format → report usage.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use flex_shared::catalog::{Model, Provider, Tier};
 use flex_shared::usage::{UsageEvent, SCHEMA_VERSION};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use secrecy::SecretString;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::auth::{authenticate, Caller};
 use crate::error::ApiError;
-use crate::formats::{self, chat, responses, CallerFormat, RawBody};
-use crate::providers::openai::{self, Api};
+use crate::formats::{self, chat, CallerFormat, RawBody};
+use crate::passthrough::{Native, NativeCall};
 use crate::providers::{AskTier, BaseUrls};
-use crate::race::{self, AttemptError, Backoff, EventClass, StartLatency, Started};
+use crate::race::{self, AttemptError, Backoff, StartLatency, Started};
 use crate::snapshot::{ProviderSecret, SnapshotStore};
-use crate::sse::Event;
 use crate::start_within::{self, StartWithin};
 use crate::translate::{self, TranslatedCall};
-use crate::upstream::{read_body, UpstreamClient, MAX_ERROR_BODY};
+use crate::upstream::UpstreamClient;
 use crate::usage::UsageSink;
 
 /// Limits and knobs of the request path.
@@ -397,39 +393,40 @@ impl Proxy {
         let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
             Duration::from_millis(u64::from(m.standard_start_floor_ms))
         });
-        let api = match (format, provider) {
-            (CallerFormat::Responses, Provider::OpenAi) => Api::Responses,
-            (CallerFormat::ChatCompletions, Provider::OpenAi) => Api::Chat,
-            _ => {
-                let req = translate::parse_request(format, &body)?;
-                translate::require_max_tokens(provider, &req, format)?;
-                let call = TranslatedCall {
-                    proxy: self,
-                    format,
-                    provider,
-                    base: self.cfg.base_urls.for_provider(provider).to_string(),
-                    secret,
-                    include_usage: body
-                        .value("stream_options")
-                        .is_some_and(|v| v["include_usage"] == json!(true)),
-                    req,
-                    floor,
-                };
-                return call.run(plan, t0, draft).await;
-            }
+        let Some(api) = Native::of(format, provider) else {
+            let req = translate::parse_request(format, &body)?;
+            translate::require_max_tokens(provider, &req, format)?;
+            let call = TranslatedCall {
+                proxy: self,
+                format,
+                provider,
+                base: self.cfg.base_urls.for_provider(provider).to_string(),
+                secret,
+                include_usage: body
+                    .value("stream_options")
+                    .is_some_and(|v| v["include_usage"] == json!(true)),
+                req,
+                floor,
+            };
+            return call.run(plan, t0, draft).await;
         };
-        let call = OpenAiCall {
+        if api == Native::Messages {
+            // Validation only (refusals, max_tokens): the body itself goes upstream as sent.
+            translate::parse_request(format, &body)?;
+        }
+        let call = NativeCall {
             proxy: self,
             api,
-            base: self.cfg.base_urls.openai.clone(),
+            base: self.cfg.base_urls.for_provider(provider).to_string(),
             secret,
-            caller_wants_usage: api == Api::Chat
+            caller_wants_usage: api == Native::Chat
                 && body
                     .value("stream_options")
                     .is_some_and(|v| v["include_usage"] == json!(true)),
             body,
             model,
             floor,
+            headers: headers.clone(),
         };
         // On success the call takes the draft and reports it when the answer ends; on failure it
         // leaves it (with what it learned) for `handle` to report.
@@ -449,276 +446,6 @@ pub(crate) fn take(slot: &mut Option<Draft>) -> Result<Draft, ApiError> {
     slot.take().ok_or_else(lost_draft)
 }
 
-/// One request to OpenAI in its own format (passthrough apart from the tier fields).
-struct OpenAiCall<'a> {
-    proxy: &'a Proxy,
-    api: Api,
-    base: String,
-    secret: SecretString,
-    body: RawBody,
-    caller_wants_usage: bool,
-    model: String,
-    floor: Duration,
-}
-
-/// Classifies an OpenAI stream event for the race.
-fn classify(api: Api, ev: &Event) -> EventClass {
-    match api {
-        Api::Responses => openai::classify_responses(ev),
-        Api::Chat => {
-            if ev.data == "[DONE]" {
-                return EventClass::Start;
-            }
-            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-                return EventClass::Lifecycle;
-            };
-            match v.get("error") {
-                Some(e) if openai::is_capacity_code(e["code"].as_str().unwrap_or_default()) => {
-                    EventClass::CapacityError
-                }
-                Some(_) => EventClass::Error,
-                None if chat::chunk_has_content(&v) => EventClass::Start,
-                None => EventClass::Lifecycle,
-            }
-        }
-    }
-}
-
-impl OpenAiCall<'_> {
-    fn bytes_for(&self, tier: AskTier, stream: bool) -> Bytes {
-        let mut b = self.body.clone();
-        b.set("service_tier", &json!(openai::tier_value(tier)));
-        if stream {
-            b.set("stream", &json!(true));
-            if self.api == Api::Chat {
-                let mut so = b
-                    .value("stream_options")
-                    .filter(Value::is_object)
-                    .unwrap_or_else(|| json!({}));
-                so["include_usage"] = json!(true);
-                b.set("stream_options", &so);
-            }
-        }
-        b.to_bytes()
-    }
-
-    async fn stream_attempt(&self, tier: AskTier, bytes: Bytes) -> Result<Started, AttemptError> {
-        let req = openai::request(&self.base, self.api, &self.secret, bytes, true)
-            .map_err(AttemptError::Fatal)?;
-        let api = self.api;
-        race::attempt(&self.proxy.upstream, req, tier, move |ev| classify(api, ev)).await
-    }
-
-    async fn run(
-        self,
-        plan: Plan,
-        caller_stream: bool,
-        t0: Instant,
-        slot: &mut Option<Draft>,
-    ) -> Result<Response, ApiError> {
-        if let (Plan::Direct(tier), false) = (plan, caller_stream) {
-            let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
-            e.reason = "direct".into();
-            e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
-            return self.direct_body(tier, slot).await;
-        }
-        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
-        let started = self
-            .proxy
-            .start_upstream(plan, t0, &self.model, self.floor, e, |tier| {
-                self.stream_attempt(tier, self.bytes_for(tier, true))
-            })
-            .await?;
-        Ok(self.respond(started, caller_stream, take(slot)?).await)
-    }
-
-    /// Non-streaming, no race: the provider's body goes back untouched.
-    async fn direct_body(
-        &self,
-        tier: AskTier,
-        slot: &mut Option<Draft>,
-    ) -> Result<Response, ApiError> {
-        let req = openai::request(
-            &self.base,
-            self.api,
-            &self.secret,
-            self.bytes_for(tier, false),
-            false,
-        )?;
-        let resp = self.proxy.upstream.send(req).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unreachable",
-                format!("The provider could not be reached: {e}."),
-            )
-            .fix("check the provider base URL and the network; retry later.")
-        })?;
-        let (parts, body) = resp.into_parts();
-        let ct = parts.headers.get(http::header::CONTENT_TYPE).cloned();
-        if !parts.status.is_success() {
-            return Err(ApiError::upstream(
-                parts.status,
-                ct,
-                read_body(body, MAX_ERROR_BODY).await,
-            ));
-        }
-        let bytes = read_body(body, self.proxy.cfg.max_response_bytes).await;
-        let mut draft = take(slot)?;
-        draft.event.start_latency_ms = ms(draft.t0.elapsed());
-        let mut served = tier.assumed_served();
-        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            if let Some(t) = v["service_tier"].as_str().and_then(openai::served_tier) {
-                served = t;
-            }
-            apply_usage(self.api, &v["usage"], &mut draft.event);
-        }
-        draft.event.served_tier = served.as_str().to_string();
-        let reason = draft.event.reason.clone();
-        draft.emit(self.proxy.usage.as_ref(), parts.status.as_u16(), "ok");
-        let mut out = (parts.status, bytes).into_response();
-        if let Some(ct) = ct {
-            out.headers_mut().insert(http::header::CONTENT_TYPE, ct);
-        }
-        outcome_headers(out.headers_mut(), served, &reason, 0);
-        Ok(out)
-    }
-
-    /// Answers from a started upstream stream: forwarded as SSE, or assembled into one body.
-    async fn respond(&self, started: Started, caller_stream: bool, mut draft: Draft) -> Response {
-        let mut tap = Tap {
-            api: self.api,
-            served: None,
-            done: false,
-        };
-        let ask = started.tier;
-        if caller_stream {
-            let pending: VecDeque<Event> = started.buffered.into();
-            for ev in &pending {
-                tap.observe(ev, &mut draft.event);
-            }
-            let served = tap.served.unwrap_or(ask.assumed_served());
-            let reason = draft.event.reason.clone();
-            let flex_wait = draft.event.flex_wait_ms;
-            let state = StreamState {
-                pending,
-                rest: started.rest,
-                tap,
-                strip_usage_chunk: self.api == Api::Chat && !self.caller_wants_usage,
-                guard: Some(UsageGuard {
-                    draft: Some(draft),
-                    sink: self.proxy.usage.clone(),
-                    ask,
-                }),
-            };
-            let stream = futures_util::stream::unfold(state, |mut st| async move {
-                loop {
-                    let ev = match st.pending.pop_front() {
-                        Some(ev) => ev,
-                        None => match st.rest.next().await {
-                            Some(Ok(ev)) => {
-                                if let Some(e) = st.guard.as_mut().and_then(UsageGuard::event_mut) {
-                                    st.tap.observe(&ev, e);
-                                }
-                                ev
-                            }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "upstream stream broke mid-answer");
-                                if let Some(g) = st.guard.take() {
-                                    g.finish(st.tap.served, "incomplete");
-                                }
-                                return None;
-                            }
-                            None => {
-                                if let Some(g) = st.guard.take() {
-                                    g.finish(
-                                        st.tap.served,
-                                        if st.tap.done { "ok" } else { "incomplete" },
-                                    );
-                                }
-                                return None;
-                            }
-                        },
-                    };
-                    if st.strip_usage_chunk && is_usage_only_chunk(&ev) {
-                        continue;
-                    }
-                    return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
-                }
-            });
-            let mut resp = Response::new(Body::from_stream(stream));
-            let h = resp.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(
-                http::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-cache"),
-            );
-            outcome_headers(h, served, &reason, flex_wait);
-            return resp;
-        }
-        // Non-streaming caller: read the whole upstream stream and assemble the body.
-        let mut rest = started.rest;
-        let mut assembler = chat::Assembler::default();
-        let mut final_response: Option<Value> = None;
-        let mut events: VecDeque<Event> = started.buffered.into();
-        let mut broken = None;
-        loop {
-            let ev = match events.pop_front() {
-                Some(ev) => ev,
-                None => match rest.next().await {
-                    Some(Ok(ev)) => ev,
-                    Some(Err(e)) => {
-                        broken = Some(e.to_string());
-                        break;
-                    }
-                    None => break,
-                },
-            };
-            tap.observe(&ev, &mut draft.event);
-            if ev.data == "[DONE]" {
-                continue;
-            }
-            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-                continue;
-            };
-            match self.api {
-                Api::Chat => assembler.push(&v),
-                Api::Responses => {
-                    if responses::is_terminal(responses::event_type(&ev.event, &v)) {
-                        final_response = Some(v["response"].clone());
-                    }
-                }
-            }
-        }
-        let served = tap.served.unwrap_or(ask.assumed_served());
-        draft.event.served_tier = served.as_str().to_string();
-        let body = match self.api {
-            Api::Chat if broken.is_none() => Some(assembler.finish()),
-            Api::Responses => final_response,
-            Api::Chat => None,
-        };
-        let reason = draft.event.reason.clone();
-        let flex_wait = draft.event.flex_wait_ms;
-        let Some(body) = body else {
-            draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
-            let why = broken.unwrap_or_else(|| "it ended without a final response".into());
-            return ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_incomplete",
-                format!("The provider's answer was cut off: {why}."),
-            )
-            .fix("retry the request.")
-            .into_response_for(CallerFormat::Responses);
-        };
-        draft.emit(self.proxy.usage.as_ref(), 200, "ok");
-        let mut resp = axum::Json(body).into_response();
-        outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
-        resp
-    }
-}
-
 pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, flex_wait_ms: u64) {
     h.insert(
         "x-flex-served-tier",
@@ -728,86 +455,6 @@ pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, fle
         h.insert("x-flex-reason", v);
     }
     h.insert("x-flex-wait-ms", HeaderValue::from(flex_wait_ms));
-}
-
-fn is_usage_only_chunk(ev: &Event) -> bool {
-    ev.data.contains("\"usage\"")
-        && serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| {
-            v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object()
-        })
-}
-
-/// Copies OpenAI usage (Responses or Chat naming) into the usage event.
-fn apply_usage(api: Api, u: &Value, e: &mut UsageEvent) {
-    if !u.is_object() {
-        return;
-    }
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    match api {
-        Api::Responses => {
-            e.input_tokens = n(&u["input_tokens"]);
-            e.cached_input_tokens = n(&u["input_tokens_details"]["cached_tokens"]);
-            e.output_tokens = n(&u["output_tokens"]);
-            e.reasoning_tokens = n(&u["output_tokens_details"]["reasoning_tokens"]);
-        }
-        Api::Chat => {
-            e.input_tokens = n(&u["prompt_tokens"]);
-            e.cached_input_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
-            e.output_tokens = n(&u["completion_tokens"]);
-            e.reasoning_tokens = n(&u["completion_tokens_details"]["reasoning_tokens"]);
-        }
-    }
-}
-
-/// Watches forwarded events for the served tier, usage and the end of the answer.
-struct Tap {
-    api: Api,
-    served: Option<Tier>,
-    done: bool,
-}
-
-impl Tap {
-    fn observe(&mut self, ev: &Event, e: &mut UsageEvent) {
-        if ev.data == "[DONE]" {
-            self.done = true;
-            return;
-        }
-        let interesting = match self.api {
-            Api::Responses => {
-                ev.event.is_empty()
-                    || responses::is_terminal(&ev.event)
-                    || (self.served.is_none() && ev.event == "response.created")
-            }
-            Api::Chat => self.served.is_none() || ev.data.contains("\"usage\""),
-        };
-        if !interesting {
-            return;
-        }
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-            return;
-        };
-        let obj = match self.api {
-            Api::Responses => &v["response"],
-            Api::Chat => &v,
-        };
-        if let Some(t) = obj["service_tier"].as_str().and_then(openai::served_tier) {
-            self.served = Some(t);
-        }
-        apply_usage(self.api, &obj["usage"], e);
-        if self.api == Api::Responses
-            && responses::is_terminal(responses::event_type(&ev.event, &v))
-        {
-            self.done = true;
-        }
-    }
-}
-
-struct StreamState {
-    pending: VecDeque<Event>,
-    rest: crate::upstream::EventStream,
-    tap: Tap,
-    strip_usage_chunk: bool,
-    guard: Option<UsageGuard>,
 }
 
 /// Emits the usage event when a forwarded stream ends, or as `cancelled` when the caller left.
@@ -907,55 +554,6 @@ mod tests {
         assert_eq!(
             p(StartWithin::Default, "claude-opus-4-8"),
             Ok(Plan::Direct(AskTier::Standard))
-        );
-    }
-
-    #[test]
-    fn classifies_openai_events() {
-        let ev = |name: &str, data: &str| Event::new(name, data);
-        assert_eq!(
-            classify(
-                Api::Responses,
-                &ev("response.created", r#"{"type":"response.created"}"#)
-            ),
-            EventClass::Lifecycle
-        );
-        assert_eq!(
-            classify(
-                Api::Responses,
-                &ev(
-                    "response.output_text.delta",
-                    r#"{"type":"response.output_text.delta"}"#
-                )
-            ),
-            EventClass::Start
-        );
-        assert_eq!(
-            classify(
-                Api::Responses,
-                &ev("error", r#"{"type":"error","code":"resource_unavailable"}"#)
-            ),
-            EventClass::CapacityError
-        );
-        assert_eq!(
-            classify(
-                Api::Chat,
-                &ev(
-                    "",
-                    r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#
-                )
-            ),
-            EventClass::Lifecycle
-        );
-        assert_eq!(
-            classify(
-                Api::Chat,
-                &ev(
-                    "",
-                    r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#
-                )
-            ),
-            EventClass::Start
         );
     }
 

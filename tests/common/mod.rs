@@ -38,7 +38,12 @@ pub struct Stack {
 
 pub struct Options {
     pub sim: SimConfig,
-    pub upstream: Option<(String, std::path::PathBuf)>,
+    /// OpenAI base URL instead of the simulator's.
+    pub openai_url: Option<String>,
+    /// Extra CA for upstream HTTPS.
+    pub ca: Option<std::path::PathBuf>,
+    /// Anthropic base URL instead of the simulator's.
+    pub anthropic_url: Option<String>,
 }
 
 pub fn sim_config() -> SimConfig {
@@ -55,7 +60,9 @@ pub fn sim_config() -> SimConfig {
 pub async fn stack() -> Stack {
     stack_with(Options {
         sim: sim_config(),
-        upstream: None,
+        openai_url: None,
+        ca: None,
+        anthropic_url: None,
     })
     .await
 }
@@ -87,14 +94,15 @@ pub async fn stack_with(opts: Options) -> Stack {
         .unwrap();
     }
     let sim = sim::spawn(opts.sim).await.unwrap();
-    let (openai_url, ca) = match opts.upstream {
-        Some((url, ca)) => (url, Some(ca)),
-        None => (sim.openai_base_url(), None),
-    };
+    let openai_url = opts
+        .openai_url
+        .clone()
+        .unwrap_or_else(|| sim.openai_base_url());
+    let ca = opts.ca.clone();
     let cfg = ProxyConfig {
         base_urls: BaseUrls {
             openai: openai_url,
-            anthropic: sim.base_url(),
+            anthropic: opts.anthropic_url.clone().unwrap_or_else(|| sim.base_url()),
             gemini: sim.base_url(),
         },
         ..ProxyConfig::default()

@@ -115,6 +115,49 @@ pub fn request(
         })
 }
 
+/// A Messages request whose body the caller wrote (native passthrough). The caller's
+/// `anthropic-version` and `anthropic-beta` headers are forwarded; the version defaults to ours.
+pub fn raw_request(
+    base: &str,
+    key: &SecretString,
+    body: Bytes,
+    stream: bool,
+    caller_headers: &http::HeaderMap,
+) -> Result<http::Request<Full<Bytes>>, ApiError> {
+    let url = format!("{}/v1/messages", base.trim_end_matches('/'));
+    let mut key_value = HeaderValue::from_str(key.expose_secret()).map_err(|_| {
+        internal("the stored Anthropic key contains characters not allowed in a header".into())
+    })?;
+    key_value.set_sensitive(true);
+    let version = caller_headers
+        .get("anthropic-version")
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(API_VERSION));
+    let mut builder = http::Request::post(&url)
+        .header("x-api-key", key_value)
+        .header("anthropic-version", version)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(
+            http::header::ACCEPT,
+            if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
+        );
+    if let Some(beta) = caller_headers.get("anthropic-beta") {
+        builder = builder.header("anthropic-beta", beta.clone());
+    }
+    builder.body(Full::new(body)).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad_upstream_url",
+            format!("The Anthropic base URL `{base}` does not form a valid request URL: {e}."),
+        )
+        .fix("correct --anthropic-base-url (e.g. https://api.anthropic.com).")
+    })
+}
+
 fn internal(detail: String) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
