@@ -99,3 +99,49 @@ async fn responses_caller_streams_a_claude_tool_call() {
     assert_eq!(last["type"], "response.completed");
     assert_eq!(last["response"]["output"][0]["type"], "function_call");
 }
+
+#[tokio::test]
+async fn gemini_races_flex_too() {
+    let s = stack().await;
+    let url = format!("{}/chat/completions", s.base);
+    let body = |content: &str, sw: &str| json!({"model": "gemini-3.5-flash", "messages": [{"role": "user", "content": content}], "start_within": sw});
+    let r = post(&url, Some(&s.api_key), &body("hi", "00h-00m-10s")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (r.json()["service_tier"].as_str(), r.header("x-flex-reason")),
+        (Some("flex"), "flex_started")
+    );
+
+    let t0 = std::time::Instant::now();
+    let r = post(
+        &url,
+        Some(&s.api_key),
+        &body("hi #sim flex_delay_ms=60000", "00h-00m-05s"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (r.json()["service_tier"].as_str(), r.header("x-flex-reason")),
+        (Some("default"), "flex_timeout")
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_millis(5300),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    let r = post(
+        &url,
+        Some(&s.api_key),
+        &body(
+            "hi #sim flex_status=429 flex_fail_times=2 sim_id=g1",
+            "00h-00m-10s",
+        ),
+    )
+    .await;
+    assert_eq!(
+        r.json()["service_tier"],
+        "flex",
+        "a capacity error is retried on Gemini too"
+    );
+}
