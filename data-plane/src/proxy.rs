@@ -11,6 +11,7 @@ use flex_shared::usage::{UsageEvent, SCHEMA_VERSION};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::auth::{authenticate, Caller};
 use crate::error::ApiError;
@@ -251,7 +252,14 @@ impl Proxy {
                         if o.winner.tier == AskTier::Standard {
                             self.latency.record(model, o.winner.start_latency);
                         }
-                        tracing::info!(request_id = %e.request_id, model, winner = o.winner.tier.as_str(), reason = e.reason, flex_wait_ms = e.flex_wait_ms, start_latency_ms = e.start_latency_ms, "flex race decided");
+                        record_outcome(o.winner.tier, e);
+                        tracing::info!(
+                            winner = o.winner.tier.as_str(),
+                            reason = e.reason,
+                            flex_wait_ms = e.flex_wait_ms,
+                            start_latency_ms = e.start_latency_ms,
+                            "flex race decided"
+                        );
                         Ok(o.winner)
                     }
                     Err(f) => {
@@ -270,6 +278,7 @@ impl Proxy {
                 if tier == AskTier::Standard {
                     self.latency.record(model, started.start_latency);
                 }
+                record_outcome(tier, e);
                 Ok(started)
             }
         }
@@ -285,8 +294,24 @@ impl Proxy {
         let t0 = Instant::now();
         let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
         let mut draft: Option<Draft> = None;
+        // One span per request; the race fields are recorded on it as they become known.
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            format = format.as_str(),
+            org_id = tracing::field::Empty,
+            model = tracing::field::Empty,
+            provider = tracing::field::Empty,
+            start_within = tracing::field::Empty,
+            served_tier = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            flex_wait_ms = tracing::field::Empty,
+            start_latency_ms = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
         let result = self
             .serve(format, &headers, body, &request_id, t0, &mut draft)
+            .instrument(span.clone())
             .await;
         let mut resp = match result {
             Ok(r) => r,
@@ -299,6 +324,7 @@ impl Proxy {
                 e.into_response_for(format)
             }
         };
+        span.record("status", resp.status().as_u16());
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", v);
         }
@@ -367,6 +393,11 @@ impl Proxy {
         })?;
         if let Some(d) = draft.as_mut() {
             d.event.provider = provider.as_str().to_string();
+            let span = tracing::Span::current();
+            span.record("org_id", d.event.org_id.as_str());
+            span.record("model", d.event.model.as_str());
+            span.record("provider", provider.as_str());
+            span.record("start_within", d.event.start_within.as_str());
         }
         let plan = plan(sw, provider, &model, entry.as_ref())?;
         if matches!(plan, Plan::Race(_))
@@ -432,6 +463,15 @@ impl Proxy {
         // leaves it (with what it learned) for `handle` to report.
         call.run(plan, caller_stream, t0, draft).await
     }
+}
+
+/// Records the race outcome on the request's span (the same fields as the usage event).
+fn record_outcome(tier: AskTier, e: &UsageEvent) {
+    let span = tracing::Span::current();
+    span.record("served_tier", tier.assumed_served().as_str());
+    span.record("reason", e.reason.as_str());
+    span.record("flex_wait_ms", e.flex_wait_ms);
+    span.record("start_latency_ms", e.start_latency_ms);
 }
 
 pub(crate) fn lost_draft() -> ApiError {
