@@ -5,7 +5,7 @@
 //! aggregate from its stream, decide against it ([`domain`]) and append with the expected version
 //! (a concurrent change becomes `ABORTED`). The [`projection`] folds the whole log into memory and
 //! publishes versioned snapshots that proxies receive over gRPC Watch ([`service`]), in-process
-//! through [`ControlPlane::subscribe`], or (elsewhere) over NATS.
+//! through [`ControlPlane::subscribe`], or over NATS JetStream ([`snapshot_nats`]).
 //!
 //! Secrets: API keys are stored only as SHA-256 hashes and shown once. Provider keys are sealed
 //! with the master keyring before they reach the log; admin responses carry only `last4`.
@@ -16,6 +16,7 @@ pub mod error;
 pub mod projection;
 pub mod proxies;
 pub mod service;
+pub mod snapshot_nats;
 pub mod store;
 pub mod timefmt;
 

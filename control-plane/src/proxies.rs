@@ -11,6 +11,16 @@ use time::OffsetDateTime;
 
 use crate::timefmt;
 
+const NATS: &str = "nats";
+
+/// A NATS proxy reports at least this often (its heartbeat is 15 s), so silence for longer means
+/// it is gone.
+const NATS_LIVENESS: time::Duration = time::Duration::seconds(45);
+
+fn nats_alive(e: &Entry, now: OffsetDateTime) -> bool {
+    now - e.last_seen < NATS_LIVENESS
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     applied_version: u64,
@@ -101,21 +111,52 @@ impl ProxyRegistry {
         }
     }
 
+    /// A report of a proxy that follows snapshots over NATS: it has no stream here, so it counts
+    /// as connected while its reports (every applied version, and a heartbeat) keep arriving.
+    pub fn nats_report(&self, proxy_id: &str, version: u64, accepted: bool, error: &str) {
+        let now = timefmt::now();
+        let fresh = {
+            let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let e = map.entry(proxy_id.to_string()).or_insert_with(|| Entry {
+                applied_version: 0,
+                connected_since: None,
+                last_seen: now,
+                transport: NATS.to_string(),
+                streams: 0,
+                last_error: String::new(),
+            });
+            let fresh = e.connected_since.is_none() || !nats_alive(e, now);
+            if fresh && e.streams == 0 {
+                e.connected_since = Some(now);
+            }
+            e.transport = NATS.to_string();
+            fresh
+        };
+        if fresh {
+            tracing::info!(proxy_id, "proxy following snapshots over NATS");
+        }
+        self.ack(proxy_id, version, accepted, error);
+    }
+
     /// Every proxy seen by this instance, connected or not.
     pub fn list(&self) -> Vec<apb::ProxyStatus> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = timefmt::now();
         map.iter()
             .map(|(id, e)| apb::ProxyStatus {
                 proxy_id: id.clone(),
                 applied_version: e.applied_version,
-                connected_since: e.connected_since.map(timefmt::format).unwrap_or_default(),
                 last_seen: timefmt::format(e.last_seen),
                 transport: if e.transport.is_empty() {
                     "unknown".to_string()
                 } else {
                     e.transport.clone()
                 },
-                connected: e.streams > 0,
+                connected: e.streams > 0 || (e.transport == NATS && nats_alive(e, now)),
+                connected_since: match (e.streams, e.transport == NATS && nats_alive(e, now)) {
+                    (0, false) => String::new(),
+                    _ => e.connected_since.map(timefmt::format).unwrap_or_default(),
+                },
                 last_error: e.last_error.clone(),
             })
             .collect()

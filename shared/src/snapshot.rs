@@ -5,10 +5,12 @@
 //! the version, hash and timestamp fields cleared, so the proxy can check that what it built from
 //! a delta is exactly what the control plane has.
 
+use std::collections::{HashMap, HashSet};
+
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::proto::control::{Snapshot, SnapshotDelta};
+use crate::proto::control::{ApiKeyEntry, Snapshot, SnapshotDelta};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
@@ -55,6 +57,7 @@ pub fn validate(s: &Snapshot) -> Result<(), SnapshotError> {
             computed,
         });
     }
+    let orgs: HashSet<&str> = s.orgs.iter().map(|o| o.org_id.as_str()).collect();
     for k in &s.api_keys {
         if k.key_hash.len() != 64 || !k.key_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(SnapshotError::Invalid(format!(
@@ -62,7 +65,7 @@ pub fn validate(s: &Snapshot) -> Result<(), SnapshotError> {
                 k.key_id
             )));
         }
-        if !s.orgs.iter().any(|o| o.org_id == k.org_id) {
+        if !orgs.contains(k.org_id.as_str()) {
             return Err(SnapshotError::Invalid(format!(
                 "api key {} belongs to unknown org {}",
                 k.key_id, k.org_id
@@ -99,12 +102,28 @@ pub fn apply_delta(
             None => s.orgs.push(o.clone()),
         }
     }
-    s.api_keys
-        .retain(|k| !d.remove_api_key_hashes.contains(&k.key_hash));
-    for k in &d.upsert_api_keys {
-        match s.api_keys.iter_mut().find(|x| x.key_hash == k.key_hash) {
-            Some(slot) => *slot = k.clone(),
-            None => s.api_keys.push(k.clone()),
+    // Keys can number in the millions: one pass with hashed lookups, not a scan per change.
+    let removed: HashSet<&str> = d.remove_api_key_hashes.iter().map(String::as_str).collect();
+    let mut upserts: HashMap<&str, &ApiKeyEntry> = d
+        .upsert_api_keys
+        .iter()
+        .map(|k| (k.key_hash.as_str(), k))
+        .collect();
+    if !removed.is_empty() {
+        s.api_keys
+            .retain(|k| !removed.contains(k.key_hash.as_str()));
+    }
+    if !upserts.is_empty() {
+        for slot in &mut s.api_keys {
+            if let Some(k) = upserts.remove(slot.key_hash.as_str()) {
+                *slot = k.clone();
+            }
+        }
+        // What is left is new; keep the delta's order so the result does not depend on hashing.
+        for k in &d.upsert_api_keys {
+            if upserts.contains_key(k.key_hash.as_str()) {
+                s.api_keys.push(k.clone());
+            }
         }
     }
     s.provider_keys.retain(|p| {
@@ -154,13 +173,19 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
             d.upsert_orgs.push(o.clone());
         }
     }
+    let old_keys: HashMap<&str, &ApiKeyEntry> = old
+        .api_keys
+        .iter()
+        .map(|k| (k.key_hash.as_str(), k))
+        .collect();
     for k in &new.api_keys {
-        if !old.api_keys.contains(k) {
+        if old_keys.get(k.key_hash.as_str()) != Some(&k) {
             d.upsert_api_keys.push(k.clone());
         }
     }
+    let new_keys: HashSet<&str> = new.api_keys.iter().map(|k| k.key_hash.as_str()).collect();
     for k in &old.api_keys {
-        if !new.api_keys.iter().any(|n| n.key_hash == k.key_hash) {
+        if !new_keys.contains(k.key_hash.as_str()) {
             d.remove_api_key_hashes.push(k.key_hash.clone());
         }
     }
@@ -190,10 +215,52 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
     d
 }
 
+/// How snapshots travel over NATS JetStream (the contract between the publisher in the control
+/// plane and the proxies that follow it).
+///
+/// One stream, [`nats::STREAM`], holds every published version in order: full snapshots on
+/// [`nats::FULL_SUBJECT`], deltas on [`nats::DELTA_SUBJECT`]. Each message is a prost-encoded
+/// `SnapshotUpdate` (split into numbered chunks when it is larger than the server's
+/// `max_payload`) with the headers below. A proxy follows the stream with an ordered consumer
+/// from the stream sequence after the last update it applied, or from the first chunk of the
+/// newest full snapshot. Proxies report what they applied on `flex.snapshot.ack.<token>` (core
+/// NATS, a prost-encoded `AckRequest`).
+pub mod nats {
+    /// The JetStream stream.
+    pub const STREAM: &str = "FLEX_SNAPSHOTS";
+    /// Full snapshots.
+    pub const FULL_SUBJECT: &str = "flex.snapshot.full";
+    /// Deltas from the previous published version.
+    pub const DELTA_SUBJECT: &str = "flex.snapshot.delta";
+    /// Prefix of the acknowledgement subjects; the control plane listens on `PREFIX.>`.
+    pub const ACK_PREFIX: &str = "flex.snapshot.ack";
+    /// The version the update brings a proxy to (decimal).
+    pub const HEADER_VERSION: &str = "Flex-Version";
+    /// `i/n`: this message is chunk `i` (from 0) of `n`; absent = one message.
+    pub const HEADER_CHUNK: &str = "Flex-Chunk";
+    /// On every chunk after the first: the stream sequence of chunk 0.
+    pub const HEADER_FIRST_SEQ: &str = "Flex-First-Seq";
+
+    /// The ack subject of a proxy: its id with the characters NATS reserves replaced.
+    pub fn ack_subject(proxy_id: &str) -> String {
+        let token: String = proxy_id
+            .chars()
+            .map(|c| {
+                if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        format!("{ACK_PREFIX}.{token}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::control::{ApiKeyEntry, OrgEntry};
+    use crate::proto::control::OrgEntry;
 
     fn org(id: &str) -> OrgEntry {
         OrgEntry {

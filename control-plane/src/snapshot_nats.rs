@@ -1,0 +1,398 @@
+//! Publishes every snapshot version to NATS JetStream, once, for any number of proxies.
+//!
+//! Layout ([`flex_shared::snapshot::nats`]): the stream `FLEX_SNAPSHOTS` keeps the published
+//! versions in order, full snapshots on `flex.snapshot.full` and deltas on `flex.snapshot.delta`,
+//! each a prost-encoded `SnapshotUpdate`. A full goes out first (at start, after a restart of
+//! this process, when the stream had to be created, after a failed publish), then every
+//! `full_every` updates, and whenever the delta would be larger than the full; deltas otherwise.
+//! An update larger than the server's `max_payload` is split into chunks published back to back.
+//! `Nats-Msg-Id` is the version (plus `-full` and the chunk index), so a retried publish is
+//! stored once within the stream's duplicate window. The stream is bounded by age, message count
+//! and bytes, oldest discarded first; a proxy that falls behind what is left starts again from
+//! the newest full.
+//!
+//! Why a stream rather than a KV bucket: a KV bucket keeps the latest value per key, so a proxy
+//! that reconnects gets the whole snapshot again; the stream keeps the chain of deltas, so it
+//! resumes from the sequence after its last applied update and receives only what changed.
+//!
+//! Proxies report each applied (or refused) version on `flex.snapshot.ack.<proxy>`, plus a
+//! heartbeat; [`ControlPlane::publish_snapshots_to_nats`] records them in the proxy registry, so
+//! `flex admin proxies` lists NATS proxies next to gRPC ones.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use flex_shared::proto::control as pb;
+use flex_shared::snapshot::{self as rules, nats};
+use futures_util::StreamExt;
+use prost::Message;
+use tokio::task::JoinHandle;
+
+use crate::ControlPlane;
+
+/// Settings of the snapshot stream.
+#[derive(Debug, Clone)]
+pub struct NatsSnapshotConfig {
+    /// Stream name (default `FLEX_SNAPSHOTS`).
+    pub stream: String,
+    /// A full snapshot after this many deltas.
+    pub full_every: u32,
+    /// Messages older than this are discarded.
+    pub max_age: Duration,
+    /// At most this many messages (chunks count one each).
+    pub max_messages: i64,
+    /// At most this many bytes.
+    pub max_bytes: i64,
+    /// `Nats-Msg-Id` deduplication window.
+    pub duplicate_window: Duration,
+}
+
+impl Default for NatsSnapshotConfig {
+    fn default() -> Self {
+        Self {
+            stream: nats::STREAM.to_string(),
+            full_every: 64,
+            max_age: Duration::from_secs(24 * 3600),
+            max_messages: 100_000,
+            max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The running publisher; dropping it stops publishing and listening for reports.
+pub struct NatsPublisher {
+    published: Arc<AtomicU64>,
+    fulls: Arc<AtomicU64>,
+    chunked: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NatsPublisher {
+    /// The last version stored in the stream by this publisher (0 = none yet).
+    pub fn published_version(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// How many full snapshots this publisher stored.
+    pub fn fulls_published(&self) -> u64 {
+        self.fulls.load(Ordering::Relaxed)
+    }
+
+    /// How many updates were larger than the server's `max_payload` and went out in chunks.
+    pub fn chunked_published(&self) -> u64 {
+        self.chunked.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for NatsPublisher {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsPublisher")
+            .field("published_version", &self.published_version())
+            .finish_non_exhaustive()
+    }
+}
+
+pub use async_nats::ConnectOptions;
+
+impl ControlPlane {
+    /// Connects to NATS at `url` (credentials in `options`; reconnecting forever, the first
+    /// connection too, so the control plane starts while NATS is down) and starts
+    /// [`ControlPlane::publish_snapshots_to_nats`].
+    pub async fn start_nats_snapshots(
+        self: &Arc<Self>,
+        url: &str,
+        options: ConnectOptions,
+        cfg: NatsSnapshotConfig,
+    ) -> crate::error::Result<NatsPublisher> {
+        let client = options
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(|e| crate::error::Error::Internal(format!("NATS {url}: {e}")))?;
+        tracing::info!(url, stream = %cfg.stream, "publishing snapshots to NATS");
+        Ok(self.publish_snapshots_to_nats(client, cfg))
+    }
+
+    /// Starts publishing snapshots to JetStream over `client` and recording the proxies' reports.
+    /// Both tasks run until the returned handle is dropped, riding out NATS outages.
+    pub fn publish_snapshots_to_nats(
+        self: &Arc<Self>,
+        client: async_nats::Client,
+        cfg: NatsSnapshotConfig,
+    ) -> NatsPublisher {
+        let published = Arc::new(AtomicU64::new(0));
+        let fulls = Arc::new(AtomicU64::new(0));
+        let chunked = Arc::new(AtomicU64::new(0));
+        let publisher = tokio::spawn(publish_loop(
+            self.clone(),
+            client.clone(),
+            cfg,
+            Counters {
+                published: published.clone(),
+                fulls: fulls.clone(),
+                chunked: chunked.clone(),
+            },
+        ));
+        let reports = tokio::spawn(report_loop(self.clone(), client));
+        NatsPublisher {
+            published,
+            fulls,
+            chunked,
+            tasks: vec![publisher, reports],
+        }
+    }
+}
+
+/// Gets the stream, creating it when missing. Returns whether it had to be created.
+async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Result<bool, String> {
+    match js.get_stream(&cfg.stream).await {
+        Ok(_) => Ok(false),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(stream::Config {
+                name: cfg.stream.clone(),
+                subjects: vec![nats::FULL_SUBJECT.into(), nats::DELTA_SUBJECT.into()],
+                max_age: cfg.max_age,
+                max_messages: cfg.max_messages,
+                max_bytes: cfg.max_bytes,
+                duplicate_window: cfg.duplicate_window,
+                discard: stream::DiscardPolicy::Old,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("create stream {}: {e}", cfg.stream))?;
+            tracing::info!(stream = %cfg.stream, "created the NATS snapshot stream");
+            Ok(true)
+        }
+        Err(e) => Err(format!("get stream {}: {e}", cfg.stream)),
+    }
+}
+
+/// An update ready to publish.
+struct Outgoing {
+    snapshot: Arc<pb::Snapshot>,
+    full: bool,
+    bytes: Vec<u8>,
+}
+
+fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
+    pb::SnapshotUpdate {
+        version: s.version,
+        kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+    }
+    .encode_to_vec()
+}
+
+/// Delta from `last`, unless a full is due or would be smaller.
+fn next_update(last: Option<&pb::Snapshot>, next: Arc<pb::Snapshot>, full_due: bool) -> Outgoing {
+    if let (Some(last), false) = (last, full_due) {
+        let delta = pb::SnapshotUpdate {
+            version: next.version,
+            kind: Some(pb::snapshot_update::Kind::Delta(rules::diff(last, &next))),
+        };
+        if delta.encoded_len() < next.encoded_len() {
+            return Outgoing {
+                bytes: delta.encode_to_vec(),
+                snapshot: next,
+                full: false,
+            };
+        }
+    }
+    full_update(next)
+}
+
+fn full_update(next: Arc<pb::Snapshot>) -> Outgoing {
+    Outgoing {
+        bytes: encode_full(&next),
+        snapshot: next,
+        full: true,
+    }
+}
+
+/// Publishes one update (in chunks when needed) and waits until the stream stored all of it.
+/// Returns the number of messages.
+async fn publish(
+    js: &jetstream::Context,
+    max_payload: usize,
+    out: &Outgoing,
+) -> Result<usize, String> {
+    let version = out.snapshot.version;
+    let (subject, id) = if out.full {
+        (nats::FULL_SUBJECT, format!("{version}-full"))
+    } else {
+        (nats::DELTA_SUBJECT, version.to_string())
+    };
+    // Leave room for headers and protocol overhead.
+    let chunk = max_payload.saturating_sub(4096).max(4096);
+    let parts: Vec<&[u8]> = if out.bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        out.bytes.chunks(chunk).collect()
+    };
+    let n = parts.len();
+    let mut first_seq = None;
+    let mut acks = Vec::with_capacity(n);
+    for (i, part) in parts.into_iter().enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert(nats::HEADER_VERSION, version.to_string().as_str());
+        if n > 1 {
+            h.insert("Nats-Msg-Id", format!("{id}/{i}").as_str());
+            h.insert(nats::HEADER_CHUNK, format!("{i}/{n}").as_str());
+        } else {
+            h.insert("Nats-Msg-Id", id.as_str());
+        }
+        if let Some(seq) = first_seq {
+            h.insert(nats::HEADER_FIRST_SEQ, format!("{seq}").as_str());
+        }
+        let ack = js
+            .publish_with_headers(subject, h, part.to_vec().into())
+            .await
+            .map_err(|e| format!("publish version {version}: {e}"))?;
+        if i == 0 {
+            // The later chunks name the first one, so a proxy can start from it.
+            let ack = ack
+                .await
+                .map_err(|e| format!("publish version {version}: {e}"))?;
+            first_seq = Some(ack.sequence);
+        } else {
+            acks.push(ack);
+        }
+    }
+    for ack in acks {
+        ack.await
+            .map_err(|e| format!("publish version {version}: {e}"))?;
+    }
+    Ok(n)
+}
+
+struct Counters {
+    published: Arc<AtomicU64>,
+    fulls: Arc<AtomicU64>,
+    chunked: Arc<AtomicU64>,
+}
+
+async fn publish_loop(
+    cp: Arc<ControlPlane>,
+    client: async_nats::Client,
+    cfg: NatsSnapshotConfig,
+    counters: Counters,
+) {
+    let js = jetstream::new(client.clone());
+    let mut rx = cp.subscribe();
+    let mut last: Option<Arc<pb::Snapshot>> = None;
+    let mut since_full = 0u32;
+    let mut pending: Option<Outgoing> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match ensure_stream(&js, &cfg).await {
+            Ok(created) => {
+                if created && last.is_some() {
+                    // A new stream starts with a full snapshot.
+                    last = None;
+                    pending = None;
+                }
+                let result: Result<(), String> = async {
+                    loop {
+                        let current = rx.borrow_and_update().clone();
+                        if pending.is_none()
+                            && last.as_ref().map(|l| l.version) != Some(current.version)
+                        {
+                            let full_due = since_full >= cfg.full_every;
+                            pending = Some(next_update(last.as_deref(), current, full_due));
+                        }
+                        if let Some(out) = &pending {
+                            let max_payload = client.server_info().max_payload;
+                            let chunks = publish(&js, max_payload, out).await?;
+                            since_full = if out.full { 0 } else { since_full + 1 };
+                            if out.full {
+                                counters.fulls.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if chunks > 1 {
+                                counters.chunked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            counters
+                                .published
+                                .store(out.snapshot.version, Ordering::Relaxed);
+                            tracing::debug!(
+                                version = out.snapshot.version,
+                                full = out.full,
+                                bytes = out.bytes.len(),
+                                "snapshot published to NATS"
+                            );
+                            last = pending.take().map(|o| o.snapshot);
+                            backoff = Duration::from_millis(100);
+                            continue;
+                        }
+                        if rx.changed().await.is_err() {
+                            return Ok(()); // the control plane is gone
+                        }
+                    }
+                }
+                .await;
+                match result {
+                    Ok(()) => return,
+                    // The same update is retried with the same message ids, so one whose ack was
+                    // lost but which was stored is not stored twice (and a proxy skips a copy
+                    // older than what it has); the chain of deltas stays unbroken.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "snapshot publish to NATS failed; retrying")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "NATS snapshot stream unavailable; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Records the proxies' reports (`AckRequest` on `flex.snapshot.ack.>`) in the registry.
+async fn report_loop(cp: Arc<ControlPlane>, client: async_nats::Client) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.subscribe(format!("{}.>", nats::ACK_PREFIX)).await {
+            Ok(mut sub) => {
+                backoff = Duration::from_millis(100);
+                while let Some(msg) = sub.next().await {
+                    let Ok(ack) = pb::AckRequest::decode(msg.payload.as_ref()) else {
+                        tracing::warn!(subject = %msg.subject, "undecodable snapshot report ignored");
+                        continue;
+                    };
+                    let Ok(proxy_id) = crate::domain::validate_id(
+                        "proxy_id",
+                        &ack.proxy_id,
+                        "the proxy's hostname",
+                    ) else {
+                        tracing::warn!(subject = %msg.subject, "snapshot report without a valid proxy id ignored");
+                        continue;
+                    };
+                    let error: String = ack.error.chars().take(1000).collect();
+                    cp.proxies()
+                        .nats_report(&proxy_id, ack.version, ack.accepted, &error);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to snapshot reports; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

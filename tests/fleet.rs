@@ -1,0 +1,659 @@
+//! A fleet: one control plane on Postgres (a fresh database per test) serving gRPC, a private
+//! `nats-server` with JetStream, and three proxies, two following the NATS snapshot stream and
+//! one the gRPC Watch, each with its own state dir and HTTP port. Postgres comes from
+//! `FLEX_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`) and `nats-server` from
+//! `FLEX_TEST_NATS_SERVER` (default: `nats-server` on the PATH, then /usr/sbin); if either is
+//! missing the tests fail, never skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flex_control_plane::snapshot_nats::{NatsPublisher, NatsSnapshotConfig};
+use flex_control_plane::{ControlPlane, Metadata};
+use flex_data_plane::proxy::ProxyConfig;
+use flex_data_plane::snapshot::{self, SnapshotStore};
+use flex_data_plane::upstream::UpstreamConfig;
+use flex_data_plane::usage::ChannelSink;
+use flex_shared::crypto::MasterKeyring;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::task::JoinHandle;
+
+// ----- fixtures ------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+    {
+        let p = Path::new(dir).join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "nats-server not found: these tests need a real nats-server (apt-get install nats-server, \
+         or set FLEX_TEST_NATS_SERVER). They never skip."
+    )
+}
+
+/// A private nats-server with JetStream on a free port; it can be stopped and started again on
+/// the same port and store dir.
+struct Nats {
+    port: u16,
+    dir: tempfile::TempDir,
+    /// Extra server configuration (e.g. `max_payload: 16384`).
+    config: String,
+    child: Option<Child>,
+}
+
+impl Nats {
+    async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    async fn start_with(config: &str) -> Self {
+        let mut n = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            config: config.to_string(),
+            child: None,
+        };
+        n.restart().await;
+        n
+    }
+
+    /// Loses the JetStream store (as if the server came back on a new disk).
+    fn wipe(&self) {
+        assert!(self.child.is_none(), "stop nats-server first");
+        std::fs::remove_dir_all(self.dir.path().join("store")).unwrap();
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        assert!(self.child.is_none(), "nats-server is already running");
+        let conf = self.dir.path().join("nats.conf");
+        std::fs::write(&conf, &self.config).unwrap();
+        let child = Command::new(nats_server_binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path().join("store"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh Postgres database, dropped at the end.
+struct Pg {
+    base: String,
+    name: String,
+}
+
+impl Pg {
+    async fn new() -> Self {
+        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+            .trim_end_matches('/')
+            .to_string();
+        let mut conn = PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Postgres is unreachable at {base}: {e}. These tests need a real Postgres \
+                     (or FLEX_TEST_POSTGRES_URL). They never skip."
+                )
+            });
+        let name = format!("flex_fleet_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        conn.close().await.ok();
+        Self { base, name }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", self.base, self.name)
+    }
+
+    async fn drop_db(self) {
+        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transport {
+    Nats,
+    Grpc,
+}
+
+/// One proxy: a snapshot store with its follower and an HTTP server.
+struct ProxyNode {
+    store: Arc<SnapshotStore>,
+    base: String,
+    follower: JoinHandle<()>,
+    _usage: tokio::sync::mpsc::Receiver<flex_shared::usage::UsageEvent>,
+}
+
+impl Drop for ProxyNode {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+struct Fleet {
+    pg: Option<Pg>,
+    nats: Nats,
+    cp: Arc<ControlPlane>,
+    grpc_addr: SocketAddr,
+    stop_grpc: Option<tokio::sync::oneshot::Sender<()>>,
+    grpc_task: Option<JoinHandle<()>>,
+    publisher: Option<NatsPublisher>,
+    keyring: Arc<MasterKeyring>,
+    org_id: String,
+    proxies: Vec<(Transport, String, PathBuf, ProxyNode)>,
+    _dirs: tempfile::TempDir,
+}
+
+async fn start_proxy(
+    transport: Transport,
+    id: &str,
+    state_dir: &Path,
+    keyring: Arc<MasterKeyring>,
+    grpc_addr: SocketAddr,
+    nats_url: &str,
+) -> ProxyNode {
+    let store = Arc::new(SnapshotStore::new(
+        Some(keyring),
+        Some(state_dir.to_path_buf()),
+    ));
+    store.load_persisted().unwrap();
+    let follower = match transport {
+        Transport::Nats => tokio::spawn(snapshot::follow_nats(
+            store.clone(),
+            nats_url.to_string(),
+            id.to_string(),
+        )),
+        Transport::Grpc => tokio::spawn(snapshot::follow_grpc(
+            store.clone(),
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(1)),
+            id.to_string(),
+        )),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let (sink, usage) = ChannelSink::new();
+    flex::run::serve_proxy(
+        listener,
+        store.clone(),
+        &UpstreamConfig::default(),
+        ProxyConfig::default(),
+        None,
+        sink,
+    )
+    .unwrap();
+    ProxyNode {
+        store,
+        base,
+        follower,
+        _usage: usage,
+    }
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let pg = Pg::new().await;
+        let nats = Nats::start().await;
+        let keyring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+        let cp = Arc::new(
+            ControlPlane::open(&pg.url(), keyring.clone())
+                .await
+                .unwrap(),
+        );
+        let org_id = cp
+            .create_org(&Metadata::new("test"), "fleet", None)
+            .await
+            .unwrap()
+            .org
+            .org_id;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let grpc_task = {
+            let cp = cp.clone();
+            tokio::spawn(async move {
+                let _ = cp
+                    .serve_with_listener(listener, &SecretString::from("t".to_string()), async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            })
+        };
+        let publisher = cp
+            .start_nats_snapshots(
+                &nats.url(),
+                flex_control_plane::snapshot_nats::ConnectOptions::new(),
+                NatsSnapshotConfig::default(),
+            )
+            .await
+            .unwrap();
+        let dirs = tempfile::tempdir().unwrap();
+        let mut proxies = Vec::new();
+        for (transport, id) in [
+            (Transport::Nats, "nats-1"),
+            (Transport::Nats, "nats-2"),
+            (Transport::Grpc, "grpc-1"),
+        ] {
+            let dir = dirs.path().join(id);
+            let node =
+                start_proxy(transport, id, &dir, keyring.clone(), grpc_addr, &nats.url()).await;
+            proxies.push((transport, id.to_string(), dir, node));
+        }
+        let fleet = Self {
+            pg: Some(pg),
+            nats,
+            cp,
+            grpc_addr,
+            stop_grpc: Some(stop_tx),
+            grpc_task: Some(grpc_task),
+            publisher: Some(publisher),
+            keyring,
+            org_id,
+            proxies,
+            _dirs: dirs,
+        };
+        fleet.converge(Duration::from_secs(10)).await;
+        fleet
+    }
+
+    /// Waits until every proxy has the control plane's current version.
+    async fn converge(&self, within: Duration) {
+        let want = self.cp.snapshot().version;
+        let t0 = Instant::now();
+        for (_, id, _, node) in &self.proxies {
+            while node.store.version() < want {
+                assert!(
+                    t0.elapsed() < within,
+                    "proxy {id} is at version {} after {within:?}, wanted {want} ({:?})",
+                    node.store.version(),
+                    node.store.status()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    async fn create_key(&self) -> (String, String) {
+        let k = self
+            .cp
+            .create_api_key(&Metadata::new("test"), &self.org_id, "k", None, None)
+            .await
+            .unwrap();
+        (
+            k.key.key_id,
+            k.secret.as_ref().unwrap().expose_secret().to_string(),
+        )
+    }
+
+    async fn revoke(&self, key_id: &str) {
+        self.cp
+            .revoke_api_key(&Metadata::new("test"), key_id, "test")
+            .await
+            .unwrap();
+    }
+
+    /// Stops the control plane: its gRPC server (Watch streams end) and its NATS publisher.
+    async fn stop_control_plane(&mut self) {
+        self.publisher.take();
+        if let Some(tx) = self.stop_grpc.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.grpc_task.take() {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("gRPC server stops")
+                .unwrap();
+        }
+    }
+
+    async fn restart_proxy(&mut self, i: usize) {
+        let (transport, id, dir, _) = &self.proxies[i];
+        let (transport, id, dir) = (*transport, id.clone(), dir.clone());
+        // Stop the old one's feed first, then start a new store from the same state dir.
+        self.proxies[i].3.follower.abort();
+        let node = start_proxy(
+            transport,
+            &id,
+            &dir,
+            self.keyring.clone(),
+            self.grpc_addr,
+            &self.nats.url(),
+        )
+        .await;
+        self.proxies[i].3 = node;
+    }
+
+    async fn finish(mut self) {
+        self.stop_control_plane().await;
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+    }
+}
+
+async fn status_of(base: &str, key: &str) -> u16 {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::get(format!("{base}/models"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// Polls `base` until `key` gets `want`, failing after `within`; returns how long it took.
+async fn until_status(base: &str, key: &str, want: u16, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let got = status_of(base, key).await;
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{base}: key still answers {got} after {within:?}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// ----- tests ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_are_enforced_fleet_wide_and_proxies_ride_out_a_control_plane_outage() {
+    let mut fleet = Fleet::start().await;
+    let (revoked_id, revoked) = fleet.create_key().await;
+    let (_, kept) = fleet.create_key().await;
+    // A new key reaches all three proxies.
+    for (_, _, _, node) in &fleet.proxies {
+        until_status(&node.base, &revoked, 200, Duration::from_secs(1)).await;
+        until_status(&node.base, &kept, 200, Duration::from_secs(1)).await;
+    }
+    // A revocation is enforced by all three within a second.
+    fleet.revoke(&revoked_id).await;
+    for (transport, id, _, node) in &fleet.proxies {
+        let took = until_status(&node.base, &revoked, 401, Duration::from_secs(1)).await;
+        eprintln!("{id} ({transport:?}) enforced the revocation after {took:?}");
+    }
+    // The control plane lists the NATS proxies too, with the version they applied.
+    let want = fleet.cp.snapshot().version;
+    let t0 = Instant::now();
+    loop {
+        let listed = fleet.cp.list_proxies().proxies;
+        let ok = ["nats-1", "nats-2", "grpc-1"].iter().all(|id| {
+            listed
+                .iter()
+                .any(|p| p.proxy_id == *id && p.connected && p.applied_version == want)
+        });
+        if ok {
+            let transports: Vec<_> = listed
+                .iter()
+                .map(|p| (p.proxy_id.as_str(), p.transport.as_str()))
+                .collect();
+            assert!(transports.contains(&("nats-1", "nats")), "{transports:?}");
+            assert!(transports.contains(&("grpc-1", "grpc")), "{transports:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "proxies not listed with version {want}: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The control plane goes away: every proxy keeps serving what it has.
+    fleet.stop_control_plane().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (_, _, _, node) in &fleet.proxies {
+        assert_eq!(status_of(&node.base, &kept).await, 200);
+        assert_eq!(status_of(&node.base, &revoked).await, 401);
+    }
+    // A proxy restarted while the control plane is down serves from its persisted snapshot: one
+    // of each transport.
+    for i in [0, 2] {
+        fleet.restart_proxy(i).await;
+        let node = &fleet.proxies[i].3;
+        assert_eq!(node.store.version(), want, "warm start from the state dir");
+        assert_eq!(status_of(&node.base, &kept).await, 200);
+        assert_eq!(status_of(&node.base, &revoked).await, 401);
+    }
+    // The restarted NATS proxy resumed from its recorded position: nothing new, no full.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = fleet.proxies[0].3.store.status();
+    assert!(st.connected, "NATS proxy follows again: {st:?}");
+    assert_eq!(st.full_applied, 0, "{st:?}");
+    fleet.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restart_resumes_from_the_revision_without_a_full_resync() {
+    let mut fleet = Fleet::start().await;
+    let (key_id, key) = fleet.create_key().await;
+    fleet.converge(Duration::from_secs(2)).await;
+    let nats_nodes = [0usize, 1];
+    let before: Vec<_> = nats_nodes
+        .iter()
+        .map(|&i| fleet.proxies[i].3.store.status())
+        .collect();
+    for st in &before {
+        assert_eq!(st.full_applied, 1, "one full snapshot on connect: {st:?}");
+    }
+
+    // NATS goes down: the NATS proxies notice and keep serving.
+    fleet.nats.stop();
+    let t0 = Instant::now();
+    for &i in &nats_nodes {
+        while fleet.proxies[i].3.store.status().connected {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "proxy never noticed NATS was down"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status_of(&fleet.proxies[i].3.base, &key).await, 200);
+    }
+
+    // NATS comes back on the same port and store: the proxies follow again from where they were.
+    fleet.nats.restart().await;
+    let t0 = Instant::now();
+    for &i in &nats_nodes {
+        while !fleet.proxies[i].3.store.status().connected {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "proxy did not reconnect to NATS: {:?}",
+                fleet.proxies[i].3.store.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    fleet.revoke(&key_id).await;
+    for (_, id, _, node) in &fleet.proxies {
+        let took = until_status(&node.base, &key, 401, Duration::from_secs(10)).await;
+        eprintln!("{id} enforced the revocation {took:?} after the NATS restart");
+    }
+    for (n, &i) in nats_nodes.iter().enumerate() {
+        let st = fleet.proxies[i].3.store.status();
+        assert_eq!(
+            st.full_applied, before[n].full_applied,
+            "resumed without a full resync: {st:?}"
+        );
+        assert!(st.deltas_applied > before[n].deltas_applied, "{st:?}");
+    }
+    fleet.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_nats_store_is_recovered_with_a_full_snapshot() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut fleet = Fleet::start().await;
+    let (key_id, key) = fleet.create_key().await;
+    fleet.converge(Duration::from_secs(2)).await;
+    let before = fleet.proxies[0].3.store.status().full_applied;
+    fleet.nats.stop();
+    fleet.nats.wipe();
+    fleet.nats.restart().await;
+    // The publisher recreates the stream with a full snapshot at its next version; the proxies'
+    // positions are past the new stream's end, so they start again from that full.
+    fleet.revoke(&key_id).await;
+    for (_, id, _, node) in &fleet.proxies {
+        let took = until_status(&node.base, &key, 401, Duration::from_secs(15)).await;
+        eprintln!("{id} enforced the revocation {took:?} after NATS lost its store");
+    }
+    for i in [0, 1] {
+        let st = fleet.proxies[i].3.store.status();
+        assert_eq!(st.full_applied, before + 1, "{st:?}");
+    }
+    fleet.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_larger_than_max_payload_go_in_chunks() {
+    let pg = Pg::new().await;
+    let nats = Nats::start_with("max_payload: 16384\n").await;
+    let keyring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+    let cp = Arc::new(
+        ControlPlane::open(&pg.url(), keyring.clone())
+            .await
+            .unwrap(),
+    );
+    let meta = Metadata::new("test");
+    let org_id = cp.create_org(&meta, "big", None).await.unwrap().org.org_id;
+    let publisher = cp
+        .start_nats_snapshots(
+            &nats.url(),
+            flex_control_plane::snapshot_nats::ConnectOptions::new(),
+            NatsSnapshotConfig {
+                full_every: 50,
+                ..NatsSnapshotConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for i in 0..250 {
+        let k = cp
+            .create_api_key(&meta, &org_id, &format!("k{i}"), None, None)
+            .await
+            .unwrap();
+        keys.push(flex_shared::keys::hash(
+            k.secret.as_ref().unwrap().expose_secret(),
+        ));
+    }
+    let want = cp.snapshot().version;
+    let t0 = Instant::now();
+    while publisher.published_version() < want {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not published");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        publisher.chunked_published() > 0,
+        "a full snapshot of 250 keys exceeds 16 KiB"
+    );
+    // A proxy joining now starts from the newest (chunked) full, then follows the deltas.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SnapshotStore::new(
+        Some(keyring),
+        Some(dir.path().to_path_buf()),
+    ));
+    let follower = tokio::spawn(snapshot::follow_nats(
+        store.clone(),
+        nats.url(),
+        "late".into(),
+    ));
+    let t0 = Instant::now();
+    while store.version() < want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "late proxy at {} of {want}: {:?}",
+            store.version(),
+            store.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let snap = store.load().unwrap();
+    assert!(keys.iter().all(|h| snap.keys.contains_key(h)));
+    assert_eq!(store.status().full_applied, 1);
+    follower.abort();
+    drop(publisher);
+    pg.drop_db().await;
+}
