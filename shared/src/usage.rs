@@ -7,6 +7,38 @@ use serde::{Deserialize, Serialize};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The JetStream stream usage events are published to (proxies and the control plane create it
+/// when missing, with the same settings).
+pub const NATS_STREAM: &str = "FLEX_USAGE";
+/// Subjects of [`NATS_STREAM`]; an event goes to `flex.usage.<org_id>`.
+pub const NATS_SUBJECTS: &str = "flex.usage.>";
+/// JetStream deduplicates republished events (same `Nats-Msg-Id`) inside this window; the
+/// ledger's unique request id covers everything older.
+pub const NATS_DUPLICATE_WINDOW_SECS: u64 = 600;
+/// How long the stream keeps events (for analytics consumers; the control plane acks much sooner).
+pub const NATS_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+
+/// The subject an event is published on: `flex.usage.<org_id>`, with characters NATS reserves
+/// in a subject token (`.`, `*`, `>`, whitespace) replaced by `_`.
+pub fn nats_subject(org_id: &str) -> String {
+    let token: String = org_id
+        .chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let token = if token.is_empty() {
+        "_".to_string()
+    } else {
+        token
+    };
+    format!("flex.usage.{token}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
     pub schema_version: u32,
@@ -46,7 +78,48 @@ pub struct UsageEvent {
 }
 
 impl UsageEvent {
+    /// Why this event cannot enter the ledger, if it cannot: an empty `request_id` or `org_id`,
+    /// or a count beyond the ledger's signed 64-bit columns.
+    pub fn ledger_problem(&self) -> Option<String> {
+        if self.request_id.trim().is_empty() || self.org_id.trim().is_empty() {
+            return Some("empty request_id or org_id; both are required".into());
+        }
+        let counts = [
+            ("flex_wait_ms", self.flex_wait_ms),
+            ("start_latency_ms", self.start_latency_ms),
+            ("duration_ms", self.duration_ms),
+            ("input_tokens", self.input_tokens),
+            ("cached_input_tokens", self.cached_input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("reasoning_tokens", self.reasoning_tokens),
+        ];
+        for (name, v) in counts {
+            if i64::try_from(v).is_err() {
+                return Some(format!("{name} = {v} is out of range"));
+            }
+        }
+        if i32::try_from(self.schema_version).is_err() {
+            return Some(format!(
+                "schema_version = {} is out of range",
+                self.schema_version
+            ));
+        }
+        None
+    }
+
     pub fn savings_micros(&self) -> i64 {
         self.standard_cost_micros.saturating_sub(self.cost_micros)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_single_tokens() {
+        assert_eq!(nats_subject("org_0190abc"), "flex.usage.org_0190abc");
+        assert_eq!(nats_subject("a.b*c>d e"), "flex.usage.a_b_c_d_e");
+        assert_eq!(nats_subject(""), "flex.usage._");
     }
 }
