@@ -766,48 +766,75 @@ impl Store {
                 tx.commit().await?;
             }
             Store::Postgres(pool) => {
+                // One statement per batch: a column array per field, unnested into rows.
                 let sql = format!(
-                    "INSERT INTO usage_ledger ({USAGE_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                      $18, $19, $20::json, $21, $22, $23, $24) \
+                    "INSERT INTO usage_ledger ({USAGE_COLUMNS}) \
+                     SELECT request_id, schema_version, org_id, key_id, model, provider, \
+                       caller_format, start_within, served_tier, reason, flex_wait_ms, \
+                       start_latency_ms, duration_ms, input_tokens, cached_input_tokens, \
+                       output_tokens, reasoning_tokens, status, outcome, tiers_started::json, \
+                       cost_micros, standard_cost_micros, received_at, $24 \
+                     FROM UNNEST($1::TEXT[], $2::INT4[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+                       $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::INT8[], \
+                       $12::INT8[], $13::INT8[], $14::INT8[], $15::INT8[], $16::INT8[], \
+                       $17::INT8[], $18::INT4[], $19::TEXT[], $20::TEXT[], $21::INT8[], \
+                       $22::INT8[], $23::TIMESTAMPTZ[]) \
+                     AS u(request_id, schema_version, org_id, key_id, model, provider, \
+                       caller_format, start_within, served_tier, reason, flex_wait_ms, \
+                       start_latency_ms, duration_ms, input_tokens, cached_input_tokens, \
+                       output_tokens, reasoning_tokens, status, outcome, tiers_started, \
+                       cost_micros, standard_cost_micros, received_at) \
                      ON CONFLICT (request_id) DO NOTHING"
                 );
-                let mut tx = pool.begin().await?;
+                let n = rows.len();
+                let mut schema_version = Vec::with_capacity(n);
                 for r in &rows {
-                    let e = r.e;
-                    let schema_version = i32::try_from(e.schema_version).map_err(|_| {
-                        StoreError::OutOfRange(format!("schema_version = {}", e.schema_version))
-                    })?;
-                    let done = sqlx::query(&sql)
-                        .bind(&e.request_id)
-                        .bind(schema_version)
-                        .bind(&e.org_id)
-                        .bind(&e.key_id)
-                        .bind(&e.model)
-                        .bind(&e.provider)
-                        .bind(&e.caller_format)
-                        .bind(&e.start_within)
-                        .bind(&e.served_tier)
-                        .bind(&e.reason)
-                        .bind(r.flex_wait_ms)
-                        .bind(r.start_latency_ms)
-                        .bind(r.duration_ms)
-                        .bind(r.input_tokens)
-                        .bind(r.cached_input_tokens)
-                        .bind(r.output_tokens)
-                        .bind(r.reasoning_tokens)
-                        .bind(i32::from(e.status))
-                        .bind(&e.outcome)
-                        .bind(&r.tiers_started)
-                        .bind(e.cost_micros)
-                        .bind(e.standard_cost_micros)
-                        .bind(r.received_at)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    inserted += done.rows_affected();
+                    schema_version.push(i32::try_from(r.e.schema_version).map_err(|_| {
+                        StoreError::OutOfRange(format!("schema_version = {}", r.e.schema_version))
+                    })?);
                 }
-                tx.commit().await?;
+                let text = |f: fn(&UsageEvent) -> &String| -> Vec<&str> {
+                    rows.iter().map(|r| f(r.e).as_str()).collect()
+                };
+                let int =
+                    |f: fn(&UsageRow<'_>) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+                // A single statement is atomic: all rows or none.
+                let done = sqlx::query(&sql)
+                    .bind(text(|e| &e.request_id))
+                    .bind(schema_version)
+                    .bind(text(|e| &e.org_id))
+                    .bind(text(|e| &e.key_id))
+                    .bind(text(|e| &e.model))
+                    .bind(text(|e| &e.provider))
+                    .bind(text(|e| &e.caller_format))
+                    .bind(text(|e| &e.start_within))
+                    .bind(text(|e| &e.served_tier))
+                    .bind(text(|e| &e.reason))
+                    .bind(int(|r| r.flex_wait_ms))
+                    .bind(int(|r| r.start_latency_ms))
+                    .bind(int(|r| r.duration_ms))
+                    .bind(int(|r| r.input_tokens))
+                    .bind(int(|r| r.cached_input_tokens))
+                    .bind(int(|r| r.output_tokens))
+                    .bind(int(|r| r.reasoning_tokens))
+                    .bind(
+                        rows.iter()
+                            .map(|r| i32::from(r.e.status))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(text(|e| &e.outcome))
+                    .bind(
+                        rows.iter()
+                            .map(|r| r.tiers_started.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(int(|r| r.e.cost_micros))
+                    .bind(int(|r| r.e.standard_cost_micros))
+                    .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+                    .bind(now)
+                    .execute(pool)
+                    .await?;
+                inserted = done.rows_affected();
             }
         }
         Ok(inserted)
