@@ -19,6 +19,7 @@ pub mod service;
 pub mod snapshot_nats;
 pub mod store;
 pub mod timefmt;
+pub mod usage_consumer;
 
 use std::future::Future;
 use std::net::SocketAddr;
