@@ -21,3 +21,4 @@ pub mod start_within;
 pub mod translate;
 pub mod upstream;
 pub mod usage;
+pub mod usage_nats;
