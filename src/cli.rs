@@ -58,6 +58,33 @@ pub struct UpstreamArgs {
     pub max_body_mib: usize,
 }
 
+/// NATS credentials, shared by `control` and `proxy` (give at most one kind).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuthArgs {
+    /// NATS credentials file (JWT + NKey seed, as `nsc` writes it).
+    #[arg(long, env = "FLEX_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(
+        long,
+        env = "FLEX_NATS_USER",
+        requires = "nats_password",
+        conflicts_with = "nats_token"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password for --nats-user.
+    #[arg(
+        long,
+        env = "FLEX_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "FLEX_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Also start the provider simulator and create a ready-to-use `demo` org.
@@ -81,9 +108,12 @@ pub struct ControlArgs {
     /// postgres://USER@HOST:5432/DB or sqlite://PATH?mode=rwc
     #[arg(long, env = "FLEX_DATABASE_URL")]
     pub database_url: String,
-    /// NATS URL for snapshot distribution and usage (not available in this build yet).
+    /// NATS URL: usage from the proxies is consumed from JetStream (stream FLEX_USAGE) into the
+    /// ledger.
     #[arg(long, env = "FLEX_NATS_URL")]
     pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     /// gRPC listen address (admin API and the proxies' Watch).
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -100,9 +130,15 @@ pub struct ProxyArgs {
     /// Control plane gRPC URL, e.g. http://127.0.0.1:50051.
     #[arg(long, env = "FLEX_CONTROL_URL")]
     pub control_url: Option<String>,
-    /// NATS URL (not available in this build yet).
+    /// NATS URL: usage goes to JetStream (spooled in --state-dir while NATS is down) instead of
+    /// the control plane's gRPC.
     #[arg(long, env = "FLEX_NATS_URL")]
     pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
+    /// With --nats-url: most undelivered usage kept in the spool under --state-dir, in MiB.
+    #[arg(long, env = "FLEX_USAGE_SPOOL_MAX_MIB", default_value_t = 1024)]
+    pub usage_spool_max_mib: u64,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start.

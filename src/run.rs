@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::{Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
 use flex_data_plane::usage::{ChannelSink, UsageSink};
+use flex_data_plane::usage_nats::{spawn_nats_delivery, NatsDeliveryConfig, UsageQueue};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
@@ -19,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cli::{ControlArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
+use crate::cli::{ControlArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
 use crate::sim::{self, SimConfig};
 
 /// Writes `contents` to a new file readable only by its owner (mode 0600).
@@ -153,6 +155,43 @@ pub async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<Cont
         }
         batch.clear();
     }
+}
+
+/// Connects to NATS with the credentials given. Returns at once and keeps trying in the
+/// background (reconnecting forever), so a proxy starts, and spools usage, while NATS is down.
+pub async fn nats_connect(
+    url: &str,
+    auth: &NatsAuthArgs,
+    name: &str,
+) -> Result<async_nats::Client> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                other => tracing::warn!(event = %other, "NATS"),
+            }
+        });
+    if let Some(path) = &auth.nats_creds {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
+    }
+    if let (Some(user), Some(password)) = (&auth.nats_user, &auth.nats_password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &auth.nats_token {
+        opts = opts.token(token.clone());
+    }
+    opts.connect(url).await.with_context(|| {
+        format!("invalid --nats-url `{url}` (expected e.g. nats://127.0.0.1:4222)")
+    })
 }
 
 fn demo_sim_keys(dir: &Path) -> Result<serde_json::Value> {
@@ -345,15 +384,21 @@ async fn shutdown_signal() {
 }
 
 pub async fn control(args: ControlArgs) -> Result<()> {
-    if args.nats_url.is_some() {
-        bail!("--nats-url: the NATS transport is not available in this build yet; proxies use the gRPC Watch (flex proxy --control-url)");
-    }
     let keyring = Arc::new(MasterKeyring::load(&args.master_key_file)?);
     let cp = Arc::new(
         ControlPlane::open(&args.database_url, keyring)
             .await?
             .with_master_key_file(&args.master_key_file),
     );
+    // Usage from the proxies: the durable consumer on FLEX_USAGE into the ledger.
+    let _usage_consumer = match &args.nats_url {
+        Some(url) => {
+            let client = nats_connect(url, &args.nats_auth, "flex-control").await?;
+            println!("consuming usage from NATS at {url} (stream FLEX_USAGE)");
+            Some(cp.spawn_usage_consumer(client, UsageConsumerConfig::default()))
+        }
+        None => None,
+    };
     let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     println!(
@@ -366,11 +411,6 @@ pub async fn control(args: ControlArgs) -> Result<()> {
 }
 
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
-    if args.nats_url.is_some() {
-        bail!(
-            "--nats-url: the NATS transport is not available in this build yet; use --control-url"
-        );
-    }
     let Some(control_url) = args.control_url.clone() else {
         bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (or set FLEX_CONTROL_URL)");
     };
@@ -401,8 +441,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         endpoint.clone(),
         proxy_id,
     ));
-    let (sink, rx) = ChannelSink::new();
-    tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
+    let sink = usage_sink(&args, endpoint).await?;
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
@@ -410,6 +449,33 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     serve_proxy(listener, store, &upstream, cfg, tls, sink)?;
     shutdown_signal().await;
     Ok(())
+}
+
+/// Where a proxy's usage goes: JetStream with a spool in --state-dir when --nats-url is given,
+/// else the control plane's `ReportUsage`.
+async fn usage_sink(
+    args: &ProxyArgs,
+    endpoint: tonic::transport::Endpoint,
+) -> Result<Arc<dyn UsageSink>> {
+    let Some(url) = &args.nats_url else {
+        let (sink, rx) = ChannelSink::new();
+        tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
+        return Ok(sink);
+    };
+    let client = nats_connect(url, &args.nats_auth, "flex-proxy").await?;
+    let queue = UsageQueue::new();
+    let config = NatsDeliveryConfig {
+        spool_dir: args.state_dir.clone(),
+        spool_max_bytes: args.usage_spool_max_mib.saturating_mul(1024 * 1024),
+        ..NatsDeliveryConfig::default()
+    };
+    if config.spool_dir.is_none() {
+        tracing::warn!("no --state-dir: while NATS is unreachable, usage waits in memory only (bounded; a restart loses it). Give --state-dir to spool it to disk");
+    }
+    spawn_nats_delivery(queue.clone(), client, config)
+        .context("cannot open the usage spool in --state-dir")?;
+    println!("usage goes to NATS at {url} (stream FLEX_USAGE)");
+    Ok(queue)
 }
 
 fn hostname() -> String {
