@@ -109,7 +109,7 @@ pub struct ControlArgs {
     #[arg(long, env = "FLEX_DATABASE_URL")]
     pub database_url: String,
     /// NATS URL: usage from the proxies is consumed from JetStream (stream FLEX_USAGE) into the
-    /// ledger.
+    /// ledger, and every snapshot version is published to JetStream (stream FLEX_SNAPSHOTS).
     #[arg(long, env = "FLEX_NATS_URL")]
     pub nats_url: Option<String>,
     #[command(flatten)]
@@ -131,7 +131,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "FLEX_CONTROL_URL")]
     pub control_url: Option<String>,
     /// NATS URL: usage goes to JetStream (spooled in --state-dir while NATS is down) instead of
-    /// the control plane's gRPC.
+    /// the control plane's gRPC; snapshots follow JetStream (stream FLEX_SNAPSHOTS). At least one
+    /// of --control-url and --nats-url is required.
     #[arg(long, env = "FLEX_NATS_URL")]
     pub nats_url: Option<String>,
     #[command(flatten)]

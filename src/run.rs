@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flex_control_plane::snapshot_nats::NatsSnapshotConfig;
 use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
@@ -399,6 +400,15 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         }
         None => None,
     };
+    // Snapshots to the proxies that follow NATS: the FLEX_SNAPSHOTS stream.
+    let _snapshot_publisher = match &args.nats_url {
+        Some(url) => {
+            let client = nats_connect(url, &args.nats_auth, "flex-control-snapshots").await?;
+            println!("publishing snapshots to NATS at {url} (stream FLEX_SNAPSHOTS)");
+            Some(cp.publish_snapshots_to_nats(client, NatsSnapshotConfig::default()))
+        }
+        None => None,
+    };
     let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     println!(
@@ -411,9 +421,9 @@ pub async fn control(args: ControlArgs) -> Result<()> {
 }
 
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
-    let Some(control_url) = args.control_url.clone() else {
-        bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (or set FLEX_CONTROL_URL)");
-    };
+    if args.control_url.is_none() && args.nats_url.is_none() {
+        bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (gRPC Watch) and/or --nats-url nats://NATS:4222 (JetStream), or set FLEX_CONTROL_URL / FLEX_NATS_URL");
+    }
     let keyring = match &args.master_key_file {
         Some(p) => Some(Arc::new(MasterKeyring::load(p)?)),
         None => None,
@@ -424,23 +434,40 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "ignoring the persisted snapshot"),
     }
-    let endpoint = tonic::transport::Endpoint::from_shared(control_url.clone())
-        .with_context(|| {
-            format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)")
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+    let endpoint = match &args.control_url {
+        Some(control_url) => Some(
+            tonic::transport::Endpoint::from_shared(control_url.clone())
+                .with_context(|| {
+                    format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)")
+                })?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true),
+        ),
+        None => None,
+    };
     let proxy_id = args
         .proxy_id
         .clone()
         .unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
-    tokio::spawn(snapshot::follow_grpc(
-        store.clone(),
-        endpoint.clone(),
-        proxy_id,
-    ));
+    // Snapshots: gRPC Watch and/or the JetStream stream (both feed the same store).
+    if let Some(endpoint) = &endpoint {
+        tokio::spawn(snapshot::follow_grpc(
+            store.clone(),
+            endpoint.clone(),
+            proxy_id.clone(),
+        ));
+    }
+    if let Some(url) = &args.nats_url {
+        let client = nats_connect(url, &args.nats_auth, "flex-proxy-snapshots").await?;
+        println!("following snapshots on NATS at {url} (stream FLEX_SNAPSHOTS)");
+        tokio::spawn(snapshot::follow_nats_client(
+            store.clone(),
+            client,
+            proxy_id,
+        ));
+    }
     let sink = usage_sink(&args, endpoint).await?;
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
@@ -455,9 +482,12 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
 /// else the control plane's `ReportUsage`.
 async fn usage_sink(
     args: &ProxyArgs,
-    endpoint: tonic::transport::Endpoint,
+    endpoint: Option<tonic::transport::Endpoint>,
 ) -> Result<Arc<dyn UsageSink>> {
     let Some(url) = &args.nats_url else {
+        let Some(endpoint) = endpoint else {
+            bail!("flex proxy needs --control-url or --nats-url");
+        };
         let (sink, rx) = ChannelSink::new();
         tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
         return Ok(sink);

@@ -1009,7 +1009,17 @@ impl ControlPlane {
         tonic::transport::Server::builder()
             .add_routes(routes)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Watch updates are small writes: without TCP_NODELAY, Nagle's algorithm and the
+                // peer's delayed ACK hold each one back by tens of milliseconds.
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |conn| {
+                        if let Ok(c) = &conn {
+                            let _ = c.set_nodelay(true);
+                        }
+                        conn
+                    },
+                ),
                 shutdown,
             )
             .await?;
