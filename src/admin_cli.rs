@@ -53,6 +53,9 @@ pub enum AdminCommand {
         /// RFC 3339 upper bound (exclusive).
         #[arg(long)]
         to: Option<String>,
+        /// One row per day, month (UTC), model or served tier.
+        #[arg(long, value_parser = ["day", "month", "model", "tier"])]
+        group_by: Option<String>,
     },
     /// The org's events, readable.
     Audit {
@@ -604,23 +607,48 @@ pub async fn run(args: AdminArgs) -> Result<()> {
                 });
             }
         },
-        AdminCommand::Usage { org, from, to } => {
+        AdminCommand::Usage {
+            org,
+            from,
+            to,
+            group_by,
+        } => {
             let u = c
                 .get_usage(pb::GetUsageRequest {
                     org_id: org,
                     from: from.unwrap_or_default(),
                     to: to.unwrap_or_default(),
+                    group_by: group_by.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            let v = json!({"org_id": u.org_id, "requests": u.requests, "flex_requests": u.flex_requests, "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cost_micros": u.cost_micros, "standard_cost_micros": u.standard_cost_micros, "savings_micros": u.savings_micros});
+            let groups: Vec<Value> = u
+                .groups
+                .iter()
+                .map(|g| json!({"key": g.key, "requests": g.requests, "flex_requests": g.flex_requests, "input_tokens": g.input_tokens, "output_tokens": g.output_tokens, "cost_micros": g.cost_micros, "standard_cost_micros": g.standard_cost_micros, "savings_micros": g.savings_micros}))
+                .collect();
+            let mut v = json!({"org_id": u.org_id, "requests": u.requests, "flex_requests": u.flex_requests, "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cost_micros": u.cost_micros, "standard_cost_micros": u.standard_cost_micros, "savings_micros": u.savings_micros});
+            if !groups.is_empty() {
+                v["groups"] = Value::Array(groups);
+            }
             print(j, v, || {
-                format!(
-                    "org {}: {} requests ({} on flex), {} input / {} output tokens, spend ${:.6}, standard would be ${:.6}, saved ${:.6}",
+                let mut lines = vec![format!(
+                    "org {}: {} requests ({} on flex), {} input / {} output tokens, spend {}, standard would be {}, saved {}",
                     u.org_id, u.requests, u.flex_requests, u.input_tokens, u.output_tokens,
-                    u.cost_micros as f64 / 1e6, u.standard_cost_micros as f64 / 1e6, u.savings_micros as f64 / 1e6
-                )
+                    dollars(u.cost_micros), dollars(u.standard_cost_micros), dollars(u.savings_micros)
+                )];
+                lines.extend(u.groups.iter().map(|g| {
+                    format!(
+                        "  {:<24} {:>8} requests {:>8} flex  spend {:>14}  saved {:>14}",
+                        g.key,
+                        g.requests,
+                        g.flex_requests,
+                        dollars(g.cost_micros),
+                        dollars(g.savings_micros)
+                    )
+                }));
+                lines.join("\n")
             });
         }
         AdminCommand::Audit { org } => {

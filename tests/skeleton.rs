@@ -384,6 +384,36 @@ async fn usage_reaches_the_ledger_with_the_served_tier_and_costs() {
         "{u:?}"
     );
     assert_eq!(u.savings_micros, u.standard_cost_micros - u.cost_micros);
+    let by_tier =
+        s.cp.get_usage_grouped(&s.org_id, "", "", "tier")
+            .await
+            .unwrap();
+    assert_eq!(by_tier.groups.iter().map(|g| g.requests).sum::<u64>(), 3);
+    assert_eq!(
+        by_tier.groups.iter().map(|g| g.cost_micros).sum::<i64>(),
+        u.cost_micros
+    );
+    let flex = by_tier.groups.iter().find(|g| g.key == "flex").unwrap();
+    assert_eq!((flex.requests, flex.flex_requests), (1, 1));
+    let by_model =
+        s.cp.get_usage_grouped(&s.org_id, "", "", "model")
+            .await
+            .unwrap();
+    assert_eq!(by_model.groups.len(), 1);
+    assert_eq!(
+        (by_model.groups[0].key.as_str(), by_model.groups[0].requests),
+        ("gpt-5.5", 3)
+    );
+    let by_day =
+        s.cp.get_usage_grouped(&s.org_id, "", "", "day")
+            .await
+            .unwrap();
+    assert_eq!(by_day.groups[0].key.len(), 10, "YYYY-MM-DD");
+    assert!(s
+        .cp
+        .get_usage_grouped(&s.org_id, "", "", "week")
+        .await
+        .is_err());
 }
 
 /// Serves the simulator over HTTPS with a certificate from a private CA.

@@ -853,6 +853,18 @@ impl ControlPlane {
 
     /// Ledger totals for an org over requests received in `[from, to)` (RFC 3339, optional).
     pub async fn get_usage(&self, org_id: &str, from: &str, to: &str) -> Result<apb::UsageSummary> {
+        self.get_usage_grouped(org_id, from, to, "").await
+    }
+
+    /// Usage totals in `[from, to)`, plus one row per day, month, model or tier when `group_by`
+    /// names one (empty: totals only).
+    pub async fn get_usage_grouped(
+        &self,
+        org_id: &str,
+        from: &str,
+        to: &str,
+        group_by: &str,
+    ) -> Result<apb::UsageSummary> {
         let from = domain::parse_time("from", from)?;
         let to = domain::parse_time("to", to)?;
         if let (Some(f), Some(t)) = (from, to) {
@@ -862,8 +874,40 @@ impl ControlPlane {
                 ));
             }
         }
+        let group = match group_by {
+            "" => None,
+            "day" => Some(store::UsageGroupBy::Day),
+            "month" => Some(store::UsageGroupBy::Month),
+            "model" => Some(store::UsageGroupBy::Model),
+            "tier" => Some(store::UsageGroupBy::Tier),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "`group_by` is \"{}\"; use day, month, model or tier (e.g. group_by=day)",
+                    domain::clip(other)
+                )))
+            }
+        };
         self.get_org(org_id).await?;
         let t = self.store.usage_summary(org_id, from, to).await?;
+        let groups = match group {
+            None => Vec::new(),
+            Some(g) => self
+                .store
+                .usage_grouped(org_id, from, to, Some(g))
+                .await?
+                .into_iter()
+                .map(|(key, t)| apb::UsageGroup {
+                    key,
+                    requests: t.requests,
+                    input_tokens: t.input_tokens,
+                    output_tokens: t.output_tokens,
+                    cost_micros: t.cost_micros,
+                    standard_cost_micros: t.standard_cost_micros,
+                    savings_micros: t.standard_cost_micros.saturating_sub(t.cost_micros),
+                    flex_requests: t.flex_requests,
+                })
+                .collect(),
+        };
         Ok(apb::UsageSummary {
             org_id: org_id.to_string(),
             requests: t.requests,
@@ -873,6 +917,7 @@ impl ControlPlane {
             standard_cost_micros: t.standard_cost_micros,
             savings_micros: t.standard_cost_micros.saturating_sub(t.cost_micros),
             flex_requests: t.flex_requests,
+            groups,
         })
     }
 

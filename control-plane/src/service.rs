@@ -344,7 +344,10 @@ impl AdminService for AdminApi {
 
     async fn get_usage(&self, req: Request<apb::GetUsageRequest>) -> Reply<apb::UsageSummary> {
         let r = req.into_inner();
-        ok(self.cp.get_usage(&r.org_id, &r.from, &r.to).await)
+        ok(self
+            .cp
+            .get_usage_grouped(&r.org_id, &r.from, &r.to, &r.group_by)
+            .await)
     }
 
     async fn list_audit_events(

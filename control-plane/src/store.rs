@@ -136,6 +136,15 @@ pub struct IdempotencyRecord {
     pub result_json: String,
 }
 
+/// How `usage_grouped` groups the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroupBy {
+    Day,
+    Month,
+    Model,
+    Tier,
+}
+
 /// Ledger totals for one org.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageTotals {
@@ -847,13 +856,33 @@ impl Store {
         from: Option<OffsetDateTime>,
         to: Option<OffsetDateTime>,
     ) -> Result<UsageTotals> {
-        let row: (i64, i64, i64, i64, i64, i64) = match self {
+        let rows = self.usage_grouped(org_id, from, to, None).await?;
+        Ok(rows.into_iter().next().map(|(_, t)| t).unwrap_or_default())
+    }
+
+    /// Ledger totals for one org in `[from, to)`, one row per group (`None`: one row in all).
+    /// Groups are ordered by key.
+    pub async fn usage_grouped(
+        &self,
+        org_id: &str,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+        group: Option<UsageGroupBy>,
+    ) -> Result<Vec<(String, UsageTotals)>> {
+        let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = match self {
             Store::Sqlite(pool) => {
-                let mut sql = String::from(
-                    "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), \
+                let key = match group {
+                    None => "''",
+                    Some(UsageGroupBy::Day) => "substr(received_at, 1, 10)",
+                    Some(UsageGroupBy::Month) => "substr(received_at, 1, 7)",
+                    Some(UsageGroupBy::Model) => "model",
+                    Some(UsageGroupBy::Tier) => "served_tier",
+                };
+                let mut sql = format!(
+                    "SELECT {key} AS k, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), \
                      COALESCE(SUM(cost_micros), 0), COALESCE(SUM(standard_cost_micros), 0), \
                      COALESCE(SUM(CASE WHEN served_tier = 'flex' THEN 1 ELSE 0 END), 0) \
-                     FROM usage_ledger WHERE org_id = ?",
+                     FROM usage_ledger WHERE org_id = ?"
                 );
                 if from.is_some() {
                     sql.push_str(" AND received_at >= ?");
@@ -861,19 +890,31 @@ impl Store {
                 if to.is_some() {
                     sql.push_str(" AND received_at < ?");
                 }
+                sql.push_str(" GROUP BY k ORDER BY k");
                 let mut q = sqlx::query_as(&sql).bind(org_id);
                 for t in [from, to].into_iter().flatten() {
                     q = q.bind(timefmt::format(t));
                 }
-                q.fetch_one(pool).await?
+                q.fetch_all(pool).await?
             }
             Store::Postgres(pool) => {
-                let mut sql = String::from(
-                    "SELECT COUNT(*)::BIGINT, COALESCE(SUM(input_tokens), 0)::BIGINT, \
+                let key = match group {
+                    None => "''::TEXT",
+                    Some(UsageGroupBy::Day) => {
+                        "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+                    }
+                    Some(UsageGroupBy::Month) => {
+                        "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM')"
+                    }
+                    Some(UsageGroupBy::Model) => "model",
+                    Some(UsageGroupBy::Tier) => "served_tier",
+                };
+                let mut sql = format!(
+                    "SELECT {key} AS k, COUNT(*)::BIGINT, COALESCE(SUM(input_tokens), 0)::BIGINT, \
                      COALESCE(SUM(output_tokens), 0)::BIGINT, COALESCE(SUM(cost_micros), 0)::BIGINT, \
                      COALESCE(SUM(standard_cost_micros), 0)::BIGINT, \
                      (COUNT(*) FILTER (WHERE served_tier = 'flex'))::BIGINT \
-                     FROM usage_ledger WHERE org_id = $1",
+                     FROM usage_ledger WHERE org_id = $1"
                 );
                 let mut n = 1;
                 if from.is_some() {
@@ -884,20 +925,28 @@ impl Store {
                     n += 1;
                     sql.push_str(&format!(" AND received_at < ${n}"));
                 }
+                sql.push_str(" GROUP BY k ORDER BY k");
                 let mut q = sqlx::query_as(&sql).bind(org_id);
                 for t in [from, to].into_iter().flatten() {
                     q = q.bind(t);
                 }
-                q.fetch_one(pool).await?
+                q.fetch_all(pool).await?
             }
         };
-        Ok(UsageTotals {
-            requests: u64_of(row.0, "requests")?,
-            input_tokens: u64_of(row.1, "input_tokens")?,
-            output_tokens: u64_of(row.2, "output_tokens")?,
-            cost_micros: row.3,
-            standard_cost_micros: row.4,
-            flex_requests: u64_of(row.5, "flex_requests")?,
-        })
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    r.0,
+                    UsageTotals {
+                        requests: u64_of(r.1, "requests")?,
+                        input_tokens: u64_of(r.2, "input_tokens")?,
+                        output_tokens: u64_of(r.3, "output_tokens")?,
+                        cost_micros: r.4,
+                        standard_cost_micros: r.5,
+                        flex_requests: u64_of(r.6, "flex_requests")?,
+                    },
+                ))
+            })
+            .collect()
     }
 }

@@ -707,6 +707,25 @@ async fn usage_is_counted_once_per_request(b: Backend) {
     let late = cp.get_usage(o, "2025-02-01T00:00:00.1Z", "").await.unwrap();
     assert_eq!(late.requests, 1);
     assert_eq!(late.flex_requests, 1);
+    // Rollups per month and tier add up to the ledger.
+    let keyed = |g: &[flex_shared::proto::admin::UsageGroup]| -> Vec<(String, u64, i64)> {
+        g.iter()
+            .map(|g| (g.key.clone(), g.requests, g.cost_micros))
+            .collect()
+    };
+    let months = cp.get_usage_grouped(o, "", "", "month").await.unwrap();
+    assert_eq!(
+        keyed(&months.groups),
+        vec![("2025-01".into(), 2, 80), ("2025-02".into(), 1, 40)]
+    );
+    let tiers = cp.get_usage_grouped(o, "", "", "tier").await.unwrap();
+    assert_eq!(
+        keyed(&tiers.groups),
+        vec![("flex".into(), 2, 80), ("standard".into(), 1, 40)]
+    );
+    let days = cp.get_usage_grouped(o, "", "", "day").await.unwrap();
+    assert_eq!(days.groups.len(), 3);
+    assert!(cp.get_usage_grouped(o, "", "", "hour").await.is_err());
     // Bad input says what to fix; nothing of a bad batch is recorded.
     let err = cp
         .report_usage(&[

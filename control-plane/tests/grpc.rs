@@ -528,6 +528,7 @@ async fn usage_over_grpc_is_counted_once(b: Backend) {
             org_id: org.org_id.clone(),
             from: String::new(),
             to: String::new(),
+            group_by: "tier".into(),
         })
         .await
         .unwrap()
