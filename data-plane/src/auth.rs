@@ -68,7 +68,7 @@ pub fn authenticate(
             .fix("retry in a moment; if it persists, check that the proxy can reach the control plane (see /readyz)."));
     };
     let hash = keys::hash(&presented);
-    let entry = snapshot.keys.get(&hash).cloned().ok_or_else(|| {
+    let entry = snapshot.keys.get(&hash).ok_or_else(|| {
         unauthorized(
             "invalid_api_key",
             "The API key is unknown or has been revoked.".into(),

@@ -20,6 +20,9 @@ use secrecy::SecretString;
 
 use crate::error::ProxyError;
 
+mod key_table;
+pub use key_table::KeyTable;
+
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub key_id: String,
@@ -46,31 +49,24 @@ pub enum ProviderSecret {
 pub struct Indexed {
     pub version: u64,
     pub content_hash: String,
-    pub keys: HashMap<String, KeyEntry>,
+    /// The API keys, compact (see [`KeyTable`]).
+    pub keys: KeyTable,
     pub orgs: HashMap<String, OrgEntry>,
     pub provider_keys: HashMap<(String, Provider), ProviderSecret>,
     pub catalog: Catalog,
-    pub raw: pb::Snapshot,
+    /// The snapshot without its API keys (those are in `keys`), canonical.
+    pub rest: pb::Snapshot,
     pub applied_at: Instant,
 }
 
 impl Indexed {
-    fn build(raw: pb::Snapshot, keyring: Option<&MasterKeyring>) -> Result<Self, ProxyError> {
-        let keys = raw
-            .api_keys
-            .iter()
-            .map(|k| {
-                (
-                    k.key_hash.clone(),
-                    KeyEntry {
-                        key_id: k.key_id.clone(),
-                        org_id: k.org_id.clone(),
-                        expires_at: k.expires_at,
-                    },
-                )
-            })
-            .collect();
-        let orgs = raw
+    /// Indexes `rest` (a canonical snapshot whose API keys were moved into `keys`).
+    fn build(
+        rest: pb::Snapshot,
+        keys: KeyTable,
+        keyring: Option<&MasterKeyring>,
+    ) -> Result<Self, ProxyError> {
+        let orgs = rest
             .orgs
             .iter()
             .map(|o| {
@@ -85,7 +81,7 @@ impl Indexed {
             })
             .collect();
         let mut provider_keys = HashMap::new();
-        for p in &raw.provider_keys {
+        for p in &rest.provider_keys {
             let Some(provider) = Provider::parse(&p.provider) else {
                 continue;
             };
@@ -102,20 +98,96 @@ impl Indexed {
             provider_keys.insert((p.org_id.clone(), provider), secret);
         }
         let mut overrides = Vec::new();
-        for m in &raw.models {
+        for m in &rest.models {
             overrides.push(Model::from_proto(m).map_err(ProxyError::Snapshot)?);
         }
         Ok(Self {
-            version: raw.version,
-            content_hash: raw.content_hash.clone(),
+            version: rest.version,
+            content_hash: rest.content_hash.clone(),
             keys,
             orgs,
             provider_keys,
             catalog: Catalog::with_overrides(&overrides),
-            raw,
+            rest,
             applied_at: Instant::now(),
         })
     }
+
+    /// The whole snapshot as the control plane sent it (API keys included).
+    pub fn to_proto(&self) -> pb::Snapshot {
+        pb::Snapshot {
+            api_keys: self.keys.to_proto(),
+            ..self.rest.clone()
+        }
+    }
+
+    /// The protobuf encoding of [`Indexed::to_proto`], without building it.
+    fn encode(&self) -> Vec<u8> {
+        let r = &self.rest;
+        let mut buf = Vec::with_capacity(self.keys.len() * 150 + 4096);
+        let head = pb::Snapshot {
+            version: r.version,
+            content_hash: r.content_hash.clone(),
+            orgs: r.orgs.clone(),
+            ..Default::default()
+        };
+        head.encode(&mut buf).unwrap_or_default();
+        self.keys.encode_into(&mut buf);
+        let tail = pb::Snapshot {
+            provider_keys: r.provider_keys.clone(),
+            models: r.models.clone(),
+            produced_at: r.produced_at.clone(),
+            ..Default::default()
+        };
+        tail.encode(&mut buf).unwrap_or_default();
+        buf
+    }
+}
+
+/// The bytes of the `full` field of an encoded `SnapshotUpdate`, if it is a full one.
+fn full_snapshot_bytes(mut b: &[u8]) -> Option<&[u8]> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut full = None;
+    while !b.is_empty() {
+        let (tag, wire) = decode_key(&mut b).ok()?;
+        if tag == 2 && wire == WireType::LengthDelimited {
+            let len = usize::try_from(decode_varint(&mut b).ok()?).ok()?;
+            if len > b.len() {
+                return None;
+            }
+            full = Some(&b[..len]);
+            b = &b[len..];
+        } else {
+            skip_field(wire, tag, &mut b, DecodeContext::default()).ok()?;
+            if tag == 3 {
+                full = None; // a later delta wins, as in a decoded oneof
+            }
+        }
+    }
+    full
+}
+
+/// The content hash of `rest` (canonical, no API keys) with `keys`.
+fn content_hash_of(rest: &pb::Snapshot, keys: &KeyTable) -> String {
+    let mut h = rules::ContentHasher::new();
+    h.orgs(&rest.orgs);
+    keys.hash_into(&mut h);
+    h.provider_keys(&rest.provider_keys);
+    h.models(&rest.models);
+    h.finish()
+}
+
+/// Structural checks on the part of a snapshot other than the API keys.
+fn check_rest(rest: &pb::Snapshot) -> Result<(), String> {
+    for p in &rest.provider_keys {
+        if p.sealed.is_none() {
+            return Err(format!(
+                "invalid snapshot: provider key {}/{} has no ciphertext",
+                p.org_id, p.provider
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Connection state towards the control plane, for `/readyz` and metrics.
@@ -195,26 +267,88 @@ impl SnapshotStore {
     }
 
     /// Validates and applies a full snapshot; on error the previous snapshot stays.
-    pub fn apply_full(&self, raw: pb::Snapshot) -> Result<u64, ProxyError> {
-        rules::validate(&raw).map_err(|e| self.reject(e.to_string()))?;
-        let v = self.install(raw, true)?;
+    pub fn apply_full(&self, mut raw: pb::Snapshot) -> Result<u64, ProxyError> {
+        let api_keys = std::mem::take(&mut raw.api_keys);
+        let split = KeyTable::from_proto(api_keys, &raw.orgs)
+            .map_err(|e| self.reject(format!("invalid snapshot: {e}")))?;
+        self.apply_split(raw, split)
+    }
+
+    /// As [`SnapshotStore::apply_full`], from the protobuf encoding of the snapshot: the API keys
+    /// go straight from the bytes into the compact table (what NATS and the warm start use).
+    pub fn apply_full_encoded(&self, bytes: &[u8]) -> Result<u64, ProxyError> {
+        let (rest, keys) = KeyTable::split_encoded(bytes)
+            .map_err(|e| self.reject(format!("invalid snapshot: {e}")))?;
+        self.apply_split(rest, keys)
+    }
+
+    /// Applies the protobuf encoding of a `SnapshotUpdate` (a full one without decoding its keys
+    /// into messages).
+    pub fn apply_update_encoded(&self, bytes: &[u8]) -> Result<u64, ProxyError> {
+        if let Some(full) = full_snapshot_bytes(bytes) {
+            return self.apply_full_encoded(full);
+        }
+        let update = pb::SnapshotUpdate::decode(bytes)
+            .map_err(|e| self.reject(format!("undecodable update: {e}")))?;
+        self.apply_update(update)
+    }
+
+    fn apply_split(&self, rest: pb::Snapshot, keys: KeyTable) -> Result<u64, ProxyError> {
+        let rest = self.validated(rest, &keys).map_err(|e| self.reject(e))?;
+        let v = self.install(rest, keys, true)?;
         if let Ok(mut s) = self.status.lock() {
             s.full_applied += 1;
         }
         Ok(v)
     }
 
+    /// Checks the structure and that the content hash matches; returns `rest` canonical.
+    fn validated(&self, mut rest: pb::Snapshot, keys: &KeyTable) -> Result<pb::Snapshot, String> {
+        rules::canonicalize(&mut rest);
+        check_rest(&rest)?;
+        let computed = content_hash_of(&rest, keys);
+        if computed != rest.content_hash {
+            return Err(rules::SnapshotError::HashMismatch {
+                version: rest.version,
+                expected: rest.content_hash.clone(),
+                computed,
+            }
+            .to_string());
+        }
+        Ok(rest)
+    }
+
     /// Applies one update from a control-plane stream.
     pub fn apply_update(&self, update: pb::SnapshotUpdate) -> Result<u64, ProxyError> {
         match update.kind {
             Some(Kind::Full(s)) => self.apply_full(s),
-            Some(Kind::Delta(d)) => {
+            Some(Kind::Delta(mut d)) => {
                 let base = self.load().ok_or_else(|| {
                     self.reject("a delta arrived before any full snapshot".into())
                 })?;
-                let next = rules::apply_delta(&base.raw, update.version, &d)
+                // The keys go to the compact table, everything else through the shared rules.
+                let upserts = std::mem::take(&mut d.upsert_api_keys);
+                let removes = std::mem::take(&mut d.remove_api_key_hashes);
+                let rest = rules::apply_delta_unchecked(&base.rest, update.version, &d)
                     .map_err(|e| self.reject(e.to_string()))?;
-                let v = self.install(next, true)?;
+                check_rest(&rest).map_err(|e| self.reject(e))?;
+                let keys = base
+                    .keys
+                    .apply(&removes, &upserts, &rest.orgs)
+                    .map_err(|e| self.reject(format!("invalid delta: {e}")))?;
+                let computed = content_hash_of(&rest, &keys);
+                if computed != d.content_hash {
+                    return Err(self.reject(
+                        rules::SnapshotError::HashMismatch {
+                            version: update.version,
+                            expected: d.content_hash.clone(),
+                            computed,
+                        }
+                        .to_string(),
+                    ));
+                }
+                drop(base);
+                let v = self.install(rest, keys, true)?;
                 if let Ok(mut s) = self.status.lock() {
                     s.deltas_applied += 1;
                 }
@@ -233,30 +367,38 @@ impl SnapshotStore {
         ProxyError::Snapshot(why)
     }
 
-    fn install(&self, raw: pb::Snapshot, persist: bool) -> Result<u64, ProxyError> {
+    fn install(
+        &self,
+        rest: pb::Snapshot,
+        keys: KeyTable,
+        persist: bool,
+    ) -> Result<u64, ProxyError> {
         if let Some(cur) = self.load() {
-            if raw.version < cur.version {
+            if rest.version < cur.version {
                 return Err(self.reject(format!(
                     "update to version {} is older than the applied version {}",
-                    raw.version, cur.version
+                    rest.version, cur.version
                 )));
             }
         }
-        let produced = time_of(&raw.produced_at);
-        let indexed =
-            Indexed::build(raw, self.keyring.as_deref()).map_err(|e| self.reject(e.to_string()))?;
+        let produced = time_of(&rest.produced_at);
+        let indexed = Arc::new(
+            Indexed::build(rest, keys, self.keyring.as_deref())
+                .map_err(|e| self.reject(e.to_string()))?,
+        );
         let version = indexed.version;
+        self.current.store(Some(indexed.clone()));
+        self.produced_unix
+            .store(produced, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(version, "snapshot applied");
+        // Persist after the swap, so requests see the update without waiting for the disk.
         if persist {
             if let Some(dir) = &self.state_dir {
-                if let Err(e) = persist_to(dir, &indexed.raw) {
+                if let Err(e) = persist_to(dir, &indexed.encode()) {
                     tracing::warn!(error = %e, "could not persist the snapshot to the state dir");
                 }
             }
         }
-        self.current.store(Some(Arc::new(indexed)));
-        self.produced_unix
-            .store(produced, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(version, "snapshot applied");
         Ok(version)
     }
 
@@ -271,11 +413,13 @@ impl SnapshotStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let raw = pb::Snapshot::decode(bytes.as_slice())
+        let (rest, keys) = KeyTable::split_encoded(&bytes)
             .map_err(|e| ProxyError::Snapshot(format!("{} is corrupt: {e}", path.display())))?;
-        rules::validate(&raw)
+        drop(bytes);
+        let rest = self
+            .validated(rest, &keys)
             .map_err(|e| ProxyError::Snapshot(format!("{}: {e}", path.display())))?;
-        self.install(raw, false).map(Some)
+        self.install(rest, keys, false).map(Some)
     }
 }
 
@@ -319,10 +463,10 @@ fn parse_rfc3339_seconds(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + h * 3600 + mi * 60 + se).ok()
 }
 
-fn persist_to(dir: &Path, raw: &pb::Snapshot) -> std::io::Result<()> {
+fn persist_to(dir: &Path, encoded: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, raw.encode_to_vec())?;
+    std::fs::write(&tmp, encoded)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join(STATE_FILE))
 }
@@ -708,11 +852,7 @@ async fn follow_nats_once(
             *resume = Some(seq + 1);
             continue;
         }
-        let outcome = pb::SnapshotUpdate::decode(payload.as_slice())
-            .map_err(|e| {
-                ProxyError::Snapshot(format!("undecodable update for version {version}: {e}"))
-            })
-            .and_then(|u| store.apply_update(u));
+        let outcome = store.apply_update_encoded(&payload);
         match outcome {
             Ok(v) => {
                 *resume = Some(seq + 1);

@@ -37,14 +37,101 @@ pub fn canonicalize(s: &mut Snapshot) {
     s.models.sort_by(|a, b| a.id.cmp(&b.id));
 }
 
+/// Whether every list is in canonical order already.
+pub fn is_canonical(s: &Snapshot) -> bool {
+    s.orgs.windows(2).all(|w| w[0].org_id <= w[1].org_id)
+        && s.api_keys
+            .windows(2)
+            .all(|w| w[0].key_hash <= w[1].key_hash)
+        && s.provider_keys
+            .windows(2)
+            .all(|w| (&w[0].org_id, &w[0].provider) <= (&w[1].org_id, &w[1].provider))
+        && s.models.windows(2).all(|w| w[0].id <= w[1].id)
+}
+
 /// The content hash of a snapshot (see the module docs).
 pub fn content_hash(s: &Snapshot) -> String {
-    let mut c = s.clone();
-    canonicalize(&mut c);
-    c.version = 0;
-    c.content_hash.clear();
-    c.produced_at.clear();
-    hex::encode(Sha256::digest(c.encode_to_vec()))
+    if !is_canonical(s) {
+        let mut c = s.clone();
+        canonicalize(&mut c);
+        return content_hash(&c);
+    }
+    let mut h = ContentHasher::new();
+    h.orgs(&s.orgs);
+    for k in &s.api_keys {
+        h.message(4, k);
+    }
+    h.provider_keys(&s.provider_keys);
+    h.models(&s.models);
+    h.finish()
+}
+
+/// The content hash computed piece by piece, in field order (orgs, API keys, provider keys,
+/// models, each list in canonical order), without building the snapshot: the SHA-256 of the
+/// protobuf encoding of a snapshot whose version, hash and time are cleared. A holder that keeps
+/// the API keys in its own representation feeds their encoding with [`ContentHasher::raw`].
+pub struct ContentHasher {
+    sha: Sha256,
+    buf: Vec<u8>,
+}
+
+impl Default for ContentHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ContentHasher {
+    const FLUSH: usize = 1 << 16;
+
+    pub fn new() -> Self {
+        Self {
+            sha: Sha256::new(),
+            buf: Vec::with_capacity(Self::FLUSH + 1024),
+        }
+    }
+
+    fn flush_if_full(&mut self) {
+        if self.buf.len() >= Self::FLUSH {
+            self.sha.update(&self.buf);
+            self.buf.clear();
+        }
+    }
+
+    /// One repeated message field element of `Snapshot`.
+    pub fn message<M: Message>(&mut self, tag: u32, m: &M) {
+        prost::encoding::message::encode(tag, m, &mut self.buf);
+        self.flush_if_full();
+    }
+
+    /// Bytes already encoded (e.g. API keys as field 4 elements).
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        self.flush_if_full();
+    }
+
+    pub fn orgs(&mut self, orgs: &[crate::proto::control::OrgEntry]) {
+        for o in orgs {
+            self.message(3, o);
+        }
+    }
+
+    pub fn provider_keys(&mut self, keys: &[crate::proto::control::ProviderKeyEntry]) {
+        for p in keys {
+            self.message(5, p);
+        }
+    }
+
+    pub fn models(&mut self, models: &[crate::proto::control::ModelEntry]) {
+        for m in models {
+            self.message(6, m);
+        }
+    }
+
+    pub fn finish(mut self) -> String {
+        self.sha.update(&self.buf);
+        hex::encode(self.sha.finalize())
+    }
 }
 
 /// Structural checks a proxy runs before applying a snapshot.
@@ -85,6 +172,25 @@ pub fn validate(s: &Snapshot) -> Result<(), SnapshotError> {
 
 /// Applies a delta to `base`, producing the snapshot at `version`, checked against the hash.
 pub fn apply_delta(
+    base: &Snapshot,
+    version: u64,
+    d: &SnapshotDelta,
+) -> Result<Snapshot, SnapshotError> {
+    let s = apply_delta_unchecked(base, version, d)?;
+    let computed = content_hash(&s);
+    if computed != d.content_hash {
+        return Err(SnapshotError::HashMismatch {
+            version,
+            expected: d.content_hash.clone(),
+            computed,
+        });
+    }
+    Ok(s)
+}
+
+/// As [`apply_delta`] without the content-hash check (for a holder that hashes its own
+/// representation, e.g. a proxy keeping the API keys apart).
+pub fn apply_delta_unchecked(
     base: &Snapshot,
     version: u64,
     d: &SnapshotDelta,
@@ -150,14 +256,6 @@ pub fn apply_delta(
     canonicalize(&mut s);
     s.version = version;
     s.content_hash = d.content_hash.clone();
-    let computed = content_hash(&s);
-    if computed != d.content_hash {
-        return Err(SnapshotError::HashMismatch {
-            version,
-            expected: d.content_hash.clone(),
-            computed,
-        });
-    }
     Ok(s)
 }
 
@@ -173,22 +271,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
             d.upsert_orgs.push(o.clone());
         }
     }
-    let old_keys: HashMap<&str, &ApiKeyEntry> = old
-        .api_keys
-        .iter()
-        .map(|k| (k.key_hash.as_str(), k))
-        .collect();
-    for k in &new.api_keys {
-        if old_keys.get(k.key_hash.as_str()) != Some(&k) {
-            d.upsert_api_keys.push(k.clone());
-        }
-    }
-    let new_keys: HashSet<&str> = new.api_keys.iter().map(|k| k.key_hash.as_str()).collect();
-    for k in &old.api_keys {
-        if !new_keys.contains(k.key_hash.as_str()) {
-            d.remove_api_key_hashes.push(k.key_hash.clone());
-        }
-    }
+    diff_keys(&old.api_keys, &new.api_keys, &mut d);
     for p in &new.provider_keys {
         if !old.provider_keys.contains(p) {
             d.upsert_provider_keys.push(p.clone());
@@ -213,6 +296,58 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
         }
     }
     d
+}
+
+/// Key changes from `old` to `new`: a merge of the two lists when both are in canonical order
+/// (one pass, no hashing: keys can number in the millions), hashed lookups otherwise.
+fn diff_keys(old: &[ApiKeyEntry], new: &[ApiKeyEntry], d: &mut SnapshotDelta) {
+    let sorted = |v: &[ApiKeyEntry]| v.windows(2).all(|w| w[0].key_hash <= w[1].key_hash);
+    if sorted(old) && sorted(new) {
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(o), Some(n)) => match o.key_hash.cmp(&n.key_hash) {
+                    std::cmp::Ordering::Less => {
+                        d.remove_api_key_hashes.push(o.key_hash.clone());
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        d.upsert_api_keys.push(n.clone());
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if o != n {
+                            d.upsert_api_keys.push(n.clone());
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                },
+                (Some(o), None) => {
+                    d.remove_api_key_hashes.push(o.key_hash.clone());
+                    i += 1;
+                }
+                (None, Some(n)) => {
+                    d.upsert_api_keys.push(n.clone());
+                    j += 1;
+                }
+                (None, None) => return,
+            }
+        }
+    }
+    let old_keys: HashMap<&str, &ApiKeyEntry> =
+        old.iter().map(|k| (k.key_hash.as_str(), k)).collect();
+    for k in new {
+        if old_keys.get(k.key_hash.as_str()) != Some(&k) {
+            d.upsert_api_keys.push(k.clone());
+        }
+    }
+    let new_keys: HashSet<&str> = new.iter().map(|k| k.key_hash.as_str()).collect();
+    for k in old {
+        if !new_keys.contains(k.key_hash.as_str()) {
+            d.remove_api_key_hashes.push(k.key_hash.clone());
+        }
+    }
 }
 
 /// How snapshots travel over NATS JetStream (the contract between the publisher in the control
@@ -291,6 +426,25 @@ mod tests {
         canonicalize(&mut s);
         s.content_hash = content_hash(&s);
         s
+    }
+
+    #[test]
+    fn the_streamed_hash_is_the_hash_of_the_cleared_encoding() {
+        let mut s = snap(9, vec![org("b"), org("a")], vec![key("b", 2), key("a", 1)]);
+        s.api_keys[0].expires_at = -5;
+        s.api_keys[1].key_id.clear();
+        s.models.push(crate::proto::control::ModelEntry {
+            id: "m".into(),
+            ..Default::default()
+        });
+        s.produced_at = "2026-01-01T00:00:00Z".into();
+        let mut c = s.clone();
+        canonicalize(&mut c);
+        c.version = 0;
+        c.content_hash.clear();
+        c.produced_at.clear();
+        let reference = hex::encode(Sha256::digest(c.encode_to_vec()));
+        assert_eq!(content_hash(&s), reference);
     }
 
     #[test]
