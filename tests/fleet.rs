@@ -657,3 +657,137 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
     drop(publisher);
     pg.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_of_40k_keys_reaches_grpc_and_nats_proxies_and_revocations_follow() {
+    use flex_control_plane::domain::Event;
+    use flex_control_plane::store::{ImportEvent, Store};
+    // ~6 MB: over tonic's default 4 MB message limit and nats-server's 1 MB max_payload.
+    const KEYS: usize = 40_000;
+    let pg = Pg::new().await;
+    let nats = Nats::start().await;
+    let keyring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+    let store = Store::connect(&pg.url()).await.unwrap();
+    let org_id = "org_0190aaaabbbbccccddddeeeeffff0000".to_string();
+    let mut events = vec![ImportEvent {
+        stream_id: format!("org-{org_id}"),
+        stream_version: 1,
+        event: Event::OrgCreated {
+            org_id: org_id.clone(),
+            name: "large".into(),
+        }
+        .to_new()
+        .unwrap(),
+    }];
+    for i in 0..KEYS {
+        let key_id = format!("key_{i:032x}");
+        events.push(ImportEvent {
+            stream_id: format!("apikey-{key_id}"),
+            stream_version: 1,
+            event: Event::ApiKeyCreated {
+                key_id: key_id.clone(),
+                org_id: org_id.clone(),
+                name: String::new(),
+                key_hash: flex_shared::keys::hash(&key_id),
+                hint: "flex_live_…".into(),
+                expires_at: None,
+            }
+            .to_new()
+            .unwrap(),
+        });
+    }
+    for chunk in events.chunks(10_000) {
+        store
+            .import_events(chunk, &Metadata::new("test"))
+            .await
+            .unwrap();
+    }
+    let cp = Arc::new(
+        ControlPlane::with_store(store, keyring.clone())
+            .await
+            .unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    {
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let _ = cp
+                .serve_with_listener(
+                    listener,
+                    &SecretString::from("t".to_string()),
+                    std::future::pending(),
+                )
+                .await;
+        });
+    }
+    let publisher = cp
+        .start_nats_snapshots(
+            &nats.url(),
+            flex_control_plane::snapshot_nats::ConnectOptions::new(),
+            NatsSnapshotConfig::default(),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [
+        start_proxy(
+            Transport::Grpc,
+            "grpc-large",
+            &dir.path().join("g"),
+            keyring.clone(),
+            grpc_addr,
+            &nats.url(),
+        )
+        .await,
+        start_proxy(
+            Transport::Nats,
+            "nats-large",
+            &dir.path().join("n"),
+            keyring.clone(),
+            grpc_addr,
+            &nats.url(),
+        )
+        .await,
+    ];
+    let want = cp.snapshot().version;
+    let t0 = Instant::now();
+    for n in &nodes {
+        while n.store.version() < want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "a proxy did not get the large snapshot: {:?}",
+                n.store.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(n.store.load().unwrap().keys.len(), KEYS);
+    }
+    assert!(
+        publisher.chunked_published() >= 1,
+        "the full went in chunks"
+    );
+    let revoked = format!("key_{:032x}", 123);
+    cp.revoke_api_key(&Metadata::new("test"), &revoked, "test")
+        .await
+        .unwrap();
+    let hash = flex_shared::keys::hash(&revoked);
+    let t0 = Instant::now();
+    for n in &nodes {
+        while n.store.load().unwrap().keys.contains_key(&hash) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "revocation not applied at 40k keys"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(n.store.status().full_applied, 1, "{:?}", n.store.status());
+    }
+    eprintln!(
+        "40k keys: both proxies enforced the revocation after {:?}",
+        t0.elapsed()
+    );
+    drop(publisher);
+    pg.drop_db().await;
+}

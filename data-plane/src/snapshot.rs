@@ -489,6 +489,9 @@ pub async fn follow_watch(
     }
 }
 
+/// The largest snapshot update accepted over gRPC.
+const MAX_GRPC_SNAPSHOT: usize = 1 << 30;
+
 /// Follows the control plane's gRPC Watch stream, reconnecting with jittered backoff forever;
 /// every applied version is acknowledged (or refused with the reason).
 pub async fn follow_grpc(
@@ -504,7 +507,9 @@ pub async fn follow_grpc(
                 .connect()
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
-            let mut client = ControlServiceClient::new(channel);
+            // A full snapshot of a million keys is ~145 MB; tonic's default limit is 4 MB.
+            let mut client =
+                ControlServiceClient::new(channel).max_decoding_message_size(MAX_GRPC_SNAPSHOT);
             let mut stream = client
                 .watch(pb::WatchRequest {
                     proxy_id: proxy_id.clone(),
