@@ -791,3 +791,84 @@ async fn a_snapshot_of_40k_keys_reaches_grpc_and_nats_proxies_and_revocations_fo
     drop(publisher);
     pg.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_update_on_nats_is_refused_reported_and_the_next_good_one_applies() {
+    use prost::Message;
+    let fleet = Fleet::start().await;
+    let (key_id, key) = fleet.create_key().await;
+    fleet.converge(Duration::from_secs(2)).await;
+    let current = fleet.cp.snapshot().version;
+    // A delta that claims the next version but whose content hash is wrong.
+    let bogus = flex_shared::proto::control::SnapshotUpdate {
+        version: current + 1,
+        kind: Some(flex_shared::proto::control::snapshot_update::Kind::Delta(
+            flex_shared::proto::control::SnapshotDelta {
+                from_version: current,
+                remove_api_key_hashes: vec![flex_shared::keys::hash(&key)],
+                content_hash: "0".repeat(64),
+                ..Default::default()
+            },
+        )),
+    };
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        flex_shared::snapshot::nats::HEADER_VERSION,
+        (current + 1).to_string().as_str(),
+    );
+    headers.insert("Nats-Msg-Id", "bogus");
+    js.publish_with_headers(
+        flex_shared::snapshot::nats::DELTA_SUBJECT,
+        headers,
+        bogus.encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    for i in [0, 1] {
+        while fleet.proxies[i].3.store.status().rejected_updates == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "bogus update not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let node = &fleet.proxies[i].3;
+        assert_eq!(
+            node.store.version(),
+            current,
+            "the last good snapshot stays"
+        );
+        assert_eq!(status_of(&node.base, &key).await, 200);
+    }
+    // The refusal reaches the control plane's registry.
+    let t0 = Instant::now();
+    while !fleet
+        .cp
+        .list_proxies()
+        .proxies
+        .iter()
+        .any(|p| p.proxy_id == "nats-1" && p.last_error.contains("hash"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "refusal not reported: {:?}",
+            fleet.cp.list_proxies().proxies
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The next real update applies on top of the last good snapshot, as a delta.
+    fleet.revoke(&key_id).await;
+    for (_, _, _, node) in &fleet.proxies {
+        until_status(&node.base, &key, 401, Duration::from_secs(2)).await;
+    }
+    for i in [0, 1] {
+        let st = fleet.proxies[i].3.store.status();
+        assert_eq!(st.full_applied, 1, "{st:?}");
+    }
+    fleet.finish().await;
+}
