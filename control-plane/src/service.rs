@@ -105,7 +105,10 @@ pub fn routes(
         AdminApi { cp: cp.clone() },
         AdminAuth::new(admin_token),
     );
-    let control = ControlServiceServer::new(ControlApi { cp: cp.clone() });
+    let control = ControlServiceServer::new(ControlApi {
+        cp: cp.clone(),
+        deltas: DeltaCache::default(),
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -373,6 +376,45 @@ impl AdminService for AdminApi {
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     cp: Arc<ControlPlane>,
+    /// Recent deltas, computed once for every Watch stream that needs them (a diff is O(keys)).
+    deltas: DeltaCache,
+}
+
+/// A delta computed once: (from version, to version, the update).
+type CachedDelta = (u64, u64, Arc<pb::SnapshotUpdate>);
+
+/// The last few deltas by (from, to) version.
+#[derive(Debug, Clone, Default)]
+struct DeltaCache(Arc<std::sync::Mutex<std::collections::VecDeque<CachedDelta>>>);
+
+impl DeltaCache {
+    const KEEP: usize = 8;
+
+    fn get(&self, from: &pb::Snapshot, to: &pb::Snapshot) -> pb::SnapshotUpdate {
+        let key = (from.version, to.version);
+        let hit = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(f, t, _)| (*f, *t) == key)
+            .map(|(_, _, u)| u.clone());
+        if let Some(u) = hit {
+            return (*u).clone();
+        }
+        let u = delta(from, to);
+        let mut c = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !c.iter().any(|(f, t, _)| (*f, *t) == key) {
+            c.push_back((key.0, key.1, Arc::new(u.clone())));
+            while c.len() > Self::KEEP {
+                c.pop_front();
+            }
+        }
+        u
+    }
 }
 
 fn full(s: &pb::Snapshot) -> pb::SnapshotUpdate {
@@ -426,6 +468,7 @@ impl ControlService for ControlApi {
         let connection = self.cp.proxies().connect(&proxy_id, "grpc");
         let ended = self.cp.watch_streams_ended();
         let (tx, out) = mpsc::channel(16);
+        let deltas = self.deltas.clone();
         tokio::spawn(async move {
             let _connection = connection;
             tokio::pin!(ended);
@@ -452,7 +495,7 @@ impl ControlService for ControlApi {
                         if next.version == last.version {
                             continue;
                         }
-                        if tx.send(Ok(delta(&last, &next))).await.is_err() {
+                        if tx.send(Ok(deltas.get(&last, &next))).await.is_err() {
                             return;
                         }
                         last = next;

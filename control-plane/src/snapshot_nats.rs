@@ -194,12 +194,14 @@ struct Outgoing {
     bytes: Vec<u8>,
 }
 
+/// The encoding of `SnapshotUpdate { version, full: s }`, without copying the snapshot into one.
 fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
-    pb::SnapshotUpdate {
-        version: s.version,
-        kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+    let mut buf = Vec::with_capacity(s.encoded_len() + 16);
+    if s.version != 0 {
+        prost::encoding::uint64::encode(1, &s.version, &mut buf);
     }
-    .encode_to_vec()
+    prost::encoding::message::encode(2, s, &mut buf);
+    buf
 }
 
 /// Delta from `last`, unless a full is due or would be smaller.
@@ -394,5 +396,30 @@ async fn report_loop(cp: Arc<ControlPlane>, client: async_nats::Client) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_full_is_encoded_as_the_update_message() {
+        let s = pb::Snapshot {
+            version: 42,
+            content_hash: "h".into(),
+            orgs: vec![pb::OrgEntry {
+                org_id: "o".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let reference = pb::SnapshotUpdate {
+            version: 42,
+            kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+        }
+        .encode_to_vec();
+        assert_eq!(encode_full(&s), reference);
     }
 }
