@@ -15,6 +15,10 @@
 //! that reconnects gets the whole snapshot again; the stream keeps the chain of deltas, so it
 //! resumes from the sequence after its last applied update and receives only what changed.
 //!
+//! Run one publisher per stream. A second control plane publishing too is harmless (the same
+//! versions carry the same message ids) but its deltas may start from other versions, and a
+//! proxy that meets such a gap starts again from the newest full.
+//!
 //! Proxies report each applied (or refused) version on `flex.snapshot.ack.<proxy>`, plus a
 //! heartbeat; [`ControlPlane::publish_snapshots_to_nats`] records them in the proxy registry, so
 //! `flex admin proxies` lists NATS proxies next to gRPC ones.
