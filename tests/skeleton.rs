@@ -547,3 +547,69 @@ async fn a_proxy_gets_the_snapshot_on_connect_over_grpc_watch() {
         .expect("proxy registered");
     assert_eq!(p.applied_version, s.cp.snapshot().version);
 }
+
+#[tokio::test]
+async fn an_operator_adds_a_flex_model_without_redeploying_proxies() {
+    use flex_shared::proto::control::{ModelEntry, TierPrice};
+    let s = stack().await;
+    let url = format!("{}/responses", s.base);
+    let r = post(
+        &url,
+        Some(&s.api_key),
+        &responses("gpt-9", "hi", "00h-00m-10s"),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "model_not_flex_capable");
+    let price = |tier: &str, n: i64| TierPrice {
+        tier: tier.into(),
+        input_per_mtok_micros: n,
+        cached_input_per_mtok_micros: n / 10,
+        output_per_mtok_micros: 8 * n,
+    };
+    let entry = ModelEntry {
+        id: "gpt-9".into(),
+        provider: "openai".into(),
+        flex_capable: true,
+        aliases: vec!["gpt-nine".into()],
+        prices: vec![price("standard", 2_000_000), price("flex", 1_000_000)],
+        standard_start_floor_ms: 400,
+    };
+    s.cp.set_model(&Metadata::new("test"), &entry)
+        .await
+        .unwrap();
+    let mut served = String::new();
+    for _ in 0..100 {
+        let r = post(
+            &url,
+            Some(&s.api_key),
+            &responses("gpt-nine", "hi", "00h-00m-10s"),
+        )
+        .await;
+        if r.status == 200 {
+            served = r.header("x-flex-served-tier").to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served, "flex", "the alias of the new model races flex");
+    let models = get(&format!("{}/models", s.base), Some(&s.api_key))
+        .await
+        .json();
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "gpt-9" && m["flex_capable"] == true));
+    // A claude model cannot be made flex-capable; a bad provider is refused with what to fix.
+    let mut bad = entry.clone();
+    bad.id = "claude-x".into();
+    bad.provider = "anthropic".into();
+    assert!(s.cp.set_model(&Metadata::new("test"), &bad).await.is_err());
+    bad.provider = "mistral".into();
+    let e =
+        s.cp.set_model(&Metadata::new("test"), &bad)
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("openai|anthropic|gemini"), "{e}");
+    assert_eq!(s.cp.list_models().len(), 1);
+}

@@ -41,6 +41,18 @@ pub fn billing_stream(org_id: &str) -> String {
     format!("billing-{org_id}")
 }
 
+pub fn model_stream(model_id: &str) -> String {
+    format!("model-{model_id}")
+}
+
+/// A catalog override's stream: only its version matters (last write wins).
+#[derive(Debug, Default)]
+pub struct ModelAggregate;
+
+impl Aggregate for ModelAggregate {
+    fn apply(&mut self, _e: &Event) {}
+}
+
 /// A new org id, `org_` + a time-ordered UUID.
 pub fn new_org_id() -> String {
     format!("org_{}", uuid::Uuid::now_v7().simple())
@@ -211,6 +223,10 @@ pub enum Event {
         invoice_id: Option<String>,
         amount_micros: i64,
     },
+    /// An operator's catalog entry, replacing the built-in one with the same id.
+    ModelOverrideSet {
+        model: flex_shared::catalog::Model,
+    },
 }
 
 /// Debug shows the readable summary only: never a key hash or a ciphertext.
@@ -236,6 +252,7 @@ impl Event {
             Event::BillingPlanSet { .. } => "BillingPlanSet",
             Event::InvoiceIssued { .. } => "InvoiceIssued",
             Event::PaymentRecorded { .. } => "PaymentRecorded",
+            Event::ModelOverrideSet { .. } => "ModelOverrideSet",
         }
     }
 
@@ -364,6 +381,14 @@ impl Event {
                     format_micros(*amount_micros)
                 )
             }
+            Event::ModelOverrideSet { model } => format!(
+                "model {} set ({}, {}, standard {} in / {} out per Mtok)",
+                model.id,
+                model.provider,
+                if model.flex_capable { "flex-capable" } else { "no flex" },
+                format_micros(model.standard.input),
+                format_micros(model.standard.output)
+            ),
         }
     }
 }

@@ -136,8 +136,7 @@ pub struct State {
     /// Billing accounts, folded exactly as commands fold them; orgs without an entry have the
     /// default account (`active`, the default plan and fee, no invoices).
     pub billing: BTreeMap<String, BillingAggregate>,
-    /// Operator overrides of the model catalog. Hook: no event sets them yet; a future
-    /// `ModelOverrideSet` event folds into here and they ship in every snapshot.
+    /// Operator overrides of the model catalog (`ModelOverrideSet`), shipped in every snapshot.
     pub models: BTreeMap<String, pb::ModelEntry>,
     /// Events this build could not decode (seq), skipped so the rest still folds.
     pub undecodable: Vec<u64>,
@@ -246,6 +245,9 @@ impl State {
                     p.last4.clear();
                     p.updated_at = at;
                 }
+            }
+            Event::ModelOverrideSet { ref model } => {
+                self.models.insert(model.id.clone(), model.to_proto());
             }
             Event::BillingStatusChanged { ref org_id, .. }
             | Event::BillingPlanSet { ref org_id, .. }

@@ -370,6 +370,23 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::ListProxiesResponse> {
         Ok(Response::new(self.cp.list_proxies()))
     }
+
+    async fn set_model(
+        &self,
+        req: Request<flex_shared::proto::control::ModelEntry>,
+    ) -> Reply<flex_shared::proto::control::ModelEntry> {
+        let meta = admin_meta(&req);
+        ok(self.cp.set_model(&meta, req.get_ref()).await)
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<apb::ListModelsRequest>,
+    ) -> Reply<apb::ListModelsResponse> {
+        Ok(Response::new(apb::ListModelsResponse {
+            models: self.cp.list_models(),
+        }))
+    }
 }
 
 /// The control API the proxies use. Unauthenticated for now (proxies will use mTLS).
