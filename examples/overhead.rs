@@ -122,8 +122,7 @@ async fn main() {
     );
     let store = flex::run::embedded_proxy(
         &cp,
-        Some(ring),
-        None,
+        flex_data_plane::snapshot::SnapshotStore::new(Some(ring), None),
         listener,
         &UpstreamConfig::default(),
         cfg,

@@ -298,8 +298,7 @@ async fn setup(
     let url = format!("http://{}{path}", listener.local_addr().unwrap());
     let store = flex::run::embedded_proxy(
         cp,
-        Some(ring.clone()),
-        None,
+        flex_data_plane::snapshot::SnapshotStore::new(Some(ring.clone()), None),
         listener,
         &UpstreamConfig::default(),
         cfg,

@@ -1,6 +1,6 @@
 //! Wiring of the processes: `flex up`, `flex control`, `flex proxy`, `flex sim`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,14 +116,13 @@ pub fn serve_proxy(
 /// straight into its ledger. Returns the proxy's snapshot store.
 pub fn embedded_proxy(
     cp: &Arc<ControlPlane>,
-    keyring: Option<Arc<MasterKeyring>>,
-    state_dir: Option<PathBuf>,
+    store: SnapshotStore,
     listener: TcpListener,
     upstream: &UpstreamConfig,
     cfg: ProxyConfig,
     tls: Option<TlsAcceptor>,
 ) -> Result<Arc<SnapshotStore>> {
-    let store = Arc::new(SnapshotStore::new(keyring, state_dir));
+    let store = Arc::new(store);
     tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(deliver_in_process(rx, cp.clone()));
@@ -341,8 +340,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
     embedded_proxy(
         &cp,
-        Some(keyring),
-        Some(dir.join("proxy-state")),
+        SnapshotStore::new(Some(keyring), Some(dir.join("proxy-state")))
+            .with_key_file(Some(key_path.clone())),
         listener,
         &upstream,
         proxy_config(&args.upstream, urls),
@@ -428,7 +427,10 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         Some(p) => Some(Arc::new(MasterKeyring::load(p)?)),
         None => None,
     };
-    let store = Arc::new(SnapshotStore::new(keyring, args.state_dir.clone()));
+    let store = Arc::new(
+        SnapshotStore::new(keyring, args.state_dir.clone())
+            .with_key_file(args.master_key_file.clone()),
+    );
     match store.load_persisted() {
         Ok(Some(v)) => println!("warm start from persisted snapshot version {v}"),
         Ok(None) => {}

@@ -195,13 +195,18 @@ impl ControlPlane {
     /// As [`ControlPlane::open`], over an already connected store.
     pub async fn with_store(store: Store, keyring: Arc<MasterKeyring>) -> Result<Self> {
         let projection = Arc::new(Projection::open(store.clone()).await?);
+        // The start-up overdue check runs here, before `open` returns, so it never races a
+        // command issued right after opening; the poller repeats it every few minutes.
+        if let Err(e) = billing::check_overdue(&store, &projection, timefmt::now()).await {
+            tracing::warn!(error = %e, "overdue-invoice check failed; retrying at the next one");
+        }
         let poller = {
             let projection = projection.clone();
             let store = store.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(POLL_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                for polls in 0u64.. {
+                for polls in 1u64.. {
                     tick.tick().await;
                     if let Err(e) = projection.catch_up().await {
                         tracing::warn!(error = %e, "projection poll failed; retrying");

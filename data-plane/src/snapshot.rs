@@ -204,7 +204,10 @@ pub struct SourceStatus {
 
 pub struct SnapshotStore {
     current: ArcSwapOption<Indexed>,
-    keyring: Option<Arc<MasterKeyring>>,
+    keyring: ArcSwapOption<MasterKeyring>,
+    /// The master key file, re-read when a snapshot names a key id the keyring lacks (an
+    /// operator rotated the master key: the new line is in the file before any secret uses it).
+    key_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     status: Mutex<SourceStatus>,
     /// Wall-clock time the current snapshot was produced by the control plane (unix seconds).
@@ -217,10 +220,52 @@ impl SnapshotStore {
     pub fn new(keyring: Option<Arc<MasterKeyring>>, state_dir: Option<PathBuf>) -> Self {
         Self {
             current: ArcSwapOption::empty(),
-            keyring,
+            keyring: ArcSwapOption::new(keyring),
+            key_file: None,
             state_dir,
             status: Mutex::new(SourceStatus::default()),
             produced_unix: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Re-reads `path` when a snapshot's provider keys are sealed under a master key id this
+    /// proxy does not have yet (after a rotation), instead of failing those keys.
+    pub fn with_key_file(mut self, path: Option<PathBuf>) -> Self {
+        self.key_file = path;
+        self
+    }
+
+    /// The keyring, reloaded from the key file first when `rest` names an unknown key id.
+    fn keyring_for(&self, rest: &pb::Snapshot) -> Option<Arc<MasterKeyring>> {
+        let ring = self.keyring.load_full();
+        let Some(path) = &self.key_file else {
+            return ring;
+        };
+        let unknown = rest
+            .provider_keys
+            .iter()
+            .filter_map(|p| p.sealed.as_ref())
+            .any(|s| {
+                ring.as_ref()
+                    .is_none_or(|r| !r.key_ids().any(|id| id == s.master_key_id))
+            });
+        if !unknown {
+            return ring;
+        }
+        match MasterKeyring::load(path) {
+            Ok(fresh) => {
+                tracing::info!(
+                    active = fresh.active_key_id(),
+                    "master key file re-read for a new key id"
+                );
+                let fresh = Arc::new(fresh);
+                self.keyring.store(Some(fresh.clone()));
+                Some(fresh)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-read the master key file; keeping the loaded keys");
+                ring
+            }
         }
     }
 
@@ -382,9 +427,9 @@ impl SnapshotStore {
             }
         }
         let produced = time_of(&rest.produced_at);
+        let ring = self.keyring_for(&rest);
         let indexed = Arc::new(
-            Indexed::build(rest, keys, self.keyring.as_deref())
-                .map_err(|e| self.reject(e.to_string()))?,
+            Indexed::build(rest, keys, ring.as_deref()).map_err(|e| self.reject(e.to_string()))?,
         );
         let version = indexed.version;
         self.current.store(Some(indexed.clone()));
@@ -950,6 +995,43 @@ mod tests {
         assert!(store.apply_full(snapshot(2, &ring, true)).is_err());
         store.apply_full(snapshot(5, &ring, true)).unwrap();
         assert!(store.load().unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn a_rotated_master_key_is_read_from_the_key_file_when_a_snapshot_needs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("master.key");
+        let old = format!("k1={}", "11".repeat(32));
+        std::fs::write(&file, &old).unwrap();
+        let r1 = Arc::new(MasterKeyring::load(&file).unwrap());
+        let store = SnapshotStore::new(Some(r1.clone()), None).with_key_file(Some(file.clone()));
+        store.apply_full(snapshot(1, &r1, false)).unwrap();
+        // The operator adds k2 first in the file; the control plane re-seals under k2.
+        std::fs::write(&file, format!("k2={}\n{old}\n", "22".repeat(32))).unwrap();
+        let r2 = MasterKeyring::load(&file).unwrap();
+        store.apply_full(snapshot(2, &r2, false)).unwrap();
+        assert!(
+            matches!(
+                store
+                    .load()
+                    .unwrap()
+                    .provider_keys
+                    .get(&("o1".into(), Provider::OpenAi)),
+                Some(ProviderSecret::Ready(_))
+            ),
+            "the proxy re-read the key file instead of failing the provider key"
+        );
+        // Without a key file the same update leaves the key unusable (and says why).
+        let plain = SnapshotStore::new(Some(r1), None);
+        plain.apply_full(snapshot(2, &r2, false)).unwrap();
+        assert!(matches!(
+            plain
+                .load()
+                .unwrap()
+                .provider_keys
+                .get(&("o1".into(), Provider::OpenAi)),
+            Some(ProviderSecret::Unusable(_))
+        ));
     }
 
     #[test]

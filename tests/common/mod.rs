@@ -115,8 +115,7 @@ pub async fn stack_with(opts: Options) -> Stack {
     };
     let store = flex::run::embedded_proxy(
         &cp,
-        Some(keyring.clone()),
-        None,
+        flex_data_plane::snapshot::SnapshotStore::new(Some(keyring.clone()), None),
         listener,
         &upstream,
         cfg,
