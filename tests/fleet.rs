@@ -548,7 +548,15 @@ async fn nats_restart_resumes_from_the_revision_without_a_full_resync() {
         eprintln!("{id} enforced the revocation {took:?} after the NATS restart");
     }
     for (n, &i) in nats_nodes.iter().enumerate() {
-        let st = fleet.proxies[i].3.store.status();
+        // The counters are bumped right after the swap that made the 401 visible: give them a
+        // moment rather than racing them.
+        let t0 = Instant::now();
+        let mut st = fleet.proxies[i].3.store.status();
+        while st.deltas_applied <= before[n].deltas_applied && t0.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            st = fleet.proxies[i].3.store.status();
+        }
         assert_eq!(
             st.full_applied, before[n].full_applied,
             "resumed without a full resync: {st:?}"
