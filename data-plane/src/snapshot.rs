@@ -169,12 +169,18 @@ fn full_snapshot_bytes(mut b: &[u8]) -> Option<&[u8]> {
 
 /// The content hash of `rest` (canonical, no API keys) with `keys`.
 fn content_hash_of(rest: &pb::Snapshot, keys: &KeyTable) -> String {
-    let mut h = rules::ContentHasher::new();
-    h.orgs(&rest.orgs);
-    keys.hash_into(&mut h);
-    h.provider_keys(&rest.provider_keys);
-    h.models(&rest.models);
-    h.finish()
+    let mut h = rules::ContentHash::default();
+    for o in &rest.orgs {
+        h.add(3, o);
+    }
+    for p in &rest.provider_keys {
+        h.add(5, p);
+    }
+    for m in &rest.models {
+        h.add(6, m);
+    }
+    h.combine(&keys.content_sum());
+    h.to_hex()
 }
 
 /// Structural checks on the part of a snapshot other than the API keys.

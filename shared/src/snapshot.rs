@@ -1,14 +1,15 @@
 //! Snapshot rules both planes share: the content hash and how a delta applies.
 //!
-//! The version of a snapshot is the event-log position it reflects. The content hash is the hex
-//! SHA-256 of the protobuf encoding of the snapshot's entries in canonical (sorted) order, with
-//! the version, hash and timestamp fields cleared, so the proxy can check that what it built from
-//! a delta is exactly what the control plane has.
+//! The version of a snapshot is the event-log position it reflects. The content hash is a
+//! multiset hash of the snapshot's entries ([`ContentHash`]): order-independent and updatable
+//! entry by entry, so both planes keep it current in time proportional to a change, not to the
+//! number of keys, and a proxy can check that what it built from a delta is exactly what the
+//! control plane has.
 
 use std::collections::{HashMap, HashSet};
 
 use prost::Message;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use crate::proto::control::{ApiKeyEntry, Snapshot, SnapshotDelta};
 
@@ -51,86 +52,106 @@ pub fn is_canonical(s: &Snapshot) -> bool {
 
 /// The content hash of a snapshot (see the module docs).
 pub fn content_hash(s: &Snapshot) -> String {
-    if !is_canonical(s) {
-        let mut c = s.clone();
-        canonicalize(&mut c);
-        return content_hash(&c);
+    let mut h = ContentHash::default();
+    for o in &s.orgs {
+        h.add(3, o);
     }
-    let mut h = ContentHasher::new();
-    h.orgs(&s.orgs);
     for k in &s.api_keys {
-        h.message(4, k);
+        h.add(4, k);
     }
-    h.provider_keys(&s.provider_keys);
-    h.models(&s.models);
-    h.finish()
+    for p in &s.provider_keys {
+        h.add(5, p);
+    }
+    for m in &s.models {
+        h.add(6, m);
+    }
+    h.to_hex()
 }
 
-/// The content hash computed piece by piece, in field order (orgs, API keys, provider keys,
-/// models, each list in canonical order), without building the snapshot: the SHA-256 of the
-/// protobuf encoding of a snapshot whose version, hash and time are cleared. A holder that keeps
-/// the API keys in its own representation feeds their encoding with [`ContentHasher::raw`].
-pub struct ContentHasher {
-    sha: Sha256,
-    buf: Vec<u8>,
+/// The digest of one entry: the SHA-256 of its encoding as an element of `Snapshot` field
+/// `tag` (tag, length, bytes), read as a little-endian 256-bit number.
+pub fn entry_digest<M: Message>(tag: u32, m: &M) -> Digest256 {
+    let mut buf = Vec::with_capacity(m.encoded_len() + 8);
+    prost::encoding::message::encode(tag, m, &mut buf);
+    Digest256::of_encoded(&buf)
 }
 
-impl Default for ContentHasher {
-    fn default() -> Self {
-        Self::new()
+/// A 256-bit number: an entry digest, or a sum of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Digest256([u64; 4]);
+
+impl Digest256 {
+    /// The digest of an entry already encoded as a `Snapshot` field element.
+    pub fn of_encoded(bytes: &[u8]) -> Self {
+        let d = Sha256::digest(bytes);
+        let mut limbs = [0u64; 4];
+        for (limb, chunk) in limbs.iter_mut().zip(d.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *limb = u64::from_le_bytes(b);
+        }
+        Self(limbs)
+    }
+
+    fn add(&mut self, o: &Self) {
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(u64::from(carry));
+            *a = s2;
+            carry = c1 || c2;
+        }
+    }
+
+    fn sub(&mut self, o: &Self) {
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            let (d1, b1) = a.overflowing_sub(b);
+            let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
+            *a = d2;
+            borrow = b1 || b2;
+        }
     }
 }
 
-impl ContentHasher {
-    const FLUSH: usize = 1 << 16;
+/// The content hash as a running sum: entries are added and removed one by one, in any order, so
+/// a holder of millions of entries updates it in time proportional to what changed. The hash of
+/// a snapshot is the sum, modulo 2^256, of the digests of its entries ([`entry_digest`]), as 64
+/// hex digits (little-endian). It detects a proxy whose state has diverged from the control
+/// plane's (a lost, repeated or corrupted update); it is not a signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ContentHash {
+    sum: Digest256,
+}
 
-    pub fn new() -> Self {
-        Self {
-            sha: Sha256::new(),
-            buf: Vec::with_capacity(Self::FLUSH + 1024),
+impl ContentHash {
+    pub fn add<M: Message>(&mut self, tag: u32, m: &M) {
+        self.add_digest(&entry_digest(tag, m));
+    }
+
+    pub fn remove<M: Message>(&mut self, tag: u32, m: &M) {
+        self.remove_digest(&entry_digest(tag, m));
+    }
+
+    pub fn add_digest(&mut self, d: &Digest256) {
+        self.sum.add(d);
+    }
+
+    pub fn remove_digest(&mut self, d: &Digest256) {
+        self.sum.sub(d);
+    }
+
+    /// Adds another sum (e.g. the API keys' part, kept apart).
+    pub fn combine(&mut self, other: &ContentHash) {
+        self.sum.add(&other.sum);
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut bytes = [0u8; 32];
+        for (chunk, limb) in bytes.chunks_exact_mut(8).zip(self.sum.0) {
+            chunk.copy_from_slice(&limb.to_le_bytes());
         }
-    }
-
-    fn flush_if_full(&mut self) {
-        if self.buf.len() >= Self::FLUSH {
-            self.sha.update(&self.buf);
-            self.buf.clear();
-        }
-    }
-
-    /// One repeated message field element of `Snapshot`.
-    pub fn message<M: Message>(&mut self, tag: u32, m: &M) {
-        prost::encoding::message::encode(tag, m, &mut self.buf);
-        self.flush_if_full();
-    }
-
-    /// Bytes already encoded (e.g. API keys as field 4 elements).
-    pub fn raw(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-        self.flush_if_full();
-    }
-
-    pub fn orgs(&mut self, orgs: &[crate::proto::control::OrgEntry]) {
-        for o in orgs {
-            self.message(3, o);
-        }
-    }
-
-    pub fn provider_keys(&mut self, keys: &[crate::proto::control::ProviderKeyEntry]) {
-        for p in keys {
-            self.message(5, p);
-        }
-    }
-
-    pub fn models(&mut self, models: &[crate::proto::control::ModelEntry]) {
-        for m in models {
-            self.message(6, m);
-        }
-    }
-
-    pub fn finish(mut self) -> String {
-        self.sha.update(&self.buf);
-        hex::encode(self.sha.finalize())
+        hex::encode(bytes)
     }
 }
 
@@ -395,6 +416,7 @@ pub mod nats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
     use crate::proto::control::OrgEntry;
 
     fn org(id: &str) -> OrgEntry {
@@ -429,22 +451,60 @@ mod tests {
     }
 
     #[test]
-    fn the_streamed_hash_is_the_hash_of_the_cleared_encoding() {
+    fn the_hash_is_the_sum_of_the_entry_digests_and_updates_in_place() {
         let mut s = snap(9, vec![org("b"), org("a")], vec![key("b", 2), key("a", 1)]);
-        s.api_keys[0].expires_at = -5;
-        s.api_keys[1].key_id.clear();
         s.models.push(crate::proto::control::ModelEntry {
             id: "m".into(),
             ..Default::default()
         });
         s.produced_at = "2026-01-01T00:00:00Z".into();
-        let mut c = s.clone();
-        canonicalize(&mut c);
-        c.version = 0;
-        c.content_hash.clear();
-        c.produced_at.clear();
-        let reference = hex::encode(Sha256::digest(c.encode_to_vec()));
-        assert_eq!(content_hash(&s), reference);
+        // The reference: each entry's field encoding hashed, summed mod 2^256 little-endian.
+        let mut entries: Vec<Vec<u8>> = Vec::new();
+        for o in &s.orgs {
+            entries.push(Vec::new());
+            prost::encoding::message::encode(3, o, entries.last_mut().unwrap());
+        }
+        for k in &s.api_keys {
+            entries.push(Vec::new());
+            prost::encoding::message::encode(4, k, entries.last_mut().unwrap());
+        }
+        for m in &s.models {
+            entries.push(Vec::new());
+            prost::encoding::message::encode(6, m, entries.last_mut().unwrap());
+        }
+        let mut sum = [0u8; 32];
+        for e in &entries {
+            let d = Sha256::digest(e);
+            let mut carry = 0u16;
+            for i in 0..32 {
+                let v = u16::from(sum[i]) + u16::from(d[i]) + carry;
+                sum[i] = (v & 0xff) as u8;
+                carry = v >> 8;
+            }
+        }
+        assert_eq!(content_hash(&s), hex::encode(sum));
+
+        // Removing an entry and adding another, in any order, lands on the rebuilt hash.
+        let mut running = ContentHash::default();
+        for o in &s.orgs {
+            running.add(3, o);
+        }
+        for k in &s.api_keys {
+            running.add(4, k);
+        }
+        running.add(4, &key("a", 7));
+        running.remove(4, &s.api_keys[0]);
+        for m in &s.models {
+            running.add(6, m);
+        }
+        let removed = s.api_keys.remove(0);
+        s.api_keys.push(key("a", 7));
+        assert_eq!(running.to_hex(), content_hash(&s));
+        assert_ne!(content_hash(&s), {
+            s.api_keys.push(removed);
+            content_hash(&s)
+        });
+        assert_eq!(ContentHash::default().to_hex(), "0".repeat(64));
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! parallel array the key id (a `key_` + 32-hex id packed into a `u128`; any other id is kept
 //! aside by hash), the expiry and the org (an index into an interned list of org ids). Lookups
 //! are a binary search. A delta is applied in one merge pass that builds the next table (the
-//! copy an immutable snapshot needs anyway), and the content hash is computed by encoding the
-//! entries exactly as the protobuf `ApiKeyEntry` list would be, so no `Snapshot` with millions of
-//! strings is ever held.
+//! copy an immutable snapshot needs anyway). The keys' part of the content hash is a running sum
+//! of per-entry digests (each entry encoded exactly as the protobuf `ApiKeyEntry` would be),
+//! updated only for the entries a delta touches, so no `Snapshot` with millions of strings is
+//! ever held and revoking one key re-hashes nothing else.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,6 +16,8 @@ use prost::encoding::{
     decode_key, decode_varint, encode_varint, encoded_len_varint, skip_field, DecodeContext,
     WireType,
 };
+
+use flex_shared::snapshot::{ContentHash, Digest256};
 
 use super::KeyEntry;
 
@@ -99,6 +102,8 @@ pub struct KeyTable {
     org_index: HashMap<String, u32>,
     /// Key ids that are not `key_<32 hex>`, by key hash.
     odd_ids: HashMap<[u8; 32], String>,
+    /// The keys' part of the snapshot's content hash, kept current entry by entry.
+    sum: ContentHash,
 }
 
 /// A 64-character lowercase hex SHA-256.
@@ -278,6 +283,7 @@ impl KeyTable {
             t.rest.push(r);
         }
         t.sort_if_needed();
+        t.sum = t.full_sum();
         Ok((rest, t))
     }
 
@@ -296,6 +302,7 @@ impl KeyTable {
             t.rest.push(r);
         }
         t.sort_if_needed();
+        t.sum = t.full_sum();
         Ok(t)
     }
 
@@ -315,7 +322,9 @@ impl KeyTable {
             org_ids: self.org_ids.clone(),
             org_index: self.org_index.clone(),
             odd_ids: HashMap::new(),
+            sum: self.sum,
         };
+        let mut buf = Vec::with_capacity(256);
         let mut new: Vec<([u8; 32], Rest, Option<String>)> = Vec::with_capacity(upsert.len());
         for k in upsert {
             let (h, r) = next.compact(KeyRef::from(k), &known)?;
@@ -334,13 +343,12 @@ impl KeyTable {
         let mut j = 0;
         for (i, h) in self.hashes.iter().enumerate() {
             while j < new.len() && new[j].0 < *h {
-                next.push_new(&mut new[j]);
+                next.push_new(&mut new[j], &mut buf);
                 j += 1;
             }
-            if j < new.len() && new[j].0 == *h {
-                continue; // replaced by the upsert, pushed in order below
-            }
-            if removed.contains(h) {
+            if (j < new.len() && new[j].0 == *h) || removed.contains(h) {
+                // Replaced by the upsert (pushed in order below) or removed.
+                next.sum.remove_digest(&self.digest(i, &mut buf));
                 continue;
             }
             next.hashes.push(*h);
@@ -352,18 +360,37 @@ impl KeyTable {
             }
         }
         while j < new.len() {
-            next.push_new(&mut new[j]);
+            next.push_new(&mut new[j], &mut buf);
             j += 1;
         }
         Ok(next)
     }
 
-    fn push_new(&mut self, e: &mut ([u8; 32], Rest, Option<String>)) {
+    fn push_new(&mut self, e: &mut ([u8; 32], Rest, Option<String>), buf: &mut Vec<u8>) {
         self.hashes.push(e.0);
         self.rest.push(e.1);
         if let Some(id) = e.2.take() {
             self.odd_ids.insert(e.0, id);
         }
+        let d = self.digest(self.len() - 1, buf);
+        self.sum.add_digest(&d);
+    }
+
+    /// The content-hash digest of entry `i` (`buf` is scratch space).
+    fn digest(&self, i: usize, buf: &mut Vec<u8>) -> Digest256 {
+        buf.clear();
+        self.encode_entry(i, buf);
+        Digest256::of_encoded(buf)
+    }
+
+    /// The keys' part of the content hash, from scratch.
+    fn full_sum(&self) -> ContentHash {
+        let mut sum = ContentHash::default();
+        let mut buf = Vec::with_capacity(256);
+        for i in 0..self.len() {
+            sum.add_digest(&self.digest(i, &mut buf));
+        }
+        sum
     }
 
     /// Appends entry `i` as a `Snapshot.api_keys` element (field 4), byte for byte as prost
@@ -402,17 +429,9 @@ impl KeyTable {
         }
     }
 
-    /// Feeds every entry, in order, to the content hash.
-    pub fn hash_into(&self, h: &mut flex_shared::snapshot::ContentHasher) {
-        let mut buf = Vec::with_capacity(1 << 16);
-        for i in 0..self.len() {
-            self.encode_entry(i, &mut buf);
-            if buf.len() >= 1 << 15 {
-                h.raw(&buf);
-                buf.clear();
-            }
-        }
-        h.raw(&buf);
+    /// The keys' part of the content hash (see [`flex_shared::snapshot::ContentHash`]).
+    pub fn content_sum(&self) -> ContentHash {
+        self.sum
     }
 
     /// The protobuf entries again (for persistence and tools).
@@ -510,6 +529,17 @@ mod tests {
         expected.api_keys.extend(upserts.iter().cloned());
         flex_shared::snapshot::canonicalize(&mut expected);
         assert_eq!(next.to_proto(), expected.api_keys);
+        // The running hash equals the hash of the result built from scratch.
+        assert_eq!(next.content_sum(), next.full_sum());
+        let only_keys = pb::Snapshot {
+            api_keys: expected.api_keys.clone(),
+            ..Default::default()
+        };
+        assert_eq!(
+            next.content_sum().to_hex(),
+            flex_shared::snapshot::content_hash(&only_keys)
+        );
+        assert_ne!(next.content_sum(), t.content_sum());
         assert!(t.contains_key(&removed), "the old table is unchanged");
         assert!(next.apply(&[], &[key(4, "k", "nope", 0)], &orgs).is_err());
     }
