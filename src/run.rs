@@ -123,11 +123,32 @@ pub fn embedded_proxy(
     tls: Option<TlsAcceptor>,
 ) -> Result<Arc<SnapshotStore>> {
     let store = Arc::new(store);
-    tokio::spawn(snapshot::follow_watch(store.clone(), cp.subscribe()));
+    tokio::spawn(follow_in_process(cp.clone(), store.clone()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(deliver_in_process(rx, cp.clone()));
     serve_proxy(listener, store.clone(), upstream, cfg, tls, sink)?;
     Ok(store)
+}
+
+/// Keeps `store` on the newest snapshot of an in-process control plane: a delta from the version
+/// it has (the control plane's change records), a full one when they no longer cover the gap or
+/// a delta is refused.
+pub async fn follow_in_process(cp: Arc<ControlPlane>, store: Arc<SnapshotStore>) {
+    let mut rx = cp.subscribe();
+    store.set_connected(true, None);
+    loop {
+        let next = rx.borrow_and_update().clone();
+        let have = store.load().map_or(0, |s| s.version);
+        if next.version > have || store.load().is_none() {
+            if store.apply_update(cp.update_between(have, &next)).is_err() {
+                let _ = store.apply_full(flex_shared::proto::control::Snapshot::clone(&next.full()));
+            }
+        }
+        if rx.changed().await.is_err() {
+            store.set_connected(false, Some("the in-process control plane stopped".into()));
+            return;
+        }
+    }
 }
 
 /// The upstream client settings and listener TLS given on the command line.

@@ -320,9 +320,9 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     .await
     .unwrap();
     let store = Arc::new(SnapshotStore::new(Some(keys.clone()), None));
-    tokio::spawn(snapshot::follow_watch(
+    tokio::spawn(flex::run::follow_in_process(
+        cp.as_ref().unwrap().clone(),
         store.clone(),
-        cp.as_ref().unwrap().subscribe(),
     ));
     let queue = UsageQueue::new();
     let recorder = Arc::new(Recorder {

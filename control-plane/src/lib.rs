@@ -44,6 +44,7 @@ use crate::domain::{
 };
 pub use crate::error::{Error, Result};
 use crate::projection::{Projection, State};
+pub use crate::projection::Published;
 use crate::proxies::ProxyRegistry;
 pub use crate::store::{Metadata, Store, StoreError};
 /// The sqlx this crate is built with ([`Store`]'s variants hold its pools), for callers that
@@ -128,7 +129,7 @@ impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
             .field("backend", &self.store.backend())
-            .field("version", &self.projection.current().version)
+            .field("version", &self.projection.published().version)
             .finish_non_exhaustive()
     }
 }
@@ -223,7 +224,7 @@ impl ControlPlane {
         };
         tracing::info!(
             backend = store.backend(),
-            version = projection.current().version,
+            version = projection.published().version,
             "control plane opened"
         );
         Ok(Self {
@@ -341,8 +342,9 @@ impl ControlPlane {
         Ok(report)
     }
 
-    /// Snapshots for in-process proxies: the current one at once, then every new one.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
+    /// Published snapshot versions: the current one at once, then every new one (a watcher
+    /// that falls behind sees only the newest; [`ControlPlane::update_between`] bridges the gap).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.projection.subscribe()
     }
 
@@ -361,14 +363,36 @@ impl ControlPlane {
         }
     }
 
-    /// The current snapshot.
+    /// The current snapshot, in full (built once per version).
     pub fn snapshot(&self) -> Arc<pb::Snapshot> {
-        self.projection.current()
+        self.projection.published().full()
     }
 
-    /// The snapshot at `version`, if still in the in-memory history.
-    pub fn snapshot_at(&self, version: u64) -> Option<Arc<pb::Snapshot>> {
-        self.projection.snapshot_at(version)
+    /// The current published version.
+    pub fn published(&self) -> Arc<Published> {
+        self.projection.published()
+    }
+
+    /// The delta from `from_version` to `to`, while the in-memory change records cover it.
+    pub fn delta(&self, from_version: u64, to: &Published) -> Option<pb::SnapshotDelta> {
+        self.projection.delta(from_version, to)
+    }
+
+    /// The update that brings a proxy at `from_version` (0 = nothing) to `to`: a delta when the
+    /// change records cover the span and it is smaller than the snapshot, else the full snapshot.
+    pub fn update_between(&self, from_version: u64, to: &Published) -> pb::SnapshotUpdate {
+        use pb::snapshot_update::Kind;
+        let delta = (from_version > 0)
+            .then(|| self.projection.delta(from_version, to))
+            .flatten()
+            .filter(|d| delta_entries(d) <= to.content().len());
+        pb::SnapshotUpdate {
+            version: to.version,
+            kind: Some(match delta {
+                Some(d) => Kind::Delta(d),
+                None => Kind::Full(pb::Snapshot::clone(&to.full())),
+            }),
+        }
     }
 
     /// The live projected state.
@@ -1011,7 +1035,7 @@ impl ControlPlane {
     pub fn list_proxies(&self) -> apb::ListProxiesResponse {
         apb::ListProxiesResponse {
             proxies: self.proxies.list(),
-            current_version: self.projection.current().version,
+            current_version: self.projection.published().version,
         }
     }
 
@@ -1116,4 +1140,14 @@ impl ControlPlane {
             .await?;
         Ok(())
     }
+}
+
+/// Entries a delta carries.
+pub(crate) fn delta_entries(d: &pb::SnapshotDelta) -> usize {
+    d.upsert_orgs.len()
+        + d.upsert_api_keys.len()
+        + d.remove_api_key_hashes.len()
+        + d.upsert_provider_keys.len()
+        + d.remove_provider_keys.len()
+        + d.upsert_models.len()
 }

@@ -5,17 +5,26 @@
 //! write) and by a background poller (so several control planes on one Postgres converge). Both
 //! paths run the same fold as a rebuild, so the live state always equals `rebuild()`.
 //!
+//! The state lives in persistent maps ([`imbl::OrdMap`]): a catch-up clones it in O(1) and
+//! copies only the paths it changes, so readers keep their version while the next one is built.
+//! The snapshot content ([`SnapshotContent`]) is part of the state and is kept current event by
+//! event together with its content hash, and each catch-up records what it changed
+//! ([`Changes`]); the delta a proxy gets is the merge of those records. Nothing on the command
+//! path is proportional to the number of keys: a full snapshot is materialized only when a proxy
+//! needs one, once per version ([`Published::full`]).
+//!
 //! Snapshot version = the `seq` of the last event folded. Its content is a pure function of the
-//! log up to that seq: API keys that are revoked, or expired as of the last event's time, are
+//! log up to that seq: API keys that are revoked, or whose expiry an event's time has passed, are
 //! absent (proxies also enforce `expires_at` in real time).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use flex_shared::crypto::Sealed;
 use flex_shared::proto::admin as apb;
 use flex_shared::proto::control as pb;
-use flex_shared::snapshot;
+use flex_shared::snapshot::ContentHash;
+use imbl::{OrdMap, OrdSet};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -24,8 +33,10 @@ use crate::error::Result;
 use crate::store::{Store, StoredEvent};
 use crate::timefmt;
 
-/// How many past snapshots are kept for answering a reconnecting proxy with a delta.
-pub const HISTORY: usize = 32;
+/// How many catch-ups' change records are kept for answering a reconnecting proxy with a delta.
+pub const HISTORY: usize = 1024;
+/// ... and at most this many changed entries across them (a bulk import is not kept for long).
+pub const HISTORY_ENTRIES: usize = 1 << 20;
 const BATCH: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,59 +140,261 @@ pub struct State {
     pub last_seq: u64,
     /// The time of that event.
     pub last_event_at: Option<OffsetDateTime>,
-    pub orgs: BTreeMap<String, OrgView>,
-    pub api_keys: BTreeMap<String, ApiKeyView>,
+    pub orgs: OrdMap<String, OrgView>,
+    pub api_keys: OrdMap<String, ApiKeyView>,
     /// By (org_id, provider).
-    pub provider_keys: BTreeMap<(String, String), ProviderKeyView>,
+    pub provider_keys: OrdMap<(String, String), ProviderKeyView>,
     /// Billing accounts, folded exactly as commands fold them; orgs without an entry have the
     /// default account (`active`, the default plan and fee, no invoices).
-    pub billing: BTreeMap<String, BillingAggregate>,
+    pub billing: OrdMap<String, BillingAggregate>,
     /// Operator overrides of the model catalog (`ModelOverrideSet`), shipped in every snapshot.
-    pub models: BTreeMap<String, pb::ModelEntry>,
+    pub models: OrdMap<String, pb::ModelEntry>,
     /// Events this build could not decode (seq), skipped so the rest still folds.
     pub undecodable: Vec<u64>,
+    /// What the snapshot at `last_seq` holds, kept current as events fold.
+    pub content: SnapshotContent,
+    /// Keys in the snapshot that have an expiry, by (expires_at, key_id).
+    expiring: OrdSet<(OffsetDateTime, String)>,
+}
+
+/// The entries of a snapshot, keyed as the canonical order sorts them, with its content hash.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotContent {
+    pub orgs: OrdMap<String, pb::OrgEntry>,
+    /// By key hash.
+    pub api_keys: OrdMap<String, pb::ApiKeyEntry>,
+    pub provider_keys: OrdMap<(String, String), pb::ProviderKeyEntry>,
+    pub models: OrdMap<String, pb::ModelEntry>,
+    pub hash: ContentHash,
+}
+
+/// The snapshot entries a stretch of the log changed: the last value of each, `None` = removed.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    recording: bool,
+    orgs: BTreeMap<String, pb::OrgEntry>,
+    api_keys: BTreeMap<String, Option<pb::ApiKeyEntry>>,
+    provider_keys: BTreeMap<(String, String), Option<pb::ProviderKeyEntry>>,
+    models: BTreeMap<String, pb::ModelEntry>,
+}
+
+impl Changes {
+    /// A record that keeps what it is told (the default one ignores it, for rebuilds).
+    pub fn recording() -> Self {
+        Self {
+            recording: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.orgs.len() + self.api_keys.len() + self.provider_keys.len() + self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Folds `later` in: its values win.
+    fn merge(&mut self, later: &Changes) {
+        self.orgs
+            .extend(later.orgs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.api_keys
+            .extend(later.api_keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.provider_keys
+            .extend(later.provider_keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.models
+            .extend(later.models.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// The delta from `from_version` to the snapshot whose hash is `content_hash`.
+    fn to_delta(&self, from_version: u64, content_hash: &str) -> pb::SnapshotDelta {
+        let mut d = pb::SnapshotDelta {
+            from_version,
+            content_hash: content_hash.to_string(),
+            upsert_orgs: self.orgs.values().cloned().collect(),
+            upsert_models: self.models.values().cloned().collect(),
+            ..Default::default()
+        };
+        for (hash, k) in &self.api_keys {
+            match k {
+                Some(k) => d.upsert_api_keys.push(k.clone()),
+                None => d.remove_api_key_hashes.push(hash.clone()),
+            }
+        }
+        for ((org_id, provider), p) in &self.provider_keys {
+            match p {
+                Some(p) => d.upsert_provider_keys.push(p.clone()),
+                None => d.remove_provider_keys.push(pb::ProviderKeyRef {
+                    org_id: org_id.clone(),
+                    provider: provider.clone(),
+                }),
+            }
+        }
+        d
+    }
+}
+
+impl SnapshotContent {
+    fn set_org(&mut self, e: pb::OrgEntry, changes: &mut Changes) {
+        if let Some(old) = self.orgs.get(&e.org_id) {
+            if *old == e {
+                return;
+            }
+            self.hash.remove(3, old);
+        }
+        self.hash.add(3, &e);
+        if changes.recording {
+            changes.orgs.insert(e.org_id.clone(), e.clone());
+        }
+        self.orgs.insert(e.org_id.clone(), e);
+    }
+
+    fn put_key(&mut self, e: pb::ApiKeyEntry, changes: &mut Changes) {
+        if let Some(old) = self.api_keys.get(&e.key_hash) {
+            if *old == e {
+                return;
+            }
+            self.hash.remove(4, old);
+        }
+        self.hash.add(4, &e);
+        if changes.recording {
+            changes.api_keys.insert(e.key_hash.clone(), Some(e.clone()));
+        }
+        self.api_keys.insert(e.key_hash.clone(), e);
+    }
+
+    fn remove_key(&mut self, key_hash: &str, changes: &mut Changes) {
+        if let Some(old) = self.api_keys.remove(key_hash) {
+            self.hash.remove(4, &old);
+            if changes.recording {
+                changes.api_keys.insert(key_hash.to_string(), None);
+            }
+        }
+    }
+
+    fn put_provider_key(&mut self, e: pb::ProviderKeyEntry, changes: &mut Changes) {
+        let id = (e.org_id.clone(), e.provider.clone());
+        if let Some(old) = self.provider_keys.get(&id) {
+            if *old == e {
+                return;
+            }
+            self.hash.remove(5, old);
+        }
+        self.hash.add(5, &e);
+        if changes.recording {
+            changes.provider_keys.insert(id.clone(), Some(e.clone()));
+        }
+        self.provider_keys.insert(id, e);
+    }
+
+    fn remove_provider_key(&mut self, id: &(String, String), changes: &mut Changes) {
+        if let Some(old) = self.provider_keys.remove(id) {
+            self.hash.remove(5, &old);
+            if changes.recording {
+                changes.provider_keys.insert(id.clone(), None);
+            }
+        }
+    }
+
+    fn set_model(&mut self, e: pb::ModelEntry, changes: &mut Changes) {
+        if let Some(old) = self.models.get(&e.id) {
+            if *old == e {
+                return;
+            }
+            self.hash.remove(6, old);
+        }
+        self.hash.add(6, &e);
+        if changes.recording {
+            changes.models.insert(e.id.clone(), e.clone());
+        }
+        self.models.insert(e.id.clone(), e);
+    }
+
+    /// Entries in all (for choosing between a delta and a full snapshot).
+    pub fn len(&self) -> usize {
+        self.orgs.len() + self.api_keys.len() + self.provider_keys.len() + self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The protobuf snapshot (canonical: the maps iterate in canonical order).
+    pub fn to_proto(&self, version: u64, produced_at: String) -> pb::Snapshot {
+        pb::Snapshot {
+            version,
+            content_hash: self.hash.to_hex(),
+            orgs: self.orgs.values().cloned().collect(),
+            api_keys: self.api_keys.values().cloned().collect(),
+            provider_keys: self.provider_keys.values().cloned().collect(),
+            models: self.models.values().cloned().collect(),
+            produced_at,
+        }
+    }
+}
+
+fn key_entry(k: &ApiKeyView) -> pb::ApiKeyEntry {
+    pb::ApiKeyEntry {
+        key_id: k.key_id.clone(),
+        org_id: k.org_id.clone(),
+        key_hash: k.key_hash.clone(),
+        expires_at: k.expires_at.map_or(0, OffsetDateTime::unix_timestamp),
+    }
 }
 
 impl State {
     /// Folds one event (events must come in seq order).
     pub fn apply(&mut self, stored: &StoredEvent) {
+        self.apply_recording(stored, &mut Changes::default());
+    }
+
+    /// Folds one event and records in `changes` the snapshot entries it changed.
+    pub fn apply_recording(&mut self, stored: &StoredEvent, changes: &mut Changes) {
         self.last_seq = stored.seq;
         self.last_event_at = Some(stored.recorded_at);
         let at = stored.recorded_at;
-        let event = match Event::from_stored(stored) {
-            Ok(e) => e,
+        match Event::from_stored(stored) {
+            Ok(event) => self.fold(event, at, changes),
             Err(e) => {
                 tracing::error!(seq = stored.seq, event_type = %stored.event_type, error = %e, "skipping undecodable event");
                 self.undecodable.push(stored.seq);
-                return;
             }
-        };
+        }
+        self.expire_until(at, changes);
+    }
+
+    fn fold(&mut self, event: Event, at: OffsetDateTime, changes: &mut Changes) {
         match event {
             Event::OrgCreated { org_id, name } => {
                 self.orgs.insert(
                     org_id.clone(),
                     OrgView {
-                        org_id,
+                        org_id: org_id.clone(),
                         name,
                         status: OrgStatus::Active,
                         created_at: at,
                     },
                 );
+                self.refresh_org(&org_id, changes);
             }
             Event::OrgRenamed { org_id, name } => {
                 if let Some(o) = self.orgs.get_mut(&org_id) {
                     o.name = name;
                 }
+                self.refresh_org(&org_id, changes);
             }
             Event::OrgSuspended { org_id } => {
                 if let Some(o) = self.orgs.get_mut(&org_id) {
                     o.status = OrgStatus::Suspended;
                 }
+                self.refresh_org(&org_id, changes);
             }
             Event::OrgReactivated { org_id } => {
                 if let Some(o) = self.orgs.get_mut(&org_id) {
                     o.status = OrgStatus::Active;
                 }
+                self.refresh_org(&org_id, changes);
             }
             Event::ApiKeyCreated {
                 key_id,
@@ -191,25 +404,36 @@ impl State {
                 hint,
                 expires_at,
             } => {
-                self.api_keys.insert(
-                    key_id.clone(),
-                    ApiKeyView {
-                        key_id,
-                        org_id,
-                        name,
-                        key_hash,
-                        hint,
-                        created_at: at,
-                        expires_at: expires_at.as_deref().and_then(timefmt::parse),
-                        revoked_at: None,
-                        revoke_reason: None,
-                    },
-                );
+                let view = ApiKeyView {
+                    key_id: key_id.clone(),
+                    org_id,
+                    name,
+                    key_hash,
+                    hint,
+                    created_at: at,
+                    expires_at: expires_at.as_deref().and_then(timefmt::parse),
+                    revoked_at: None,
+                    revoke_reason: None,
+                };
+                match view.expires_at {
+                    Some(exp) if exp <= at => {}
+                    Some(exp) => {
+                        self.expiring.insert((exp, key_id.clone()));
+                        self.content.put_key(key_entry(&view), changes);
+                    }
+                    None => self.content.put_key(key_entry(&view), changes),
+                }
+                self.api_keys.insert(key_id, view);
             }
             Event::ApiKeyRevoked { key_id, reason } => {
                 if let Some(k) = self.api_keys.get_mut(&key_id) {
                     k.revoked_at = Some(at);
                     k.revoke_reason = Some(reason);
+                    let (hash, exp) = (k.key_hash.clone(), k.expires_at);
+                    if let Some(exp) = exp {
+                        self.expiring.remove(&(exp, key_id));
+                    }
+                    self.content.remove_key(&hash, changes);
                 }
             }
             Event::ProviderKeySet {
@@ -218,6 +442,14 @@ impl State {
                 sealed,
                 last4,
             } => {
+                self.content.put_provider_key(
+                    pb::ProviderKeyEntry {
+                        org_id: org_id.clone(),
+                        provider: provider.clone(),
+                        sealed: Some(sealed.clone().into()),
+                    },
+                    changes,
+                );
                 self.provider_keys.insert(
                     (org_id.clone(), provider.clone()),
                     ProviderKeyView {
@@ -234,29 +466,73 @@ impl State {
                 provider,
                 sealed,
             } => {
-                if let Some(p) = self.provider_keys.get_mut(&(org_id, provider)) {
-                    p.sealed = Some(sealed);
+                let id = (org_id, provider);
+                if let Some(p) = self.provider_keys.get_mut(&id) {
+                    p.sealed = Some(sealed.clone());
                     p.updated_at = at;
+                    self.content.put_provider_key(
+                        pb::ProviderKeyEntry {
+                            org_id: id.0.clone(),
+                            provider: id.1.clone(),
+                            sealed: Some(sealed.into()),
+                        },
+                        changes,
+                    );
                 }
             }
             Event::ProviderKeyRemoved { org_id, provider } => {
-                if let Some(p) = self.provider_keys.get_mut(&(org_id, provider)) {
+                let id = (org_id, provider);
+                if let Some(p) = self.provider_keys.get_mut(&id) {
                     p.sealed = None;
                     p.last4.clear();
                     p.updated_at = at;
                 }
+                self.content.remove_provider_key(&id, changes);
             }
             Event::ModelOverrideSet { ref model } => {
-                self.models.insert(model.id.clone(), model.to_proto());
+                let entry = model.to_proto();
+                self.models.insert(model.id.clone(), entry.clone());
+                self.content.set_model(entry, changes);
             }
             Event::BillingStatusChanged { ref org_id, .. }
             | Event::BillingPlanSet { ref org_id, .. }
             | Event::InvoiceIssued { ref org_id, .. }
             | Event::PaymentRecorded { ref org_id, .. } => {
+                let org_id = org_id.clone();
                 self.billing
                     .entry(org_id.clone())
                     .or_default()
                     .apply(&event);
+                self.refresh_org(&org_id, changes);
+            }
+        }
+    }
+
+    /// Puts the org's snapshot entry (org fields and billing) in line with the state.
+    fn refresh_org(&mut self, org_id: &str, changes: &mut Changes) {
+        let Some(o) = self.orgs.get(org_id) else {
+            return;
+        };
+        let entry = pb::OrgEntry {
+            org_id: o.org_id.clone(),
+            name: o.name.clone(),
+            active: o.status == OrgStatus::Active,
+            billing_status: self.billing_status(org_id).as_str().to_string(),
+            fee_bps: self.fee_bps(org_id),
+        };
+        self.content.set_org(entry, changes);
+    }
+
+    /// Takes the keys whose expiry is at or before `at` out of the snapshot.
+    fn expire_until(&mut self, at: OffsetDateTime, changes: &mut Changes) {
+        while let Some((exp, key_id)) = self.expiring.get_min().cloned() {
+            if exp > at {
+                return;
+            }
+            self.expiring.remove(&(exp, key_id.clone()));
+            if let Some(k) = self.api_keys.get(&key_id) {
+                let hash = k.key_hash.clone();
+                self.content.remove_key(&hash, changes);
             }
         }
     }
@@ -320,54 +596,11 @@ impl State {
             .map(|i| invoice_admin(org_id, i, now))
     }
 
-    /// The snapshot at this state's version (canonical, hashed; `produced_at` = now).
+    /// The snapshot at this state's version (canonical, hashed; `produced_at` = now). O(entries):
+    /// the live path materializes it at most once per version ([`Published::full`]).
     pub fn snapshot(&self) -> pb::Snapshot {
-        let log_time = self.last_event_at;
-        let mut s = pb::Snapshot {
-            version: self.last_seq,
-            content_hash: String::new(),
-            orgs: self
-                .orgs
-                .values()
-                .map(|o| pb::OrgEntry {
-                    org_id: o.org_id.clone(),
-                    name: o.name.clone(),
-                    active: o.status == OrgStatus::Active,
-                    billing_status: self.billing_status(&o.org_id).as_str().to_string(),
-                    fee_bps: self.fee_bps(&o.org_id),
-                })
-                .collect(),
-            api_keys: self
-                .api_keys
-                .values()
-                .filter(|k| {
-                    k.revoked_at.is_none()
-                        && !matches!((k.expires_at, log_time), (Some(exp), Some(now)) if exp <= now)
-                })
-                .map(|k| pb::ApiKeyEntry {
-                    key_id: k.key_id.clone(),
-                    org_id: k.org_id.clone(),
-                    key_hash: k.key_hash.clone(),
-                    expires_at: k.expires_at.map_or(0, OffsetDateTime::unix_timestamp),
-                })
-                .collect(),
-            provider_keys: self
-                .provider_keys
-                .values()
-                .filter_map(|p| {
-                    p.sealed.as_ref().map(|s| pb::ProviderKeyEntry {
-                        org_id: p.org_id.clone(),
-                        provider: p.provider.clone(),
-                        sealed: Some(s.clone().into()),
-                    })
-                })
-                .collect(),
-            models: self.models.values().cloned().collect(),
-            produced_at: timefmt::format(timefmt::now()),
-        };
-        snapshot::canonicalize(&mut s);
-        s.content_hash = snapshot::content_hash(&s);
-        s
+        self.content
+            .to_proto(self.last_seq, timefmt::format(timefmt::now()))
     }
 }
 
@@ -402,28 +635,72 @@ pub async fn rebuild(store: &Store) -> Result<State> {
     }
 }
 
-/// The live projection: state, the snapshot channel and a short history of snapshots.
+/// A published snapshot version: cheap to clone and to hand to every watcher; the protobuf
+/// snapshot is built from it only when a proxy needs a full one, and then once.
+#[derive(Debug)]
+pub struct Published {
+    pub version: u64,
+    pub content_hash: String,
+    content: SnapshotContent,
+    full: OnceLock<Arc<pb::Snapshot>>,
+}
+
+impl Published {
+    fn new(state: &State) -> Self {
+        Self {
+            version: state.last_seq,
+            content_hash: state.content.hash.to_hex(),
+            content: state.content.clone(),
+            full: OnceLock::new(),
+        }
+    }
+
+    /// The full snapshot (built on first use; `produced_at` is that time).
+    pub fn full(&self) -> Arc<pb::Snapshot> {
+        self.full
+            .get_or_init(|| {
+                Arc::new(
+                    self.content
+                        .to_proto(self.version, timefmt::format(timefmt::now())),
+                )
+            })
+            .clone()
+    }
+
+    pub fn content(&self) -> &SnapshotContent {
+        &self.content
+    }
+}
+
+/// What one catch-up changed: from version `from` to `to`.
+#[derive(Debug)]
+struct ChangeRecord {
+    from: u64,
+    to: u64,
+    changes: Changes,
+}
+
+/// The live projection: state, the published snapshot and the recent change records.
 pub struct Projection {
     store: Store,
     state: RwLock<Arc<State>>,
     /// Serializes catch-ups so no event is folded twice.
     catch_up: tokio::sync::Mutex<()>,
-    tx: watch::Sender<Arc<pb::Snapshot>>,
-    history: Mutex<VecDeque<Arc<pb::Snapshot>>>,
+    tx: watch::Sender<Arc<Published>>,
+    history: Mutex<VecDeque<Arc<ChangeRecord>>>,
 }
 
 impl Projection {
     /// Rebuilds from the log and publishes the first snapshot.
     pub async fn open(store: Store) -> Result<Self> {
         let state = rebuild(&store).await?;
-        let snap = Arc::new(state.snapshot());
-        let (tx, _rx) = watch::channel(snap.clone());
+        let (tx, _rx) = watch::channel(Arc::new(Published::new(&state)));
         Ok(Self {
             store,
             state: RwLock::new(Arc::new(state)),
             catch_up: tokio::sync::Mutex::new(()),
             tx,
-            history: Mutex::new(VecDeque::from([snap])),
+            history: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -434,23 +711,37 @@ impl Projection {
             .clone()
     }
 
-    pub fn current(&self) -> Arc<pb::Snapshot> {
+    pub fn published(&self) -> Arc<Published> {
         self.tx.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.tx.subscribe()
     }
 
-    /// The snapshot at exactly `version`, if still in the history ring.
-    pub fn snapshot_at(&self, version: u64) -> Option<Arc<pb::Snapshot>> {
-        self.history
+    /// The delta from `from_version` to `to`, when the change records still cover that span.
+    pub fn delta(&self, from_version: u64, to: &Published) -> Option<pb::SnapshotDelta> {
+        if from_version == to.version {
+            return Some(Changes::default().to_delta(from_version, &to.content_hash));
+        }
+        let h = self
+            .history
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .rev()
-            .find(|s| s.version == version)
-            .cloned()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = h.iter().position(|r| r.from == from_version)?;
+        let mut merged = Changes::recording();
+        let mut at = from_version;
+        for r in h.iter().skip(start) {
+            if r.from != at {
+                return None;
+            }
+            merged.merge(&r.changes);
+            at = r.to;
+            if at == to.version {
+                return Some(merged.to_delta(from_version, &to.content_hash));
+            }
+        }
+        None
     }
 
     /// Folds every event appended since the last catch-up and publishes a new snapshot if any.
@@ -463,13 +754,15 @@ impl Projection {
         }
         let mut next = State::clone(&current);
         drop(current);
+        let from = next.last_seq;
+        let mut changes = Changes::recording();
         while !batch.is_empty() {
             for e in &batch {
-                next.apply(e);
+                next.apply_recording(e, &mut changes);
             }
             batch = self.store.read_after(next.last_seq, BATCH).await?;
         }
-        let snap = Arc::new(next.snapshot());
+        let published = Arc::new(Published::new(&next));
         *self
             .state
             .write()
@@ -479,13 +772,20 @@ impl Projection {
                 .history
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            h.push_back(snap.clone());
-            while h.len() > HISTORY {
-                h.pop_front();
+            h.push_back(Arc::new(ChangeRecord {
+                from,
+                to: published.version,
+                changes,
+            }));
+            let mut entries: usize = h.iter().map(|r| r.changes.len()).sum();
+            while h.len() > HISTORY || (entries > HISTORY_ENTRIES && h.len() > 1) {
+                if let Some(r) = h.pop_front() {
+                    entries -= r.changes.len();
+                }
             }
         }
-        tracing::debug!(version = snap.version, "published snapshot");
-        self.tx.send_replace(snap);
+        tracing::debug!(version = published.version, "published snapshot");
+        self.tx.send_replace(published);
         Ok(())
     }
 }

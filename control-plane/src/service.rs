@@ -8,7 +8,6 @@ use flex_shared::proto::admin as apb;
 use flex_shared::proto::admin::admin_service_server::{AdminService, AdminServiceServer};
 use flex_shared::proto::control as pb;
 use flex_shared::proto::control::control_service_server::{ControlService, ControlServiceServer};
-use flex_shared::snapshot;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -107,7 +106,6 @@ pub fn routes(
     );
     let control = ControlServiceServer::new(ControlApi {
         cp: cp.clone(),
-        deltas: DeltaCache::default(),
     });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
@@ -393,75 +391,6 @@ impl AdminService for AdminApi {
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     cp: Arc<ControlPlane>,
-    /// Recent deltas, computed once for every Watch stream that needs them (a diff is O(keys)).
-    deltas: DeltaCache,
-}
-
-/// A delta computed once: (from version, to version, the update).
-type CachedDelta = (u64, u64, Arc<pb::SnapshotUpdate>);
-
-/// The last few deltas by (from, to) version.
-#[derive(Debug, Clone, Default)]
-struct DeltaCache(Arc<std::sync::Mutex<std::collections::VecDeque<CachedDelta>>>);
-
-impl DeltaCache {
-    const KEEP: usize = 8;
-
-    fn get(&self, from: &pb::Snapshot, to: &pb::Snapshot) -> pb::SnapshotUpdate {
-        let key = (from.version, to.version);
-        let hit = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .find(|(f, t, _)| (*f, *t) == key)
-            .map(|(_, _, u)| u.clone());
-        if let Some(u) = hit {
-            return (*u).clone();
-        }
-        let u = delta(from, to);
-        let mut c = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !c.iter().any(|(f, t, _)| (*f, *t) == key) {
-            c.push_back((key.0, key.1, Arc::new(u.clone())));
-            while c.len() > Self::KEEP {
-                c.pop_front();
-            }
-        }
-        u
-    }
-}
-
-fn full(s: &pb::Snapshot) -> pb::SnapshotUpdate {
-    pb::SnapshotUpdate {
-        version: s.version,
-        kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
-    }
-}
-
-fn delta(from: &pb::Snapshot, to: &pb::Snapshot) -> pb::SnapshotUpdate {
-    pb::SnapshotUpdate {
-        version: to.version,
-        kind: Some(pb::snapshot_update::Kind::Delta(snapshot::diff(from, to))),
-    }
-}
-
-/// The first update of a Watch: a delta from `have_version` when that snapshot is still in the
-/// history ring, else the full snapshot.
-pub fn first_update(
-    cp: &ControlPlane,
-    have_version: u64,
-    current: &pb::Snapshot,
-) -> pb::SnapshotUpdate {
-    match (have_version > 0)
-        .then(|| cp.snapshot_at(have_version))
-        .flatten()
-    {
-        Some(base) => delta(&base, current),
-        None => full(current),
-    }
 }
 
 #[tonic::async_trait]
@@ -481,11 +410,12 @@ impl ControlService for ControlApi {
         };
         let mut rx = self.cp.subscribe();
         let current = rx.borrow_and_update().clone();
-        let first = first_update(&self.cp, r.have_version, &current);
+        // A delta from the version the proxy has, while the change records cover it; else full.
+        let first = self.cp.update_between(r.have_version, &current);
         let connection = self.cp.proxies().connect(&proxy_id, "grpc");
         let ended = self.cp.watch_streams_ended();
         let (tx, out) = mpsc::channel(16);
-        let deltas = self.deltas.clone();
+        let cp = self.cp.clone();
         tokio::spawn(async move {
             let _connection = connection;
             tokio::pin!(ended);
@@ -512,7 +442,7 @@ impl ControlService for ControlApi {
                         if next.version == last.version {
                             continue;
                         }
-                        if tx.send(Ok(deltas.get(&last, &next))).await.is_err() {
+                        if tx.send(Ok(cp.update_between(last.version, &next))).await.is_err() {
                             return;
                         }
                         last = next;

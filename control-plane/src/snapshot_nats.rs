@@ -30,12 +30,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use flex_shared::proto::control as pb;
-use flex_shared::snapshot::{self as rules, nats};
+use flex_shared::snapshot::nats;
 use futures_util::StreamExt;
 use prost::Message;
 use tokio::task::JoinHandle;
 
-use crate::ControlPlane;
+use crate::{ControlPlane, Published};
 
 /// Settings of the snapshot stream.
 #[derive(Debug, Clone)]
@@ -193,7 +193,7 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Res
 
 /// An update ready to publish.
 struct Outgoing {
-    snapshot: Arc<pb::Snapshot>,
+    version: u64,
     full: bool,
     bytes: Vec<u8>,
 }
@@ -208,29 +208,33 @@ fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
     buf
 }
 
-/// Delta from `last`, unless a full is due or would be smaller.
-fn next_update(last: Option<&pb::Snapshot>, next: Arc<pb::Snapshot>, full_due: bool) -> Outgoing {
+/// Delta from `last` (the change records merged), unless a full is due, the records no longer
+/// cover the span, or the delta would be larger than the full.
+fn next_update(cp: &ControlPlane, last: Option<u64>, next: &Published, full_due: bool) -> Outgoing {
     if let (Some(last), false) = (last, full_due) {
-        let delta = pb::SnapshotUpdate {
-            version: next.version,
-            kind: Some(pb::snapshot_update::Kind::Delta(rules::diff(last, &next))),
-        };
-        if delta.encoded_len() < next.encoded_len() {
+        let delta = cp
+            .delta(last, next)
+            .filter(|d| crate::delta_entries(d) <= next.content().len());
+        if let Some(d) = delta {
+            let update = pb::SnapshotUpdate {
+                version: next.version,
+                kind: Some(pb::snapshot_update::Kind::Delta(d)),
+            };
             return Outgoing {
-                bytes: delta.encode_to_vec(),
-                snapshot: next,
+                version: next.version,
                 full: false,
+                bytes: update.encode_to_vec(),
             };
         }
     }
     full_update(next)
 }
 
-fn full_update(next: Arc<pb::Snapshot>) -> Outgoing {
+fn full_update(next: &Published) -> Outgoing {
     Outgoing {
-        bytes: encode_full(&next),
-        snapshot: next,
+        version: next.version,
         full: true,
+        bytes: encode_full(&next.full()),
     }
 }
 
@@ -241,7 +245,7 @@ async fn publish(
     max_payload: usize,
     out: &Outgoing,
 ) -> Result<usize, String> {
-    let version = out.snapshot.version;
+    let version = out.version;
     let (subject, id) = if out.full {
         (nats::FULL_SUBJECT, format!("{version}-full"))
     } else {
@@ -304,7 +308,7 @@ async fn publish_loop(
 ) {
     let js = jetstream::new(client.clone());
     let mut rx = cp.subscribe();
-    let mut last: Option<Arc<pb::Snapshot>> = None;
+    let mut last: Option<u64> = None;
     let mut since_full = 0u32;
     let mut pending: Option<Outgoing> = None;
     let mut backoff = Duration::from_millis(100);
@@ -320,10 +324,10 @@ async fn publish_loop(
                     loop {
                         let current = rx.borrow_and_update().clone();
                         if pending.is_none()
-                            && last.as_ref().map(|l| l.version) != Some(current.version)
+                            && last != Some(current.version)
                         {
                             let full_due = since_full >= cfg.full_every;
-                            pending = Some(next_update(last.as_deref(), current, full_due));
+                            pending = Some(next_update(&cp, last, &current, full_due));
                         }
                         if let Some(out) = &pending {
                             let max_payload = client.server_info().max_payload;
@@ -337,14 +341,14 @@ async fn publish_loop(
                             }
                             counters
                                 .published
-                                .store(out.snapshot.version, Ordering::Relaxed);
+                                .store(out.version, Ordering::Relaxed);
                             tracing::debug!(
-                                version = out.snapshot.version,
+                                version = out.version,
                                 full = out.full,
                                 bytes = out.bytes.len(),
                                 "snapshot published to NATS"
                             );
-                            last = pending.take().map(|o| o.snapshot);
+                            last = pending.take().map(|o| o.version);
                             backoff = Duration::from_millis(100);
                             continue;
                         }

@@ -292,8 +292,21 @@ async fn revoked_and_expired_keys_leave_the_snapshot(b: Backend) {
         .unwrap();
     assert!(entry.expires_at > 0);
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let before_rename = cp.published();
     cp.rename_org(&meta(), &org.org_id, "acme 2").await.unwrap();
     assert!(!cp.snapshot().api_keys.iter().any(|k| k.key_hash == e_hash));
+    // The delta of that event takes the expired key out along with the org's new name.
+    let d = cp
+        .delta(before_rename.version, &cp.published())
+        .expect("the change records cover the last command");
+    assert_eq!(d.remove_api_key_hashes, vec![e_hash.clone()]);
+    assert_eq!(d.upsert_orgs.len(), 1);
+    assert_eq!(
+        snapshot::apply_delta(&before_rename.full(), cp.published().version, &d)
+            .unwrap()
+            .content_hash,
+        cp.snapshot().content_hash
+    );
     let listed = cp.list_api_keys(&org.org_id).await.unwrap();
     let status = |id: &str| {
         listed
@@ -590,7 +603,9 @@ async fn subscribers_get_the_snapshot_then_each_change(b: Backend) {
     let mut rx = cp.subscribe();
     let first = rx.borrow_and_update().clone();
     assert_eq!(first.version, cp.state().last_seq);
-    assert!(first.orgs.iter().any(|o| o.org_id == org.org_id));
+    let first_full = first.full();
+    assert!(first_full.orgs.iter().any(|o| o.org_id == org.org_id));
+    assert_eq!(snapshot::content_hash(&first_full), first.content_hash);
     cp.suspend_org(&meta(), &org.org_id).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), rx.changed())
         .await
@@ -598,16 +613,28 @@ async fn subscribers_get_the_snapshot_then_each_change(b: Backend) {
         .unwrap();
     let second = rx.borrow_and_update().clone();
     assert!(second.version > first.version);
-    let d = snapshot::diff(&first, &second);
+    let second_full = second.full();
+    // The incrementally kept hash is the hash of the content.
+    assert_eq!(snapshot::content_hash(&second_full), second.content_hash);
+    // The delta from the change records is the diff of the two snapshots, and applies.
+    let d = cp.delta(first.version, &second).unwrap();
+    assert_eq!(d, snapshot::diff(&first_full, &second_full));
     assert_eq!(d.upsert_orgs.len(), 1);
     assert!(!d.upsert_orgs[0].active);
-    let applied = snapshot::apply_delta(&first, second.version, &d).unwrap();
+    let applied = snapshot::apply_delta(&first_full, second.version, &d).unwrap();
     assert_eq!(applied.content_hash, second.content_hash);
-    // The history ring answers for the earlier version.
     assert_eq!(
-        cp.snapshot_at(first.version).unwrap().content_hash,
-        first.content_hash
+        flex_shared::proto::control::Snapshot {
+            produced_at: String::new(),
+            ..applied
+        },
+        flex_shared::proto::control::Snapshot {
+            produced_at: String::new(),
+            ..(*second_full).clone()
+        }
     );
+    // A version the records do not cover gets no delta (the caller sends a full one).
+    assert!(cp.delta(first.version + 1_000_000, &second).is_none());
 }
 
 async fn two_instances_on_one_database_converge(b: Backend) {
@@ -623,9 +650,9 @@ async fn two_instances_on_one_database_converge(b: Backend) {
             rx.changed().await.unwrap();
             if rx
                 .borrow_and_update()
+                .content()
                 .orgs
-                .iter()
-                .any(|o| o.org_id == org.org_id)
+                .contains_key(&org.org_id)
             {
                 break;
             }

@@ -522,24 +522,6 @@ fn persist_to(dir: &Path, encoded: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(STATE_FILE))
 }
 
-/// Follows an in-process control plane (`flex up`): every published snapshot is applied.
-pub async fn follow_watch(
-    store: Arc<SnapshotStore>,
-    mut rx: tokio::sync::watch::Receiver<Arc<pb::Snapshot>>,
-) {
-    store.set_connected(true, None);
-    loop {
-        let snap = rx.borrow_and_update().clone();
-        if snap.version > store.version() || store.load().is_none() {
-            let _ = store.apply_full((*snap).clone());
-        }
-        if rx.changed().await.is_err() {
-            store.set_connected(false, Some("the in-process control plane stopped".into()));
-            return;
-        }
-    }
-}
-
 /// The largest snapshot update accepted over gRPC.
 const MAX_GRPC_SNAPSHOT: usize = 1 << 30;
 
