@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
+use flex_data_plane::plane_tls::{self, ClientTlsFiles, FlagNames};
 use flex_shared::proto::admin::{self as pb, admin_service_client::AdminServiceClient};
 use serde_json::{json, Value};
 use tonic::metadata::MetadataValue;
@@ -13,9 +14,14 @@ use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
-    /// Admin gRPC endpoint, e.g. http://127.0.0.1:50051.
+    /// Admin gRPC endpoint, e.g. http://127.0.0.1:50051 (https://… when the control plane
+    /// serves TLS).
     #[arg(long, env = "FLEX_ADMIN_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// endpoint (default: the public webpki
+    /// roots).
+    #[arg(long, env = "FLEX_ADMIN_CA")]
+    pub ca: Option<PathBuf>,
     /// Admin token (sent as `authorization: Bearer …`).
     #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -234,6 +240,15 @@ pub enum BillingCmd {
 
 type Client = AdminServiceClient<InterceptedService<Channel, Auth>>;
 
+/// `flex admin`'s TLS flags (it presents no client certificate: the admin token is its
+/// credential).
+const ADMIN_FLAGS: FlagNames = FlagNames {
+    url: "--endpoint",
+    ca: "--ca",
+    cert: "--cert",
+    key: "--key",
+};
+
 #[derive(Clone)]
 pub struct Auth(MetadataValue<tonic::metadata::Ascii>);
 
@@ -269,15 +284,24 @@ pub async fn connect(args: &AdminArgs) -> Result<Client> {
     }
     let endpoint = endpoint.unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
     let token = token.ok_or_else(|| anyhow!("no admin token: pass --token, set FLEX_ADMIN_TOKEN, or --data-dir of a local `flex up` (which holds admin-token)"))?;
-    let channel = Channel::from_shared(endpoint.clone())
-        .with_context(|| {
-            format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)")
-        })?
+    let channel = Channel::from_shared(endpoint.clone()).with_context(|| {
+        format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)")
+    })?;
+    let tls = ClientTlsFiles {
+        ca: args.ca.clone(),
+        ..ClientTlsFiles::default()
+    };
+    let channel = plane_tls::grpc_endpoint(channel, &tls, ADMIN_FLAGS)?
         .connect()
         .await
         .with_context(|| {
+            let tls_hint = if endpoint.starts_with("https://") {
+                " For https://, --ca must name the CA that signed the control plane's certificate."
+            } else {
+                ""
+            };
             format!(
-                "cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?"
+                "cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?{tls_hint}"
             )
         })?;
     let value: MetadataValue<_> = format!("Bearer {token}")

@@ -18,6 +18,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (`proxy`'s flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Everything in one process on embedded defaults (SQLite, in-process bus, one proxy).
@@ -58,7 +60,7 @@ pub struct UpstreamArgs {
     pub max_body_mib: usize,
 }
 
-/// NATS credentials, shared by `control` and `proxy` (give at most one kind).
+/// NATS credentials (give at most one kind) and TLS, shared by `control` and `proxy`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NatsAuthArgs {
     /// NATS credentials file (JWT + NKey seed, as `nsc` writes it).
@@ -83,6 +85,16 @@ pub struct NatsAuthArgs {
     /// NATS token.
     #[arg(long, env = "FLEX_NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
+    /// PEM CA certificate(s) to trust for NATS over TLS (default: the system roots). Any of
+    /// --nats-ca/--nats-cert makes TLS required.
+    #[arg(long, env = "FLEX_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (`tls { verify: true }`).
+    #[arg(long, env = "FLEX_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM private key for --nats-cert.
+    #[arg(long, env = "FLEX_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,13 +135,42 @@ pub struct ControlArgs {
     /// Master key file: 64 hex characters, or `key_id=hex` lines (first = active).
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
     pub master_key_file: PathBuf,
+    /// Serve gRPC (admin API and the proxies' Watch) over TLS with this PEM certificate chain
+    /// (needs --tls-key).
+    #[arg(long, env = "FLEX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLEX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// mTLS: PEM CA that signs the proxies' client certificates. Only proxies with such a
+    /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
+    #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// Control plane gRPC URL, e.g. http://127.0.0.1:50051.
+    /// Control plane gRPC URL, e.g. http://127.0.0.1:50051 (https://… when it serves TLS).
     #[arg(long, env = "FLEX_CONTROL_URL")]
     pub control_url: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// --control-url (default: the public
+    /// webpki roots).
+    #[arg(long, env = "FLEX_CONTROL_CA", requires = "control_url")]
+    pub control_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the control plane (mTLS: signed by its --client-ca).
+    #[arg(
+        long,
+        env = "FLEX_CONTROL_CERT",
+        requires = "control_key",
+        requires = "control_url"
+    )]
+    pub control_cert: Option<PathBuf>,
+    /// PEM private key for --control-cert.
+    #[arg(long, env = "FLEX_CONTROL_KEY", requires = "control_cert")]
+    pub control_key: Option<PathBuf>,
+    /// Name to verify in the control plane's certificate when it differs from the URL's host.
+    #[arg(long, env = "FLEX_CONTROL_SERVER_NAME", requires = "control_url")]
+    pub control_server_name: Option<String>,
     /// NATS URL: usage goes to JetStream (spooled in --state-dir while NATS is down) instead of
     /// the control plane's gRPC; snapshots follow JetStream (stream FLEX_SNAPSHOTS). At least one
     /// of --control-url and --nats-url is required.

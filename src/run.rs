@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use flex_control_plane::snapshot_nats::NatsSnapshotConfig;
+use flex_control_plane::tls::ServerTls;
 use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::{ControlPlane, Metadata};
+use flex_data_plane::plane_tls::{self, ClientTlsFiles};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::{Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
@@ -210,6 +212,13 @@ pub async fn nats_connect(
     if let Some(token) = &auth.nats_token {
         opts = opts.token(token.clone());
     }
+    let tls = ClientTlsFiles {
+        ca: auth.nats_ca.clone(),
+        cert: auth.nats_cert.clone(),
+        key: auth.nats_key.clone(),
+        server_name: None,
+    };
+    let opts = plane_tls::nats_options(opts, &tls)?;
     opts.connect(url).await.with_context(|| {
         format!("invalid --nats-url `{url}` (expected e.g. nats://127.0.0.1:4222)")
     })
@@ -405,6 +414,11 @@ async fn shutdown_signal() {
 }
 
 pub async fn control(args: ControlArgs) -> Result<()> {
+    // TLS files first: a wrong path fails before anything connects.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::load(cert, key, args.client_ca.as_deref())?),
+        _ => None,
+    };
     let keyring = Arc::new(MasterKeyring::load(&args.master_key_file)?);
     let cp = Arc::new(
         ControlPlane::open(&args.database_url, keyring)
@@ -431,11 +445,20 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     };
     let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
-    println!(
-        "control plane listening on http://{}",
-        listener.local_addr()?
-    );
-    cp.serve_with_listener(listener, &token, shutdown_signal())
+    let addr = listener.local_addr()?;
+    match &tls {
+        Some(t) if t.client_ca() => println!(
+            "control plane listening on https://{addr} (mTLS: only proxies with a client certificate from --client-ca can watch)"
+        ),
+        Some(_) => println!("control plane listening on https://{addr}"),
+        None => {
+            println!("control plane listening on http://{addr}");
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "gRPC without TLS on a non-loopback address: anyone who reaches it can watch snapshots (key hashes, sealed provider keys). Give --tls-cert/--tls-key and --client-ca");
+            }
+        }
+    }
+    cp.serve_with_listener_tls(listener, &token, tls.as_ref(), shutdown_signal())
         .await?;
     Ok(())
 }
@@ -468,6 +491,18 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true),
         ),
+        None => None,
+    };
+    let endpoint = match endpoint {
+        Some(e) => {
+            let tls = ClientTlsFiles {
+                ca: args.control_ca.clone(),
+                cert: args.control_cert.clone(),
+                key: args.control_key.clone(),
+                server_name: args.control_server_name.clone(),
+            };
+            Some(plane_tls::grpc_endpoint(e, &tls, plane_tls::PROXY_FLAGS)?)
+        }
         None => None,
     };
     let proxy_id = args

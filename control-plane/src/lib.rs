@@ -19,6 +19,7 @@ pub mod service;
 pub mod snapshot_nats;
 pub mod store;
 pub mod timefmt;
+pub mod tls;
 pub mod usage_consumer;
 
 use std::future::Future;
@@ -1082,9 +1083,9 @@ impl ControlPlane {
     // ----- gRPC -------------------------------------------------------------------------------
 
     /// The gRPC routes: `flex.admin.v1.AdminService` (requires `authorization: Bearer
-    /// <admin_token>`), `flex.control.v1.ControlService` (unauthenticated for now: proxies will
-    /// authenticate with mTLS; do not expose it beyond the proxies' network), and server
-    /// reflection (v1 and v1alpha).
+    /// <admin_token>`), `flex.control.v1.ControlService` (with a client CA, only for proxies with
+    /// an enrolled client certificate: [`tls`]; without one, keep it on the proxies' network),
+    /// and server reflection (v1 and v1alpha).
     pub fn grpc_router(
         self: &Arc<Self>,
         admin_token: &SecretString,
@@ -1106,39 +1107,16 @@ impl ControlPlane {
             .await
     }
 
-    /// As [`ControlPlane::serve`], on a bound listener (e.g. port 0 in tests).
+    /// As [`ControlPlane::serve`], on a bound listener (e.g. port 0 in tests), without TLS; see
+    /// [`ControlPlane::serve_with_listener_tls`].
     pub async fn serve_with_listener(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         admin_token: &SecretString,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let routes = self.grpc_router(admin_token)?;
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "control plane gRPC listening");
-        }
-        let shutdown = async move {
-            shutdown.await;
-            self.end_watch_streams();
-        };
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                // Watch updates are small writes: without TCP_NODELAY, Nagle's algorithm and the
-                // peer's delayed ACK hold each one back by tens of milliseconds.
-                tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    |conn| {
-                        if let Ok(c) = &conn {
-                            let _ = c.set_nodelay(true);
-                        }
-                        conn
-                    },
-                ),
-                shutdown,
-            )
-            .await?;
-        Ok(())
+        self.serve_with_listener_tls(listener, admin_token, None, shutdown)
+            .await
     }
 }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod formats;
 pub mod ids;
 pub mod passthrough;
+pub mod plane_tls;
 pub mod providers;
 pub mod proxy;
 pub mod race;

@@ -539,7 +539,7 @@ pub async fn follow_grpc(
             let channel = endpoint
                 .connect()
                 .await
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(|e| format!("connect: {}", crate::plane_tls::error_chain(&e)))?;
             // A full snapshot of a million keys is ~145 MB; tonic's default limit is 4 MB.
             let mut client =
                 ControlServiceClient::new(channel).max_decoding_message_size(MAX_GRPC_SNAPSHOT);
@@ -549,7 +549,7 @@ pub async fn follow_grpc(
                     have_version: store.version(),
                 })
                 .await
-                .map_err(|e| format!("watch: {}", e.message()))?
+                .map_err(|e| format!("watch: {}", crate::plane_tls::status_text(&e)))?
                 .into_inner();
             store.set_connected(true, None);
             backoff = std::time::Duration::from_millis(100);
