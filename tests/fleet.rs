@@ -6,9 +6,11 @@
 //! missing the tests fail, never skip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/infra.rs"]
+mod infra;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,164 +25,11 @@ use flex_shared::crypto::MasterKeyring;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use infra::{Nats, Pg};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::task::JoinHandle;
 
 // ----- fixtures ------------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/local/bin"])
-    {
-        let p = Path::new(dir).join("nats-server");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "nats-server not found: these tests need a real nats-server (apt-get install nats-server, \
-         or set FLEX_TEST_NATS_SERVER). They never skip."
-    )
-}
-
-/// A private nats-server with JetStream on a free port; it can be stopped and started again on
-/// the same port and store dir.
-struct Nats {
-    port: u16,
-    dir: tempfile::TempDir,
-    /// Extra server configuration (e.g. `max_payload: 16384`).
-    config: String,
-    child: Option<Child>,
-}
-
-impl Nats {
-    async fn start() -> Self {
-        Self::start_with("").await
-    }
-
-    async fn start_with(config: &str) -> Self {
-        let mut n = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            config: config.to_string(),
-            child: None,
-        };
-        n.restart().await;
-        n
-    }
-
-    /// Loses the JetStream store (as if the server came back on a new disk).
-    fn wipe(&self) {
-        assert!(self.child.is_none(), "stop nats-server first");
-        std::fs::remove_dir_all(self.dir.path().join("store")).unwrap();
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        assert!(self.child.is_none(), "nats-server is already running");
-        let conf = self.dir.path().join("nats.conf");
-        std::fs::write(&conf, &self.config).unwrap();
-        let child = Command::new(nats_server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path().join("store"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let t0 = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "nats-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A fresh Postgres database, dropped at the end.
-struct Pg {
-    base: String,
-    name: String,
-}
-
-impl Pg {
-    async fn new() -> Self {
-        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
-            .trim_end_matches('/')
-            .to_string();
-        let mut conn = PgConnection::connect(&format!("{base}/postgres"))
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Postgres is unreachable at {base}: {e}. These tests need a real Postgres \
-                     (or FLEX_TEST_POSTGRES_URL). They never skip."
-                )
-            });
-        let name = format!("flex_fleet_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        conn.close().await.ok();
-        Self { base, name }
-    }
-
-    fn url(&self) -> String {
-        format!("{}/{}", self.base, self.name)
-    }
-
-    async fn drop_db(self) {
-        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
-            let _ = conn
-                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await;
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Transport {

@@ -1,0 +1,255 @@
+//! Test infrastructure shared by the fleet and TLS tests (`#[path = "common/infra.rs"] mod
+//! infra;`): free ports, a private `nats-server` (JetStream, optional extra configuration such as
+//! a `tls { … }` block), a fresh Postgres database, and a throwaway PKI made with rcgen. Postgres
+//! comes from `FLEX_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`) and
+//! `nats-server` from `FLEX_TEST_NATS_SERVER` (default: `nats-server` on the PATH, then
+//! /usr/sbin); if either is missing the tests fail, never skip.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, PgConnection};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+    {
+        let p = Path::new(dir).join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "nats-server not found: these tests need a real nats-server (apt-get install nats-server, \
+         or set FLEX_TEST_NATS_SERVER). They never skip."
+    )
+}
+
+/// A private nats-server with JetStream on a free port; it can be stopped and started again on
+/// the same port and store dir.
+pub struct Nats {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    /// Extra server configuration (e.g. `max_payload: 16384`).
+    config: String,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(config: &str) -> Self {
+        let mut n = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            config: config.to_string(),
+            child: None,
+        };
+        n.restart().await;
+        n
+    }
+
+    /// Loses the JetStream store (as if the server came back on a new disk).
+    pub fn wipe(&self) {
+        assert!(self.child.is_none(), "stop nats-server first");
+        std::fs::remove_dir_all(self.dir.path().join("store")).unwrap();
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "nats-server is already running");
+        let conf = self.dir.path().join("nats.conf");
+        std::fs::write(&conf, &self.config).unwrap();
+        let child = Command::new(nats_server_binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path().join("store"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("nats.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh Postgres database, dropped at the end.
+pub struct Pg {
+    base: String,
+    name: String,
+}
+
+impl Pg {
+    pub async fn new() -> Self {
+        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+            .trim_end_matches('/')
+            .to_string();
+        let mut conn = PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Postgres is unreachable at {base}: {e}. These tests need a real Postgres \
+                     (or FLEX_TEST_POSTGRES_URL). They never skip."
+                )
+            });
+        let name = format!("flex_fleet_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        conn.close().await.ok();
+        Self { base, name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.base, self.name)
+    }
+
+    pub async fn drop_db(self) {
+        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await;
+        }
+    }
+}
+
+/// A throwaway certificate authority writing PEM files into a directory: a CA, server
+/// certificates for `localhost` and 127.0.0.1, client certificates.
+pub struct Pki {
+    dir: PathBuf,
+    name: String,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = params.self_signed(&ca_key).unwrap();
+        let pki = Self {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            ca,
+            ca_key,
+        };
+        std::fs::write(pki.ca_path(), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
+    fn issue(
+        &self,
+        file: &str,
+        cn: &str,
+        sans: Vec<String>,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![usage];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{}-{file}.pem", self.name)),
+            self.dir.join(format!("{}-{file}.key", self.name)),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1: (cert, key) paths.
+    pub fn server(&self, file: &str) -> (PathBuf, PathBuf) {
+        self.issue(
+            file,
+            "localhost",
+            vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A client certificate with common name `cn`: (cert, key) paths.
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue(
+            cn,
+            cn,
+            vec![format!("{cn}.proxies.test")],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+}
