@@ -44,8 +44,8 @@ use crate::domain::{
     ProviderKeyAggregate,
 };
 pub use crate::error::{Error, Result};
-use crate::projection::{Projection, State};
 pub use crate::projection::Published;
+use crate::projection::{Projection, State};
 use crate::proxies::ProxyRegistry;
 pub use crate::store::{Metadata, Store, StoreError};
 /// The sqlx this crate is built with ([`Store`]'s variants hold its pools), for callers that

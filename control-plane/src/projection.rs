@@ -201,8 +201,12 @@ impl Changes {
             .extend(later.orgs.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.api_keys
             .extend(later.api_keys.iter().map(|(k, v)| (k.clone(), v.clone())));
-        self.provider_keys
-            .extend(later.provider_keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.provider_keys.extend(
+            later
+                .provider_keys
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         self.models
             .extend(later.models.iter().map(|(k, v)| (k.clone(), v.clone())));
     }

@@ -104,9 +104,7 @@ pub fn routes(
         AdminApi { cp: cp.clone() },
         AdminAuth::new(admin_token),
     );
-    let control = ControlServiceServer::new(ControlApi {
-        cp: cp.clone(),
-    });
+    let control = ControlServiceServer::new(ControlApi { cp: cp.clone() });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -323,9 +323,7 @@ async fn publish_loop(
                 let result: Result<(), String> = async {
                     loop {
                         let current = rx.borrow_and_update().clone();
-                        if pending.is_none()
-                            && last != Some(current.version)
-                        {
+                        if pending.is_none() && last != Some(current.version) {
                             let full_due = since_full >= cfg.full_every;
                             pending = Some(next_update(&cp, last, &current, full_due));
                         }
@@ -339,9 +337,7 @@ async fn publish_loop(
                             if chunks > 1 {
                                 counters.chunked.fetch_add(1, Ordering::Relaxed);
                             }
-                            counters
-                                .published
-                                .store(out.version, Ordering::Relaxed);
+                            counters.published.store(out.version, Ordering::Relaxed);
                             tracing::debug!(
                                 version = out.version,
                                 full = out.full,

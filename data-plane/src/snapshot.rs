@@ -218,9 +218,102 @@ pub struct SnapshotStore {
     status: Mutex<SourceStatus>,
     /// Wall-clock time the current snapshot was produced by the control plane (unix seconds).
     produced_unix: std::sync::atomic::AtomicU64,
+    /// Writes applied snapshots to `state_dir` in the background (none without a state dir).
+    persister: Option<Arc<Persister>>,
 }
 
 const STATE_FILE: &str = "snapshot.pb";
+
+/// Persists the newest applied snapshot on its own thread, off the request and update paths
+/// (at a million keys a write is about 100 MB): the newest version waiting wins, so a burst of
+/// updates costs one write, and a proxy that dies before a write completes warm-starts from
+/// the previous file and catches up with a delta.
+struct Persister {
+    pending: Mutex<PersistSlot>,
+    wake: std::sync::Condvar,
+    /// The version last written (0 = none yet).
+    written: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct PersistSlot {
+    next: Option<Arc<Indexed>>,
+    closed: bool,
+}
+
+impl Persister {
+    fn start(dir: PathBuf) -> Option<Arc<Self>> {
+        let p = Arc::new(Self {
+            pending: Mutex::new(PersistSlot::default()),
+            wake: std::sync::Condvar::new(),
+            written: std::sync::atomic::AtomicU64::new(0),
+        });
+        let worker = p.clone();
+        match std::thread::Builder::new()
+            .name("snapshot-persist".into())
+            .spawn(move || worker.run(&dir))
+        {
+            Ok(_) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the snapshot persister; snapshots will not be persisted");
+                None
+            }
+        }
+    }
+
+    fn run(&self, dir: &Path) {
+        loop {
+            let next = {
+                let Ok(mut slot) = self.pending.lock() else {
+                    return;
+                };
+                loop {
+                    if let Some(next) = slot.next.take() {
+                        break next;
+                    }
+                    if slot.closed {
+                        return;
+                    }
+                    slot = match self.wake.wait(slot) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                }
+            };
+            match persist_to(dir, &next.encode()) {
+                Ok(()) => self
+                    .written
+                    .store(next.version, std::sync::atomic::Ordering::Release),
+                Err(e) => {
+                    tracing::warn!(error = %e, version = next.version, "could not persist the snapshot to the state dir")
+                }
+            }
+        }
+    }
+
+    fn submit(&self, s: Arc<Indexed>) {
+        if let Ok(mut slot) = self.pending.lock() {
+            slot.next = Some(s);
+        }
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        if let Ok(mut slot) = self.pending.lock() {
+            slot.closed = true;
+        }
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for SnapshotStore {
+    fn drop(&mut self) {
+        // The persister finishes a pending write, then stops.
+        if let Some(p) = &self.persister {
+            p.close();
+        }
+    }
+}
 
 impl SnapshotStore {
     pub fn new(keyring: Option<Arc<MasterKeyring>>, state_dir: Option<PathBuf>) -> Self {
@@ -228,9 +321,32 @@ impl SnapshotStore {
             current: ArcSwapOption::empty(),
             keyring: ArcSwapOption::new(keyring),
             key_file: None,
+            persister: state_dir.clone().and_then(Persister::start),
             state_dir,
             status: Mutex::new(SourceStatus::default()),
             produced_unix: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The version last written to the state dir (0 = none since start).
+    pub fn persisted_version(&self) -> u64 {
+        self.persister
+            .as_ref()
+            .map_or(0, |p| p.written.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Waits up to `timeout` until the applied version is persisted (e.g. before a planned
+    /// shutdown); true when it is (or there is nothing to persist).
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.persister.is_none() || self.persisted_version() >= self.version() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 
@@ -442,12 +558,11 @@ impl SnapshotStore {
         self.produced_unix
             .store(produced, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version, "snapshot applied");
-        // Persist after the swap, so requests see the update without waiting for the disk.
+        // Persist after the swap and off this thread, so neither requests nor the next update
+        // wait for the disk.
         if persist {
-            if let Some(dir) = &self.state_dir {
-                if let Err(e) = persist_to(dir, &indexed.encode()) {
-                    tracing::warn!(error = %e, "could not persist the snapshot to the state dir");
-                }
+            if let Some(p) = &self.persister {
+                p.submit(indexed.clone());
             }
         }
         Ok(version)
@@ -1039,6 +1154,8 @@ mod tests {
             })
             .unwrap();
         assert_eq!(store.version(), 4);
+        assert!(store.flush(std::time::Duration::from_secs(10)));
+        assert_eq!(store.persisted_version(), 4);
         let warm = SnapshotStore::new(Some(ring), Some(dir.path().to_path_buf()));
         assert_eq!(warm.load_persisted().unwrap(), Some(4));
         assert!(warm.load().unwrap().keys.is_empty());

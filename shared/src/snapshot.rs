@@ -416,8 +416,8 @@ pub mod nats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::Digest;
     use crate::proto::control::OrgEntry;
+    use sha2::Digest;
 
     fn org(id: &str) -> OrgEntry {
         OrgEntry {
