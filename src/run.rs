@@ -141,10 +141,10 @@ pub async fn follow_in_process(cp: Arc<ControlPlane>, store: Arc<SnapshotStore>)
     loop {
         let next = rx.borrow_and_update().clone();
         let have = store.load().map_or(0, |s| s.version);
-        if next.version > have || store.load().is_none() {
-            if store.apply_update(cp.update_between(have, &next)).is_err() {
-                let _ = store.apply_full(flex_shared::proto::control::Snapshot::clone(&next.full()));
-            }
+        let behind = next.version > have || store.load().is_none();
+        if behind && store.apply_update(cp.update_between(have, &next)).is_err() {
+            // A refused delta: start again from the full snapshot.
+            let _ = store.apply_full(flex_shared::proto::control::Snapshot::clone(&next.full()));
         }
         if rx.changed().await.is_err() {
             store.set_connected(false, Some("the in-process control plane stopped".into()));
