@@ -178,12 +178,20 @@ pub struct ProxyArgs {
     pub nats_url: Option<String>,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
-    /// With --nats-url: most undelivered usage kept in the spool under --state-dir, in MiB.
+    /// Most undelivered usage kept in the usage log under --state-dir, in MiB (past it, new
+    /// events are dropped, logged and counted in /metrics).
     #[arg(long, env = "FLEX_USAGE_SPOOL_MAX_MIB", default_value_t = 1024)]
     pub usage_spool_max_mib: u64,
+    /// With --state-dir: longest wait, in ms, for a request's usage event to be durable in the
+    /// usage log before the end of its answer is sent anyway (counted in /metrics); 0: answers
+    /// never wait (events are still written, a crash may lose the last few).
+    #[arg(long, env = "FLEX_USAGE_DURABLE_WAIT_MS", default_value_t = 200)]
+    pub usage_durable_wait_ms: u64,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where the last good snapshot is kept for a warm start.
+    /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:
+    /// each request's usage event is durable here before its answer ends, and is replayed
+    /// after a restart. Without it usage waits in memory only.
     #[arg(long, env = "FLEX_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Master key file to decrypt provider keys.

@@ -15,7 +15,10 @@ use flex_data_plane::proxy::{Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
 use flex_data_plane::usage::{ChannelSink, UsageSink};
-use flex_data_plane::usage_nats::{spawn_nats_delivery, NatsDeliveryConfig, UsageQueue};
+use flex_data_plane::usage_nats::{
+    spawn_nats_delivery, NatsDeliveryConfig, UsageQueue, UsageSource,
+};
+use flex_data_plane::usage_wal::{UsageWal, WalConfig};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
@@ -536,34 +539,53 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Where a proxy's usage goes: JetStream with a spool in --state-dir when --nats-url is given,
-/// else the control plane's `ReportUsage`.
+/// Where a proxy's usage goes: JetStream when --nats-url is given, else the control plane's
+/// `ReportUsage`; from the write-ahead usage log in --state-dir when there is one (each event
+/// durable before its answer ends, replayed after a restart), else from memory.
 async fn usage_sink(
     args: &ProxyArgs,
     endpoint: Option<tonic::transport::Endpoint>,
 ) -> Result<Arc<dyn UsageSink>> {
+    let wal = match &args.state_dir {
+        Some(dir) => Some(
+            UsageWal::open(WalConfig {
+                max_bytes: args.usage_spool_max_mib.saturating_mul(1024 * 1024),
+                durable_wait: Duration::from_millis(args.usage_durable_wait_ms),
+                ..WalConfig::new(dir)
+            })
+            .with_context(|| {
+                format!("cannot open the usage log in --state-dir {}", dir.display())
+            })?,
+        ),
+        None => {
+            tracing::warn!("no --state-dir: usage events wait in memory until delivered (bounded; a crash or restart loses them). Give --state-dir for a durable usage log");
+            None
+        }
+    };
     let Some(url) = &args.nats_url else {
         let Some(endpoint) = endpoint else {
             bail!("flex proxy needs --control-url or --nats-url");
         };
+        if let Some(wal) = wal {
+            tokio::spawn(flex_data_plane::usage_wal::deliver_grpc(
+                wal.clone(),
+                endpoint,
+            ));
+            return Ok(wal);
+        }
         let (sink, rx) = ChannelSink::new();
         tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
         return Ok(sink);
     };
     let client = nats_connect(url, &args.nats_auth, "flex-proxy").await?;
-    let queue = UsageQueue::new();
-    let config = NatsDeliveryConfig {
-        spool_dir: args.state_dir.clone(),
-        spool_max_bytes: args.usage_spool_max_mib.saturating_mul(1024 * 1024),
-        ..NatsDeliveryConfig::default()
+    let source = match wal {
+        Some(wal) => UsageSource::Log(wal),
+        None => UsageSource::Queue(UsageQueue::new()),
     };
-    if config.spool_dir.is_none() {
-        tracing::warn!("no --state-dir: while NATS is unreachable, usage waits in memory only (bounded; a restart loses it). Give --state-dir to spool it to disk");
-    }
-    spawn_nats_delivery(queue.clone(), client, config)
-        .context("cannot open the usage spool in --state-dir")?;
+    let sink = source.sink();
+    spawn_nats_delivery(source, client, NatsDeliveryConfig::default());
     println!("usage goes to NATS at {url} (stream FLEX_USAGE)");
-    Ok(queue)
+    Ok(sink)
 }
 
 fn hostname() -> String {

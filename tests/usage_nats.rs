@@ -2,9 +2,10 @@
 //! Usage over NATS JetStream into the Postgres ledger, against a private `nats-server` (started
 //! on a free port so it can be killed and restarted) and a fresh Postgres database per test.
 //!
-//! - the fault test of issue 7: requests through a proxy while NATS is killed and restarted, the
+//! - requests through a proxy (usage log in a state dir) while NATS is killed and restarted, the
 //!   control plane is dropped and reopened, and the proxy's delivery task is killed and restarted;
-//!   the ledger ends with exactly one row per request and the proxy's totals;
+//!   the ledger ends with exactly one row per request and the proxy's totals (the same with real
+//!   processes, a proxy SIGKILLed included, is `tests/usage_fault_process.rs`);
 //! - duplicates (same `Nats-Msg-Id`, or the same request id under another one) count once, and
 //!   malformed messages are terminated, not redelivered;
 //! - per-org rollups (whole range, per day, per month) equal the ledger sum, over random events.
@@ -27,12 +28,13 @@ use flex_control_plane::usage_consumer::{UsageConsumer, UsageConsumerConfig};
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::ProxyConfig;
-use flex_data_plane::snapshot::{self, SnapshotStore};
+use flex_data_plane::snapshot::SnapshotStore;
 use flex_data_plane::upstream::UpstreamConfig;
-use flex_data_plane::usage::UsageSink;
+use flex_data_plane::usage::{Durable, UsageSink};
 use flex_data_plane::usage_nats::{
     usage_stream_config, NatsDelivery, NatsDeliveryConfig, NatsDeliveryStats, UsageQueue,
 };
+use flex_data_plane::usage_wal::{UsageWal, WalConfig};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::{nats_subject, UsageEvent};
 use rand::{Rng, SeedableRng};
@@ -235,16 +237,21 @@ async fn wait_for_rows(pool: &PgPool, n: i64, within: Duration, what: &str) -> T
     }
 }
 
-/// The proxy's sink: records every event it emits, then queues it for delivery.
+/// The proxy's sink: records every event it emits, then writes it to the usage log.
 struct Recorder {
-    queue: Arc<UsageQueue>,
+    wal: Arc<UsageWal>,
     seen: Mutex<Vec<UsageEvent>>,
 }
 
 impl UsageSink for Recorder {
     fn emit(&self, event: UsageEvent) {
         self.seen.lock().unwrap().push(event.clone());
-        self.queue.emit(event);
+        self.wal.emit(event);
+    }
+
+    fn emit_durable(&self, event: UsageEvent) -> Durable {
+        self.seen.lock().unwrap().push(event.clone());
+        self.wal.emit_durable(event)
     }
 }
 
@@ -255,23 +262,33 @@ fn consumer_config() -> UsageConsumerConfig {
     }
 }
 
-fn delivery_config(spool: &std::path::Path) -> NatsDeliveryConfig {
-    NatsDeliveryConfig {
-        spool_dir: Some(spool.to_path_buf()),
-        ack_timeout: Duration::from_secs(1),
-        ..NatsDeliveryConfig::default()
-    }
+fn delivery(client: &async_nats::Client, stats: &Arc<NatsDeliveryStats>) -> NatsDelivery {
+    NatsDelivery::with_stats(
+        client.clone(),
+        NatsDeliveryConfig {
+            ack_timeout: Duration::from_secs(1),
+            ..NatsDeliveryConfig::default()
+        },
+        stats.clone(),
+    )
 }
 
-fn spawn_delivery(
+/// Delivery from the usage log (a proxy with a state dir).
+fn spawn_log_delivery(
     client: &async_nats::Client,
-    spool: &std::path::Path,
+    stats: &Arc<NatsDeliveryStats>,
+    wal: &Arc<UsageWal>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(delivery(client, stats).run_log(wal.clone()))
+}
+
+/// Delivery from memory (a proxy without a state dir).
+fn spawn_queue_delivery(
+    client: &async_nats::Client,
     stats: &Arc<NatsDeliveryStats>,
     queue: &Arc<UsageQueue>,
 ) -> tokio::task::JoinHandle<()> {
-    let d = NatsDelivery::with_stats(client.clone(), delivery_config(spool), stats.clone())
-        .expect("open the spool");
-    tokio::spawn(d.run(queue.clone()))
+    tokio::spawn(delivery(client, stats).run(queue.clone()))
 }
 
 // ----- the fault test -------------------------------------------------------------------------
@@ -310,7 +327,7 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     );
 
     // Proxy: snapshot from the control plane in process (it keeps its last snapshot while the
-    // control plane is gone), usage over NATS with a spool.
+    // control plane is gone), usage over NATS from the usage log.
     let sim = sim::spawn(SimConfig {
         openai_key: Some(common::OPENAI_KEY.into()),
         flex_delay_ms: 5,
@@ -324,9 +341,10 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
         cp.as_ref().unwrap().clone(),
         store.clone(),
     ));
-    let queue = UsageQueue::new();
+    let state = tempfile::tempdir().unwrap();
+    let wal = UsageWal::open(WalConfig::new(state.path())).unwrap();
     let recorder = Arc::new(Recorder {
-        queue: queue.clone(),
+        wal: wal.clone(),
         seen: Mutex::new(Vec::new()),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -353,10 +371,9 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let spool = tempfile::tempdir().unwrap();
     let proxy_client = nats_client(&nats.url()).await;
     let dstats = Arc::new(NatsDeliveryStats::default());
-    let mut delivery = spawn_delivery(&proxy_client, spool.path(), &dstats, &queue);
+    let mut delivery = spawn_log_delivery(&proxy_client, &dstats, &wal);
 
     // Traffic: WORKERS senders, paced so that it spans the faults below.
     let traffic = {
@@ -409,7 +426,7 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     let _ = (&mut delivery).await;
     eprintln!("fault: proxy delivery task killed");
     sleep(400).await;
-    delivery = spawn_delivery(&proxy_client, spool.path(), &dstats, &queue);
+    delivery = spawn_log_delivery(&proxy_client, &dstats, &wal);
     eprintln!("fault: proxy delivery task restarted");
 
     let statuses = traffic.await.unwrap();
@@ -428,14 +445,18 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     sleep(3000).await;
     let got_later = ledger_totals(&pool).await;
     let d = &dstats;
+    let w = wal.stats();
     let c = consumer.as_ref().unwrap().stats();
     eprintln!(
-        "delivery: published {} (duplicates {}), spooled {}, replayed {}, spool dropped {}; consumer (after reopen): received {}, recorded {}, duplicates {}, malformed {}, errors {}",
+        "log: appended {} in {} fsyncs, durable waits {} (timeouts {}); delivery: published {} (duplicates {}), failed rounds {}, polls with NATS unreachable {}; consumer (after reopen): received {}, recorded {}, duplicates {}, malformed {}, errors {}",
+        w.appended.load(Ordering::Relaxed),
+        w.commits.load(Ordering::Relaxed),
+        w.durable.waits.load(Ordering::Relaxed),
+        w.durable.timeouts.load(Ordering::Relaxed),
         d.published.load(Ordering::Relaxed),
         d.duplicates.load(Ordering::Relaxed),
-        d.spooled.load(Ordering::Relaxed),
-        d.replayed.load(Ordering::Relaxed),
-        d.spool_dropped.load(Ordering::Relaxed),
+        d.failures.load(Ordering::Relaxed),
+        d.unreachable_polls.load(Ordering::Relaxed),
         c.received.load(Ordering::Relaxed),
         c.recorded.load(Ordering::Relaxed),
         c.duplicates.load(Ordering::Relaxed),
@@ -453,14 +474,17 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
         .unwrap();
     let ledger_ids: HashSet<_> = ledger_ids.into_iter().map(|(id,)| id).collect();
     assert_eq!(ledger_ids, ids);
-    // The faults were real: events were spooled while NATS was down, and replayed.
-    assert!(d.spooled.load(Ordering::Relaxed) > 0, "nothing was spooled");
+    // Every event went through the log, each answer waited for it, and the faults were real
+    // (publishing failed while NATS was down).
+    assert_eq!(w.appended.load(Ordering::Relaxed), N as u64);
+    assert_eq!(w.durable.waits.load(Ordering::Relaxed), N as u64);
     assert!(
-        d.replayed.load(Ordering::Relaxed) > 0,
-        "nothing was replayed"
+        d.failures.load(Ordering::Relaxed) + d.unreachable_polls.load(Ordering::Relaxed) > 0,
+        "delivery never saw NATS down"
     );
-    assert_eq!(d.spool_dropped.load(Ordering::Relaxed), 0);
-    assert_eq!(queue.dropped(), 0);
+    assert_eq!(w.dropped_full.load(Ordering::Relaxed), 0);
+    assert_eq!(w.dropped_queue.load(Ordering::Relaxed), 0);
+    assert_eq!(wal.pending_bytes(), 0, "the log is fully delivered");
     assert_eq!(c.malformed.load(Ordering::Relaxed), 0);
     // The summary the admin API shows agrees.
     let summary = cp2.get_usage(&org.org_id, "", "").await.unwrap();
@@ -542,13 +566,13 @@ async fn duplicate_publishes_count_once_and_malformed_messages_are_terminated() 
     // JetStream stores it, the ledger absorbs it.
     let other = publish("req_dup_a-late", payload.clone(), nats_subject("org_x")).await;
     assert!(!other.duplicate);
-    // And through the proxy's delivery path, twice.
-    let queue = UsageQueue::new();
+    // And through the proxy's delivery path (from the usage log), twice.
+    let state = tempfile::tempdir().unwrap();
+    let wal = UsageWal::open(WalConfig::new(state.path())).unwrap();
     let dstats = Arc::new(NatsDeliveryStats::default());
-    let spool = tempfile::tempdir().unwrap();
-    let delivery = spawn_delivery(&client, spool.path(), &dstats, &queue);
-    queue.emit(a.clone());
-    queue.emit(a.clone());
+    let delivery = spawn_log_delivery(&client, &dstats, &wal);
+    wal.emit(a.clone());
+    wal.emit(a.clone());
     // Malformed: not a usage event, and a usage event without a request id.
     publish(
         "junk-1",
@@ -602,10 +626,10 @@ async fn per_org_rollups_equal_the_ledger_sum_over_random_events() {
     let cp = Arc::new(ControlPlane::open(&db.url, keyring()).await.unwrap());
     let client = nats_client(&nats.url()).await;
     let consumer = cp.spawn_usage_consumer(client.clone(), consumer_config());
+    // Delivery from memory (a proxy without a state dir).
     let queue = UsageQueue::new();
-    let spool = tempfile::tempdir().unwrap();
     let dstats = Arc::new(NatsDeliveryStats::default());
-    let delivery = spawn_delivery(&client, spool.path(), &dstats, &queue);
+    let delivery = spawn_queue_delivery(&client, &dstats, &queue);
     let pool = PgPool::connect(&db.url).await.unwrap();
     let meta = Metadata::new("test");
 

@@ -23,3 +23,4 @@ pub mod translate;
 pub mod upstream;
 pub mod usage;
 pub mod usage_nats;
+pub mod usage_wal;

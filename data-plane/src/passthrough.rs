@@ -27,6 +27,7 @@ use crate::proxy::{lost_draft, ms, outcome_headers, take, Draft, Plan, Proxy, Us
 use crate::race::{self, AttemptError, EventClass, Started};
 use crate::sse::Event;
 use crate::upstream::{read_body, MAX_ERROR_BODY};
+use crate::usage::hold_end;
 
 /// A caller format that is its provider's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,13 +226,13 @@ impl NativeCall<'_> {
         }
         draft.event.served_tier = served.as_str().to_string();
         let reason = draft.event.reason.clone();
-        draft.emit(self.proxy.usage.as_ref(), parts.status.as_u16(), "ok");
+        let durable = draft.emit(self.proxy.usage.as_ref(), parts.status.as_u16(), "ok");
         let mut out = (parts.status, bytes).into_response();
         if let Some(ct) = ct {
             out.headers_mut().insert(http::header::CONTENT_TYPE, ct);
         }
         outcome_headers(out.headers_mut(), served, &reason, 0);
-        Ok(out)
+        Ok(hold_end(out, durable))
     }
 
     /// Answers from a started upstream stream: forwarded as SSE, or assembled into one body.
@@ -244,14 +245,21 @@ impl NativeCall<'_> {
         let ask = started.tier;
         if caller_stream {
             let pending: VecDeque<Event> = started.buffered.into();
-            for ev in &pending {
+            // Which buffered event (if any) ends the answer: it waits for the usage event.
+            let mut terminal_at = None;
+            for (i, ev) in pending.iter().enumerate() {
                 tap.observe(ev, &mut draft.event);
+                if tap.done && terminal_at.is_none() {
+                    terminal_at = Some(i);
+                }
             }
             let served = tap.served.unwrap_or(ask.assumed_served());
             let reason = draft.event.reason.clone();
             let flex_wait = draft.event.flex_wait_ms;
             let state = StreamState {
                 pending,
+                next_pending: 0,
+                terminal_at,
                 rest: started.rest,
                 tap,
                 strip_usage_chunk: self.api == Native::Chat && !self.caller_wants_usage,
@@ -263,33 +271,42 @@ impl NativeCall<'_> {
             };
             let stream = futures_util::stream::unfold(state, |mut st| async move {
                 loop {
-                    let ev = match st.pending.pop_front() {
-                        Some(ev) => ev,
+                    let (ev, terminal) = match st.pending.pop_front() {
+                        Some(ev) => {
+                            let terminal = st.terminal_at == Some(st.next_pending);
+                            st.next_pending += 1;
+                            (ev, terminal)
+                        }
                         None => match st.rest.next().await {
                             Some(Ok(ev)) => {
+                                let was_done = st.tap.done;
                                 if let Some(e) = st.guard.as_mut().and_then(UsageGuard::event_mut) {
                                     st.tap.observe(&ev, e);
                                 }
-                                ev
+                                (ev, !was_done && st.tap.done)
                             }
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "upstream stream broke mid-answer");
                                 if let Some(g) = st.guard.take() {
-                                    g.finish(st.tap.served, "incomplete");
+                                    g.finish(st.tap.served, "incomplete").wait().await;
                                 }
                                 return None;
                             }
                             None => {
                                 if let Some(g) = st.guard.take() {
-                                    g.finish(
-                                        st.tap.served,
-                                        if st.tap.done { "ok" } else { "incomplete" },
-                                    );
+                                    let outcome = if st.tap.done { "ok" } else { "incomplete" };
+                                    g.finish(st.tap.served, outcome).wait().await;
                                 }
                                 return None;
                             }
                         },
                     };
+                    if terminal {
+                        // The answer's last event goes out once its usage event is durable.
+                        if let Some(g) = st.guard.take() {
+                            g.finish(st.tap.served, "ok").wait().await;
+                        }
+                    }
                     if st.strip_usage_chunk && is_usage_only_chunk(&ev) {
                         continue;
                     }
@@ -366,20 +383,21 @@ impl NativeCall<'_> {
         let reason = draft.event.reason.clone();
         let flex_wait = draft.event.flex_wait_ms;
         let Some(body) = body else {
-            draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
+            let durable = draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
             let why = broken.unwrap_or_else(|| "it ended without a final response".into());
-            return ApiError::new(
+            let resp = ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream_incomplete",
                 format!("The provider's answer was cut off: {why}."),
             )
             .fix("retry the request.")
             .into_response_for(self.api.format());
+            return hold_end(resp, durable);
         };
-        draft.emit(self.proxy.usage.as_ref(), 200, "ok");
+        let durable = draft.emit(self.proxy.usage.as_ref(), 200, "ok");
         let mut resp = axum::Json(body).into_response();
         outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
-        resp
+        hold_end(resp, durable)
     }
 }
 
@@ -477,6 +495,10 @@ impl Tap {
 
 struct StreamState {
     pending: VecDeque<Event>,
+    /// How many of `pending` have been forwarded.
+    next_pending: usize,
+    /// The index in `pending` of the event that ends the answer, if it was buffered.
+    terminal_at: Option<usize>,
     rest: crate::upstream::EventStream,
     tap: Tap,
     strip_usage_chunk: bool,

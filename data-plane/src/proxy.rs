@@ -23,7 +23,7 @@ use crate::snapshot::{ProviderSecret, SnapshotStore};
 use crate::start_within::{self, StartWithin};
 use crate::translate::{self, TranslatedCall};
 use crate::upstream::UpstreamClient;
-use crate::usage::UsageSink;
+use crate::usage::{hold_end, Durable, UsageSink};
 
 /// Limits and knobs of the request path.
 #[derive(Debug, Clone)]
@@ -159,7 +159,18 @@ pub(crate) struct Draft {
 }
 
 impl Draft {
-    pub(crate) fn emit(mut self, sink: &dyn UsageSink, status: u16, outcome: &str) {
+    /// Completes the event and hands it to `sink`; the returned [`Durable`] resolves once it is
+    /// durable (hold the end of the answer on it).
+    pub(crate) fn emit(self, sink: &dyn UsageSink, status: u16, outcome: &str) -> Durable {
+        sink.emit_durable(self.complete(status, outcome))
+    }
+
+    /// Completes the event and hands it to `sink` without waiting (no answer to hold).
+    pub(crate) fn emit_detached(self, sink: &dyn UsageSink, status: u16, outcome: &str) {
+        sink.emit(self.complete(status, outcome));
+    }
+
+    fn complete(mut self, status: u16, outcome: &str) -> UsageEvent {
         self.event.status = status;
         self.event.outcome = outcome.to_string();
         self.event.duration_ms = ms(self.t0.elapsed());
@@ -177,7 +188,7 @@ impl Draft {
                 );
             }
         }
-        sink.emit(self.event);
+        self.event
     }
 }
 
@@ -317,11 +328,12 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let status = e.status.as_u16();
-                if let Some(d) = draft {
-                    d.emit(self.usage.as_ref(), status, "error");
-                }
+                let durable = match draft {
+                    Some(d) => d.emit(self.usage.as_ref(), status, "error"),
+                    None => Durable::ready(),
+                };
                 tracing::info!(request_id, code = e.code, status, "request refused");
-                e.into_response_for(format)
+                hold_end(e.into_response_for(format), durable)
             }
         };
         span.record("status", resp.status().as_u16());
@@ -497,7 +509,8 @@ pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, fle
     h.insert("x-flex-wait-ms", HeaderValue::from(flex_wait_ms));
 }
 
-/// Emits the usage event when a forwarded stream ends, or as `cancelled` when the caller left.
+/// Emits the usage event when a forwarded stream ends (the caller's stream holds its final bytes
+/// on the returned [`Durable`]), or as `cancelled` when the caller left.
 pub(crate) struct UsageGuard {
     /// `None` once the event has been emitted.
     pub(crate) draft: Option<Draft>,
@@ -510,13 +523,16 @@ impl UsageGuard {
         self.draft.as_mut().map(|d| &mut d.event)
     }
 
-    pub(crate) fn finish(mut self, served: Option<Tier>, outcome: &str) {
-        if let Some(mut draft) = self.draft.take() {
-            draft.event.served_tier = served
-                .unwrap_or(self.ask.assumed_served())
-                .as_str()
-                .to_string();
-            draft.emit(self.sink.as_ref(), 200, outcome);
+    pub(crate) fn finish(mut self, served: Option<Tier>, outcome: &str) -> Durable {
+        match self.draft.take() {
+            Some(mut draft) => {
+                draft.event.served_tier = served
+                    .unwrap_or(self.ask.assumed_served())
+                    .as_str()
+                    .to_string();
+                draft.emit(self.sink.as_ref(), 200, outcome)
+            }
+            None => Durable::ready(),
         }
     }
 }
@@ -525,7 +541,8 @@ impl Drop for UsageGuard {
     fn drop(&mut self) {
         if let Some(mut draft) = self.draft.take() {
             draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
-            draft.emit(self.sink.as_ref(), 200, "cancelled");
+            // The caller is gone: nothing to hold, but the event still reaches the log.
+            draft.emit_detached(self.sink.as_ref(), 200, "cancelled");
         }
     }
 }

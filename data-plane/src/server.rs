@@ -131,7 +131,7 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
     let st = proxy.snapshots.status();
-    let body = format!(
+    let mut body = format!(
         "# TYPE snapshot_version gauge\nsnapshot_version {}\n# TYPE snapshot_age_seconds gauge\nsnapshot_age_seconds {}\n# TYPE control_plane_connected gauge\ncontrol_plane_connected {}\n# TYPE snapshot_rejected_updates_total counter\nsnapshot_rejected_updates_total {}\n# TYPE snapshot_full_applied_total counter\nsnapshot_full_applied_total {}\n# TYPE snapshot_deltas_applied_total counter\nsnapshot_deltas_applied_total {}\n# TYPE snapshot_persisted_version gauge\nsnapshot_persisted_version {}\n",
         proxy.snapshots.version(),
         proxy.snapshots.age_seconds().map_or(-1, |a| a as i64),
@@ -141,6 +141,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
         st.deltas_applied,
         proxy.snapshots.persisted_version(),
     );
+    proxy.usage.write_metrics(&mut body);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         body,

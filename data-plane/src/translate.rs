@@ -25,6 +25,7 @@ use crate::proxy::{lost_draft, outcome_headers, take, Draft, Plan, Proxy, UsageG
 use crate::race::{self, AttemptError, EventClass, Started};
 use crate::sse::Event;
 use crate::upstream::EventStream;
+use crate::usage::{hold_end, Durable};
 
 // ----- dispatch -----------------------------------------------------------------------------
 
@@ -178,6 +179,8 @@ impl TranslatedCall<'_> {
             encoder: encoder(self.format, served, &self.req.model, self.include_usage),
             out: VecDeque::new(),
             finished: false,
+            hold: None,
+            upstream_done: false,
             guard: Some(UsageGuard {
                 draft: Some(draft),
                 sink: self.proxy.usage.clone(),
@@ -186,11 +189,17 @@ impl TranslatedCall<'_> {
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             loop {
+                // The answer's last events (and the end of the body) go out once the usage
+                // event is durable.
+                if let Some(durable) = st.hold.take() {
+                    durable.wait().await;
+                }
                 if let Some(ev) = st.out.pop_front() {
                     return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
                 }
-                // The usage guard goes when the answer has ended.
-                st.guard.as_ref()?;
+                if st.upstream_done {
+                    return None;
+                }
                 let upstream = match st.pending.pop_front() {
                     Some(ev) => Some(Ok(ev)),
                     None => st.rest.next().await,
@@ -198,18 +207,22 @@ impl TranslatedCall<'_> {
                 match upstream {
                     Some(Ok(ev)) => st.feed(&ev),
                     Some(Err(e)) => {
+                        st.upstream_done = true;
                         tracing::warn!(error = %e, "upstream stream broke mid-answer");
-                        let mut out = Vec::new();
-                        st.encoder.encode(
-                            &StreamEvent::Error {
-                                message: format!("the provider's stream broke: {e}"),
-                            },
-                            &mut out,
-                        );
-                        st.out.extend(out);
-                        st.end("incomplete");
+                        if st.guard.is_some() {
+                            let mut out = Vec::new();
+                            st.encoder.encode(
+                                &StreamEvent::Error {
+                                    message: format!("the provider's stream broke: {e}"),
+                                },
+                                &mut out,
+                            );
+                            st.out.extend(out);
+                            st.end("incomplete");
+                        }
                     }
                     None => {
+                        st.upstream_done = true;
                         let outcome = if st.finished { "ok" } else { "incomplete" };
                         st.end(outcome);
                     }
@@ -261,24 +274,25 @@ impl TranslatedCall<'_> {
             let why = broken
                 .or(acc.error.clone())
                 .unwrap_or_else(|| "it ended without a final event".into());
-            draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
-            return ApiError::new(
+            let durable = draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
+            let resp = ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream_incomplete",
                 format!("The provider's answer was cut off: {why}."),
             )
             .fix("retry the request.")
             .into_response_for(self.format);
+            return hold_end(resp, durable);
         }
         let mut r = acc.finish();
         if r.model.is_empty() {
             r.model = self.req.model.clone();
         }
         apply(&r.usage, &mut draft.event);
-        draft.emit(self.proxy.usage.as_ref(), 200, "ok");
+        let durable = draft.emit(self.proxy.usage.as_ref(), 200, "ok");
         let mut resp = axum::Json(render(self.format, &r, served)).into_response();
         outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
-        resp
+        hold_end(resp, durable)
     }
 }
 
@@ -296,6 +310,10 @@ struct State {
     encoder: Box<dyn Encoder>,
     out: VecDeque<Event>,
     finished: bool,
+    /// The usage event's durability, awaited before `out` goes on (set when the answer ends).
+    hold: Option<Durable>,
+    /// The upstream stream has ended (or broken).
+    upstream_done: bool,
     guard: Option<UsageGuard>,
 }
 
@@ -304,8 +322,10 @@ impl State {
         let mut canonical = Vec::new();
         self.decoder.decode(ev, &mut canonical);
         let mut out = Vec::new();
+        let mut finished_now = false;
         for e in &canonical {
             if let StreamEvent::Finish { usage, .. } = e {
+                finished_now = !self.finished;
                 self.finished = true;
                 if let Some(ue) = self.guard.as_mut().and_then(UsageGuard::event_mut) {
                     apply(usage, ue);
@@ -314,12 +334,18 @@ impl State {
             self.encoder.encode(e, &mut out);
         }
         self.out.extend(out);
+        if finished_now {
+            // The answer is complete (usage included): report it now, and hold its last
+            // events until the report is durable.
+            self.end("ok");
+        }
     }
 
+    /// Reports the usage event (once); what is queued in `out` waits for it to be durable.
     fn end(&mut self, outcome: &str) {
         let served = self.decoder.served_tier();
         if let Some(g) = self.guard.take() {
-            g.finish(served, outcome);
+            self.hold = Some(g.finish(served, outcome));
         }
     }
 }
