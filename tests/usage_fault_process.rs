@@ -1,0 +1,1000 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The fault test of issue 7 with real processes: a `flex control` process on a fresh Postgres
+//! database, a private `nats-server` (JetStream), two `flex proxy` processes (each with its own
+//! state dir, so each has a durable usage log) and the provider simulator. N requests (Responses
+//! and Chat, streaming and not, direct and raced, passthrough and translated) go to both proxies
+//! while NATS hangs (SIGSTOP: nothing acknowledged, connections open), one proxy is SIGKILLed
+//! mid-load (so its log holds events of answered requests that never reached NATS) and restarted
+//! on the same state dir, NATS is SIGKILLed and restarted, and the control plane is SIGKILLed and
+//! restarted. A request whose proxy died is retried on the other one (a new request id).
+//!
+//! Then: every answer the client received completely has its row in the ledger (no loss), with
+//! the tokens the client saw; no request id is counted twice; the only other rows are of answers
+//! that were cut off by the kill after their event was durable (served, and billed, but not
+//! received whole); and the ledger totals (tokens, cost, standard cost) equal the sum of the
+//! events the proxies published to `FLEX_USAGE`.
+//!
+//! Needs `nats-server` (PATH, /usr/sbin, or `FLEX_TEST_NATS_SERVER`) and Postgres
+//! (`FLEX_TEST_POSTGRES_URL`, default postgres://postgres@127.0.0.1:5432); never skips.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flex::sim::{self, SimConfig};
+use flex_shared::crypto::MasterKeyring;
+use flex_shared::usage::{UsageEvent, NATS_STREAM};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+const OPENAI_KEY: &str = "sk-sim-openai-fault-000000";
+const GEMINI_KEY: &str = "AIza-sim-fault-000000";
+const ADMIN_TOKEN: &str = "fault-test-admin-token";
+/// Logical requests; each completes exactly once (retried on the other proxy if its proxy dies).
+const N: usize = 300;
+const WORKERS: usize = 6;
+
+// ----- fixtures -------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+    {
+        let p = Path::new(dir).join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "nats-server not found (PATH, /usr/sbin, FLEX_TEST_NATS_SERVER): this test needs a real \
+         NATS server with JetStream; it never skips"
+    )
+}
+
+fn wait_listening(port: u16, what: &str, within: Duration) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < within,
+            "{what} did not listen on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process, SIGKILLed when dropped; its output goes to a log file (printed on failure).
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .env("FLEX_LOG", "warn,flex=info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGSTOP: the process hangs with its connections open (nothing is answered or closed).
+    fn freeze(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot SIGSTOP {}", self.name);
+    }
+
+    /// SIGKILL: no shutdown code runs, like a crash.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} ({}) -----", self.name, self.log.display());
+            let out = self.output();
+            let tail: Vec<&str> = out.lines().rev().take(60).collect();
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A fresh Postgres database, dropped at the end.
+struct Pg {
+    base: String,
+    name: String,
+}
+
+impl Pg {
+    async fn new() -> Self {
+        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+            .trim_end_matches('/')
+            .to_string();
+        let mut conn = PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Postgres is unreachable at {base}: {e}. This test needs a real Postgres \
+                     (set FLEX_TEST_POSTGRES_URL); it never skips"
+                )
+            });
+        let name = format!("flex_fault_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        conn.close().await.ok();
+        Self { base, name }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", self.base, self.name)
+    }
+
+    async fn drop_db(self) {
+        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
+            conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await
+                .ok();
+        }
+    }
+}
+
+/// Everything the processes need to be started (and started again).
+struct Cluster {
+    flex: PathBuf,
+    logs: PathBuf,
+    /// Usage and snapshots over NATS; without it, over the control plane's gRPC only.
+    use_nats: bool,
+    nats_port: u16,
+    nats_dir: PathBuf,
+    cp_port: u16,
+    db_url: String,
+    key_file: PathBuf,
+    openai_url: String,
+    gemini_url: String,
+}
+
+impl Cluster {
+    fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.nats_port)
+    }
+
+    fn control_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.cp_port)
+    }
+
+    fn start_nats(&self) -> Proc {
+        let p = Proc::spawn(
+            "nats-server",
+            &nats_server_binary(),
+            &[
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                self.nats_port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                self.nats_dir.display().to_string(),
+            ],
+            &self.logs,
+        );
+        wait_listening(self.nats_port, "nats-server", Duration::from_secs(10));
+        p
+    }
+
+    fn nats_args(&self) -> Vec<String> {
+        if self.use_nats {
+            vec!["--nats-url".into(), self.nats_url()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn start_control(&self) -> Proc {
+        let mut args: Vec<String> = vec![
+            "control".into(),
+            "--database-url".into(),
+            self.db_url.clone(),
+            "--admin-token".into(),
+            ADMIN_TOKEN.into(),
+            "--master-key-file".into(),
+            self.key_file.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.cp_port),
+        ];
+        args.extend(self.nats_args());
+        let p = Proc::spawn("flex-control", &self.flex, &args, &self.logs);
+        wait_listening(self.cp_port, "flex control", Duration::from_secs(60));
+        p
+    }
+
+    fn start_proxy(&self, i: usize, port: u16, state_dir: &Path) -> Proc {
+        let mut args: Vec<String> = vec![
+            "proxy".into(),
+            "--control-url".into(),
+            self.control_url(),
+            "--master-key-file".into(),
+            self.key_file.display().to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--proxy-id".into(),
+            format!("fault-proxy-{i}"),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--openai-base-url".into(),
+            self.openai_url.clone(),
+            "--gemini-base-url".into(),
+            self.gemini_url.clone(),
+            // Generous, so that "answered ⇒ durable" holds on a loaded machine too (the
+            // default is 200 ms; a timeout is counted in /metrics, checked below).
+            "--usage-durable-wait-ms".into(),
+            "5000".into(),
+        ];
+        args.extend(self.nats_args());
+        Proc::spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
+    }
+
+    /// `flex admin --json …` against the control plane process.
+    fn admin(&self, args: &[&str], stdin: Option<&str>) -> Value {
+        use std::io::Write;
+        let mut cmd = Command::new(&self.flex);
+        cmd.args([
+            "admin",
+            "--endpoint",
+            &self.control_url(),
+            "--token",
+            ADMIN_TOKEN,
+            "--json",
+        ])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        {
+            let mut input = child.stdin.take().unwrap();
+            if let Some(s) = stdin {
+                input.write_all(s.as_bytes()).unwrap();
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "flex admin {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+async fn http_get(url: &str) -> Option<(u16, String)> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::get(url).body(Full::new(Bytes::new())).ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn wait_ready(port: u16, within: Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some((200, _)) = http_get(&format!("http://127.0.0.1:{port}/readyz")).await {
+            return;
+        }
+        assert!(t0.elapsed() < within, "proxy on {port} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `/metrics` value of a proxy (the first line starting with `name`).
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+// ----- traffic --------------------------------------------------------------------------------
+
+/// One logical request of the load.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// Responses → OpenAI (passthrough), non-streaming, `default`.
+    ResponsesBody,
+    /// Responses → OpenAI (passthrough), streaming, raced.
+    ResponsesStream,
+    /// Chat → Gemini (translated), streaming with usage, raced.
+    ChatGeminiStream,
+    /// Chat → Gemini (translated), non-streaming, `default`.
+    ChatGeminiBody,
+}
+
+impl Kind {
+    fn of(i: usize) -> Self {
+        match i % 4 {
+            0 => Self::ResponsesBody,
+            1 => Self::ResponsesStream,
+            2 => Self::ChatGeminiStream,
+            _ => Self::ChatGeminiBody,
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::ResponsesBody | Self::ResponsesStream => "/v1/responses",
+            Self::ChatGeminiStream | Self::ChatGeminiBody => "/v1/chat/completions",
+        }
+    }
+
+    fn body(self, i: usize) -> Value {
+        // Streams take ~50–250 ms (so a kill cuts some), bodies vary in size.
+        let prompt = format!(
+            "{} #sim output_tokens={} tokens_per_sec=200",
+            "word ".repeat(1 + i % 13),
+            10 + i % 40
+        );
+        match self {
+            Self::ResponsesBody => {
+                json!({"model": "gpt-5.5", "input": prompt, "start_within": "default"})
+            }
+            Self::ResponsesStream => json!({"model": "gpt-5.5", "input": prompt,
+                "start_within": "00h-00m-10s", "stream": true}),
+            Self::ChatGeminiStream => json!({"model": "gemini-3.5-flash",
+                "messages": [{"role": "user", "content": prompt}], "start_within": "00h-00m-10s",
+                "stream": true, "stream_options": {"include_usage": true}}),
+            Self::ChatGeminiBody => json!({"model": "gemini-3.5-flash",
+                "messages": [{"role": "user", "content": prompt}], "start_within": "default"}),
+        }
+    }
+
+    /// The (input, output) tokens of a complete answer, or `None` if it is not complete.
+    fn usage(self, body: &[u8]) -> Option<(i64, i64)> {
+        let text = String::from_utf8_lossy(body);
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        let tokens = |u: &Value, i: &str, o: &str| Some((u[i].as_i64()?, u[o].as_i64()?));
+        match self {
+            Self::ResponsesBody => {
+                let v: Value = serde_json::from_slice(body).ok()?;
+                tokens(&v["usage"], "input_tokens", "output_tokens")
+            }
+            Self::ChatGeminiBody => {
+                let v: Value = serde_json::from_slice(body).ok()?;
+                tokens(&v["usage"], "prompt_tokens", "completion_tokens")
+            }
+            Self::ResponsesStream => data.iter().find_map(|d| {
+                let v: Value = serde_json::from_str(d).ok()?;
+                (v["type"] == "response.completed")
+                    .then(|| tokens(&v["response"]["usage"], "input_tokens", "output_tokens"))?
+            }),
+            Self::ChatGeminiStream => {
+                if data.last() != Some(&"[DONE]") {
+                    return None;
+                }
+                data.iter().rev().find_map(|d| {
+                    let v: Value = serde_json::from_str(d).ok()?;
+                    tokens(&v["usage"], "prompt_tokens", "completion_tokens")
+                })
+            }
+        }
+    }
+}
+
+/// What the client saw.
+#[derive(Default)]
+struct Seen {
+    /// Request id → (input, output) tokens of every answer received completely.
+    completed: HashMap<String, (i64, i64)>,
+    /// Request ids of answers whose headers came but whose body was cut off.
+    cut_off: HashSet<String>,
+    /// Attempts that failed (connection refused or cut off) and were retried.
+    retries: usize,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+enum Attempt {
+    /// The whole answer arrived (the body ended cleanly).
+    Complete {
+        id: String,
+        status: u16,
+        body: Bytes,
+    },
+    /// Refused, or cut off (with the request id if the headers came).
+    CutOff(Option<String>),
+}
+
+async fn attempt(
+    client: &HttpClient,
+    port: u16,
+    kind: Kind,
+    body: &Value,
+    api_key: &str,
+) -> Attempt {
+    let req = http::Request::post(format!("http://127.0.0.1:{port}{}", kind.path()))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {api_key}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+        Ok(Ok(r)) => r,
+        _ => return Attempt::CutOff(None),
+    };
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let status = resp.status().as_u16();
+    let bytes =
+        match tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => return Attempt::CutOff(id),
+        };
+    Attempt::Complete {
+        id: id.unwrap_or_default(),
+        status,
+        body: bytes,
+    }
+}
+
+// ----- the test -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_proxy_are_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_file = tmp.path().join("master.key");
+    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+    let pg = Pg::new().await;
+    let sim = sim::spawn(SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
+        flex_delay_ms: 10,
+        standard_delay_ms: 10,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Arc::new(Cluster {
+        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+        logs: logs.clone(),
+        use_nats: true,
+        nats_port: free_port(),
+        nats_dir: tmp.path().join("nats"),
+        cp_port: free_port(),
+        db_url: pg.url(),
+        key_file,
+        openai_url: sim.openai_base_url(),
+        gemini_url: sim.base_url(),
+    });
+
+    let mut nats = cluster.start_nats();
+    let mut control = cluster.start_control();
+    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (provider, key) in [("openai", OPENAI_KEY), ("gemini", GEMINI_KEY)] {
+        cluster.admin(
+            &[
+                "provider-key",
+                "set",
+                "--org",
+                &org_id,
+                "--provider",
+                provider,
+            ],
+            Some(key),
+        );
+    }
+
+    let ports = [free_port(), free_port()];
+    let state_dirs = [tmp.path().join("proxy-0"), tmp.path().join("proxy-1")];
+    let mut proxies: Vec<Proc> = (0..2)
+        .map(|i| cluster.start_proxy(i, ports[i], &state_dirs[i]))
+        .collect();
+    for p in ports {
+        wait_ready(p, Duration::from_secs(30)).await;
+    }
+    // Both proxies have the snapshot with the key and the provider keys before the load (these
+    // probes are answered, so they are in the ledger too).
+    let mut probes = HashMap::new();
+    let probe_client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    for p in ports {
+        let t0 = Instant::now();
+        for kind in [Kind::ResponsesBody, Kind::ChatGeminiBody] {
+            loop {
+                let r = attempt(&probe_client, p, kind, &kind.body(0), &api_key).await;
+                if let Attempt::Complete {
+                    id,
+                    status: 200,
+                    body,
+                } = r
+                {
+                    probes.insert(id, kind.usage(&body).unwrap());
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "proxy {p} never served"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    // The load: WORKERS senders over both proxies; a failed attempt goes to the other proxy.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let seen = seen.clone();
+        let api_key = api_key.clone();
+        workers.push(tokio::spawn(async move {
+            let client: HttpClient = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build_http();
+            for i in (w..N).step_by(WORKERS) {
+                let kind = Kind::of(i);
+                let body = kind.body(i);
+                let mut target = i % 2;
+                let t0 = Instant::now();
+                loop {
+                    match attempt(&client, ports[target], kind, &body, &api_key).await {
+                        Attempt::Complete { id, status, body } => {
+                            let text = String::from_utf8_lossy(&body);
+                            assert_eq!(status, 200, "{kind:?} via {}: {text}", ports[target]);
+                            assert!(!id.is_empty(), "no x-request-id: {text}");
+                            let usage = kind.usage(&body).unwrap_or_else(|| {
+                                panic!(
+                                    "{kind:?} ended cleanly but is not a complete answer: {text}"
+                                )
+                            });
+                            let mut s = seen.lock().unwrap();
+                            assert!(
+                                s.completed.insert(id.clone(), usage).is_none(),
+                                "request id {id} answered twice"
+                            );
+                            break;
+                        }
+                        Attempt::CutOff(id) => {
+                            let mut s = seen.lock().unwrap();
+                            s.retries += 1;
+                            if let Some(id) = id {
+                                s.cut_off.insert(id);
+                            }
+                        }
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(60),
+                        "request {i} never completed"
+                    );
+                    target = 1 - target;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+
+    // The faults, while the load runs.
+    let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    sleep(1000).await;
+    // A hung NATS first: connections stay open and nothing is acknowledged, so events of
+    // answered requests are neither in JetStream nor (in a design that spools only when NATS is
+    // unreachable) on disk; only a write-ahead log keeps them across the kill below.
+    nats.freeze();
+    eprintln!("fault: nats-server hung (SIGSTOP)");
+    sleep(1000).await;
+    // A long stream in flight on proxy 0 when it dies: cut off before its end, so it has no
+    // usage event (the event is written when the answer ends).
+    let long = {
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let body = json!({"model": "gpt-5.5", "start_within": "default", "stream": true,
+            "input": "long #sim output_tokens=400 tokens_per_sec=40"});
+        let req = http::Request::post(format!("http://127.0.0.1:{}/v1/responses", ports[0]))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {api_key}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        let mut body = resp.into_body();
+        body.frame().await.unwrap().unwrap();
+        (
+            id,
+            tokio::spawn(async move { body.collect().await.is_ok() }),
+        )
+    };
+    proxies[0].kill();
+    eprintln!("fault: proxy 0 SIGKILLed (NATS hung: its usage log holds undelivered events)");
+    sleep(200).await;
+    nats.kill();
+    eprintln!("fault: nats-server SIGKILLed");
+    sleep(800).await;
+    nats = cluster.start_nats();
+    eprintln!("fault: nats-server restarted");
+    sleep(700).await;
+    proxies[0] = cluster.start_proxy(0, ports[0], &state_dirs[0]);
+    wait_ready(ports[0], Duration::from_secs(30)).await;
+    eprintln!("fault: proxy 0 restarted on its state dir");
+    sleep(1000).await;
+    control.kill();
+    eprintln!("fault: control plane SIGKILLed");
+    sleep(1500).await;
+    control = cluster.start_control();
+    eprintln!("fault: control plane restarted");
+
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (long_id, long_body) = long;
+    assert!(
+        !long_body.await.unwrap(),
+        "the long stream was cut off by the kill"
+    );
+    let (mut completed, cut_off, retries) = {
+        let s = seen.lock().unwrap();
+        (s.completed.clone(), s.cut_off.clone(), s.retries)
+    };
+    assert_eq!(completed.len(), N, "every logical request completed once");
+    completed.extend(probes);
+    let answered = completed.len();
+    assert!(
+        retries > 0,
+        "the proxy kill failed no request: the fault was not real"
+    );
+    assert!(
+        proxies[0]
+            .output()
+            .contains("usage log holds undelivered events"),
+        "the restarted proxy had nothing to replay: the fault was not real"
+    );
+
+    // Delivery finishes: both logs drained, then the ledger holds every completed answer.
+    let t0 = Instant::now();
+    let mut metrics = Vec::new();
+    loop {
+        metrics.clear();
+        for p in ports {
+            metrics.push(
+                http_get(&format!("http://127.0.0.1:{p}/metrics"))
+                    .await
+                    .map(|(_, m)| m)
+                    .unwrap_or_default(),
+            );
+        }
+        if metrics
+            .iter()
+            .all(|m| metric(m, "usage_log_pending_bytes") == Some(0))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "usage logs not drained: {metrics:?}"
+        );
+        sleep(200).await;
+    }
+    for m in &metrics {
+        assert_eq!(
+            metric(m, "usage_durable_wait_timeouts_total"),
+            Some(0),
+            "{m}"
+        );
+        assert_eq!(metric(m, "usage_not_durable_total"), Some(0), "{m}");
+        assert_eq!(
+            metric(m, "usage_log_dropped_total{reason=\"full\"}"),
+            Some(0)
+        );
+        assert_eq!(
+            metric(m, "usage_log_dropped_total{reason=\"queue\"}"),
+            Some(0)
+        );
+    }
+    let pool = PgPool::connect(&pg.url()).await.unwrap();
+    type Row = (String, i64, i64, i64, i64);
+    let ledger = |pool: PgPool| async move {
+        sqlx::query_as::<_, Row>(
+            "SELECT request_id, input_tokens::BIGINT, output_tokens::BIGINT, cost_micros, \
+             standard_cost_micros FROM usage_ledger",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let t0 = Instant::now();
+    let rows = loop {
+        let rows = ledger(pool.clone()).await;
+        let ids: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        if completed.keys().all(|id| ids.contains(id.as_str())) {
+            break rows;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "ledger: {} rows, {} of {} completed answers",
+            rows.len(),
+            completed
+                .keys()
+                .filter(|id| ids.contains(id.as_str()))
+                .count(),
+            completed.len()
+        );
+        sleep(200).await;
+    };
+    // Redeliveries (the consumer's ack wait) may still arrive; they must not add rows.
+    sleep(3000).await;
+    let rows_later = ledger(pool.clone()).await;
+    assert_eq!(
+        rows_later.len(),
+        rows.len(),
+        "rows appeared after the ledger was complete"
+    );
+
+    // No loss: every complete answer is in the ledger with the tokens the client saw.
+    let by_id: HashMap<&str, &Row> = rows.iter().map(|r| (r.0.as_str(), r)).collect();
+    assert_eq!(by_id.len(), rows.len(), "a request id is counted twice");
+    for (id, (input, output)) in &completed {
+        let r = by_id[id.as_str()];
+        assert_eq!((r.1, r.2), (*input, *output), "tokens of {id}");
+    }
+    // No double count: the only other rows are answers cut off after their event was durable.
+    let extra: Vec<&str> = by_id
+        .keys()
+        .copied()
+        .filter(|id| !completed.contains_key(*id))
+        .collect();
+    for id in &extra {
+        assert!(
+            cut_off.contains(*id),
+            "ledger row {id} belongs to no answer the client saw"
+        );
+    }
+    assert_eq!(rows.len(), answered + extra.len());
+    assert!(
+        !by_id.contains_key(long_id.as_str()),
+        "a stream cut off mid-answer has no usage event"
+    );
+
+    // The totals are the sum of the events the proxies published.
+    let client = async_nats::connect(cluster.nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(NATS_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap().state.clone();
+    let mut events: HashMap<String, UsageEvent> = HashMap::new();
+    for seq in info.first_sequence..=info.last_sequence {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let e: UsageEvent = serde_json::from_slice(&m.payload).unwrap();
+        if let Some(prev) = events.insert(e.request_id.clone(), e.clone()) {
+            assert_eq!(prev, e, "one request id, two different events");
+        }
+    }
+    let sum = |it: &mut dyn Iterator<Item = (i64, i64, i64, i64)>| {
+        it.fold((0, 0, 0, 0), |a, b| {
+            (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3)
+        })
+    };
+    let ledger_totals = sum(&mut rows.iter().map(|r| (r.1, r.2, r.3, r.4)));
+    let event_totals = sum(&mut rows.iter().map(|r| {
+        let e = events
+            .get(&r.0)
+            .unwrap_or_else(|| panic!("ledger row {} has no event in {NATS_STREAM}", r.0));
+        (
+            e.input_tokens as i64,
+            e.output_tokens as i64,
+            e.cost_micros,
+            e.standard_cost_micros,
+        )
+    }));
+    assert_eq!(
+        ledger_totals, event_totals,
+        "ledger totals = the sum of the events"
+    );
+    assert!(ledger_totals.2 > 0, "costs were counted");
+    eprintln!(
+        "{N} answers completed, plus {} probes ({retries} attempts retried, {} cut off, and the \
+         long stream {long_id}, not in the ledger); ledger {} rows ({} cut off after their event \
+         was durable); {} events in {NATS_STREAM} ({} messages); totals (input, output, cost µ$, \
+         standard µ$) = {ledger_totals:?}",
+        answered - N,
+        cut_off.len(),
+        rows.len(),
+        extra.len(),
+        events.len(),
+        info.messages,
+    );
+
+    drop(proxies);
+    drop(control);
+    drop(nats);
+    pool.close().await;
+    pg.drop_db().await;
+}
+
+/// Without NATS: a proxy reports usage over the control plane's gRPC, from its usage log. The
+/// control plane is SIGKILLed (events wait in the log), then the proxy is SIGKILLed too, and
+/// both restart: the restarted proxy replays its log, and the ledger has every answer once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_usage_from_the_log_survives_control_plane_and_proxy_kills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_file = tmp.path().join("master.key");
+    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+    let sim = sim::spawn(SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
+        flex_delay_ms: 5,
+        standard_delay_ms: 5,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Cluster {
+        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+        logs,
+        use_nats: false,
+        nats_port: 0,
+        nats_dir: tmp.path().join("unused"),
+        cp_port: free_port(),
+        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
+        key_file,
+        openai_url: sim.openai_base_url(),
+        gemini_url: sim.base_url(),
+    };
+    let mut control = cluster.start_control();
+    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.admin(
+        &[
+            "provider-key",
+            "set",
+            "--org",
+            &org_id,
+            "--provider",
+            "openai",
+        ],
+        Some(OPENAI_KEY),
+    );
+    let port = free_port();
+    let state_dir = tmp.path().join("proxy");
+    let mut proxy = cluster.start_proxy(0, port, &state_dir);
+    wait_ready(port, Duration::from_secs(30)).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut expected = (0usize, 0i64, 0i64);
+    let send = |n: usize| {
+        let client = client.clone();
+        let api_key = api_key.clone();
+        async move {
+            let mut got = (0usize, 0i64, 0i64);
+            for i in 0..n {
+                let kind = if i % 2 == 0 {
+                    Kind::ResponsesBody
+                } else {
+                    Kind::ResponsesStream
+                };
+                let t0 = Instant::now();
+                loop {
+                    if let Attempt::Complete {
+                        status: 200, body, ..
+                    } = attempt(&client, port, kind, &kind.body(i), &api_key).await
+                    {
+                        let (input, output) = kind.usage(&body).unwrap();
+                        got = (got.0 + 1, got.1 + input, got.2 + output);
+                        break;
+                    }
+                    assert!(t0.elapsed() < Duration::from_secs(30), "not served");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            got
+        }
+    };
+    let add = |a: (usize, i64, i64), b: (usize, i64, i64)| (a.0 + b.0, a.1 + b.1, a.2 + b.2);
+    expected = add(expected, send(20).await);
+    control.kill();
+    eprintln!("fault: control plane SIGKILLed");
+    expected = add(expected, send(20).await);
+    proxy.kill();
+    eprintln!("fault: proxy SIGKILLed (its log holds the events the control plane missed)");
+    control = cluster.start_control();
+    proxy = cluster.start_proxy(0, port, &state_dir);
+    wait_ready(port, Duration::from_secs(30)).await;
+    assert!(
+        proxy
+            .output()
+            .contains("usage log holds undelivered events"),
+        "the restarted proxy had nothing to replay"
+    );
+    expected = add(expected, send(10).await);
+
+    let t0 = Instant::now();
+    loop {
+        let u = cluster.admin(&["usage", "--org", &org_id], None);
+        let got = (
+            u["requests"].as_u64().unwrap() as usize,
+            u["input_tokens"].as_i64().unwrap(),
+            u["output_tokens"].as_i64().unwrap(),
+        );
+        if got == expected {
+            break;
+        }
+        assert!(
+            got.0 <= expected.0 && t0.elapsed() < Duration::from_secs(60),
+            "ledger {got:?}, answers {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(proxy);
+    drop(control);
+}
