@@ -2,7 +2,12 @@
 //! proxy (`start_within: "default"`, non-streaming, so there is no race), over loopback HTTP/1.1
 //! with keep-alive. Reports latency percentiles and what the proxy adds.
 //!
-//! Run: `cargo run --release --example overhead -- [REQUESTS] [CONCURRENCY]`
+//! Run: `cargo run --release --example overhead -- [REQUESTS] [CONCURRENCY] [--usage-log]`
+//!
+//! `--usage-log`: the proxy writes usage to the write-ahead usage log (as `flex proxy
+//! --state-dir` does: each answer's end waits for its event's group fsync), in a temp dir on the
+//! machine's disk, and a task delivers the log into the ledger; without it, usage goes to the
+//! ledger from memory (as in `flex up`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::ProxyConfig;
 use flex_data_plane::upstream::UpstreamConfig;
+use flex_data_plane::usage_wal::{UsageWal, WalConfig};
 use flex_shared::crypto::MasterKeyring;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -58,6 +64,26 @@ async fn run(url: &str, auth: &str, body: &Bytes, n: usize, conc: usize) -> Vec<
     all
 }
 
+/// Delivery from the usage log into the ledger (what NATS and the consumer do, in process).
+async fn deliver_log(wal: Arc<UsageWal>, cp: Arc<ControlPlane>) {
+    loop {
+        if wal.pending_bytes() == 0 {
+            tokio::select! {
+                () = wal.wait_appended() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        // Errors only when the benchmark ends (its temp dir is gone): stop.
+        let Ok(chunk) = wal.read(1000) else { return };
+        let end = chunk.end;
+        let events: Vec<_> = chunk.events.into_iter().map(|e| e.event).collect();
+        if cp.record_usage(&events).await.is_err() || wal.advance(end).is_err() {
+            return;
+        }
+    }
+}
+
 fn pct(v: &[Duration], p: f64) -> f64 {
     let i = ((v.len() as f64 * p).ceil() as usize)
         .saturating_sub(1)
@@ -73,6 +99,7 @@ async fn main() {
         .collect();
     let n = args.first().copied().unwrap_or(20_000);
     let conc = args.get(1).copied().unwrap_or(32);
+    let usage_log = std::env::args().any(|a| a == "--usage-log");
     let dir = tempfile::tempdir().unwrap();
     let ring =
         Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "bench").unwrap());
@@ -120,15 +147,38 @@ async fn main() {
         "http://{}/v1/chat/completions",
         listener.local_addr().unwrap()
     );
-    let store = flex::run::embedded_proxy(
-        &cp,
-        flex_data_plane::snapshot::SnapshotStore::new(Some(ring), None),
-        listener,
-        &UpstreamConfig::default(),
-        cfg,
-        None,
-    )
-    .unwrap();
+    let mut wal = None;
+    let mut delivery = None;
+    let store = if usage_log {
+        let store = Arc::new(flex_data_plane::snapshot::SnapshotStore::new(
+            Some(ring),
+            None,
+        ));
+        tokio::spawn(flex::run::follow_in_process(cp.clone(), store.clone()));
+        let w = UsageWal::open(WalConfig::new(dir.path().join("proxy-state"))).unwrap();
+        delivery = Some(tokio::spawn(deliver_log(w.clone(), cp.clone())));
+        flex::run::serve_proxy(
+            listener,
+            store.clone(),
+            &UpstreamConfig::default(),
+            cfg,
+            None,
+            w.clone(),
+        )
+        .unwrap();
+        wal = Some(w);
+        store
+    } else {
+        flex::run::embedded_proxy(
+            &cp,
+            flex_data_plane::snapshot::SnapshotStore::new(Some(ring), None),
+            listener,
+            &UpstreamConfig::default(),
+            cfg,
+            None,
+        )
+        .unwrap()
+    };
     while store.version() < cp.snapshot().version {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -160,7 +210,25 @@ async fn main() {
     )
     .await;
     let via_rps = via.len() as f64 / t.elapsed().as_secs_f64();
-    println!("requests={} concurrency={conc}", direct.len());
+    println!(
+        "requests={} concurrency={conc} usage={}",
+        direct.len(),
+        if usage_log {
+            "write-ahead log (fsync per group)"
+        } else {
+            "memory"
+        }
+    );
+    if let Some(w) = &wal {
+        let s = w.stats();
+        let appended = s.appended.load(std::sync::atomic::Ordering::Relaxed);
+        let commits = s.commits.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "usage log: {appended} events in {commits} fsyncs ({:.1} per group), durable-wait timeouts {}",
+            appended as f64 / commits.max(1) as f64,
+            s.durable.timeouts.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     println!("| path | p50 µs | p90 µs | p99 µs | req/s |");
     println!("|---|---|---|---|---|");
     println!(
@@ -183,4 +251,7 @@ async fn main() {
         pct(&via, 0.9) - pct(&direct, 0.9),
         pct(&via, 0.99) - pct(&direct, 0.99)
     );
+    if let Some(d) = delivery {
+        d.abort();
+    }
 }
