@@ -466,6 +466,26 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
         )
         .await
         .unwrap();
+    // A proxy following from the start: it gets one full, then only deltas, even though the
+    // publisher sends a full every 50 versions (it skips those as already applied).
+    let early_dir = tempfile::tempdir().unwrap();
+    let early = Arc::new(SnapshotStore::new(
+        Some(keyring.clone()),
+        Some(early_dir.path().to_path_buf()),
+    ));
+    let early_follower = tokio::spawn(snapshot::follow_nats(
+        early.clone(),
+        nats.url(),
+        "early".into(),
+    ));
+    let t0 = Instant::now();
+    while early.load().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "early proxy has no snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut keys = Vec::new();
     for i in 0..250 {
         let k = cp
@@ -511,6 +531,21 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
     assert!(keys.iter().all(|h| snap.keys.contains_key(h)));
     assert_eq!(store.status().full_applied, 1);
     follower.abort();
+    let t0 = Instant::now();
+    while early.version() < want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            early.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(publisher.fulls_published() >= 5, "a full every 50 versions");
+    let st = early.status();
+    assert_eq!(st.full_applied, 1, "the periodic fulls are skipped: {st:?}");
+    assert!(st.deltas_applied >= 250, "{st:?}");
+    assert_eq!(st.rejected_updates, 0, "{st:?}");
+    early_follower.abort();
     drop(publisher);
     pg.drop_db().await;
 }

@@ -3,8 +3,10 @@
 //! Layout ([`flex_shared::snapshot::nats`]): the stream `FLEX_SNAPSHOTS` keeps the published
 //! versions in order, full snapshots on `flex.snapshot.full` and deltas on `flex.snapshot.delta`,
 //! each a prost-encoded `SnapshotUpdate`. A full goes out first (at start, after a restart of
-//! this process, when the stream had to be created, after a failed publish), then every
-//! `full_every` updates, and whenever the delta would be larger than the full; deltas otherwise.
+//! this process, when the stream had to be created), and whenever the delta would be larger
+//! than the full; deltas otherwise. Every `full_every` updates the version goes out twice: as a
+//! delta, which following proxies apply, then as a full, which they skip as already applied
+//! (by its version header, without reassembling it) and from which a joining proxy starts.
 //! An update larger than the server's `max_payload` is split into chunks published back to back.
 //! `Nats-Msg-Id` is the version (plus `-full` and the chunk index), so a retried publish is
 //! stored once within the stream's duplicate window. The stream is bounded by age, message count
@@ -23,6 +25,7 @@
 //! heartbeat; [`ControlPlane::publish_snapshots_to_nats`] records them in the proxy registry, so
 //! `flex admin proxies` lists NATS proxies next to gRPC ones.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -208,26 +211,37 @@ fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
     buf
 }
 
-/// Delta from `last` (the change records merged), unless a full is due, the records no longer
-/// cover the span, or the delta would be larger than the full.
-fn next_update(cp: &ControlPlane, last: Option<u64>, next: &Published, full_due: bool) -> Outgoing {
-    if let (Some(last), false) = (last, full_due) {
-        let delta = cp
-            .delta(last, next)
-            .filter(|d| crate::delta_entries(d) <= next.content().len());
-        if let Some(d) = delta {
-            let update = pb::SnapshotUpdate {
-                version: next.version,
-                kind: Some(pb::snapshot_update::Kind::Delta(d)),
-            };
-            return Outgoing {
-                version: next.version,
-                full: false,
-                bytes: update.encode_to_vec(),
-            };
+/// What to publish for `next`: the delta from `last` (the change records merged) when the
+/// records cover the span and it is no larger than the full, followed by the full when one is
+/// due (followers apply the delta and skip the full as already applied, without reassembling
+/// it; a joining proxy starts from the full); the full alone otherwise.
+fn next_updates(
+    cp: &ControlPlane,
+    last: Option<u64>,
+    next: &Published,
+    full_due: bool,
+) -> VecDeque<Outgoing> {
+    let delta = last.and_then(|last| {
+        cp.delta(last, next)
+            .filter(|d| crate::delta_entries(d) <= next.content().len())
+    });
+    let mut out = VecDeque::new();
+    if let Some(d) = delta {
+        let update = pb::SnapshotUpdate {
+            version: next.version,
+            kind: Some(pb::snapshot_update::Kind::Delta(d)),
+        };
+        out.push_back(Outgoing {
+            version: next.version,
+            full: false,
+            bytes: update.encode_to_vec(),
+        });
+        if !full_due {
+            return out;
         }
     }
-    full_update(next)
+    out.push_back(full_update(next));
+    out
 }
 
 fn full_update(next: &Published) -> Outgoing {
@@ -310,7 +324,7 @@ async fn publish_loop(
     let mut rx = cp.subscribe();
     let mut last: Option<u64> = None;
     let mut since_full = 0u32;
-    let mut pending: Option<Outgoing> = None;
+    let mut pending: VecDeque<Outgoing> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
     loop {
         match ensure_stream(&js, &cfg).await {
@@ -318,16 +332,16 @@ async fn publish_loop(
                 if created && last.is_some() {
                     // A new stream starts with a full snapshot.
                     last = None;
-                    pending = None;
+                    pending.clear();
                 }
                 let result: Result<(), String> = async {
                     loop {
                         let current = rx.borrow_and_update().clone();
-                        if pending.is_none() && last != Some(current.version) {
+                        if pending.is_empty() && last != Some(current.version) {
                             let full_due = since_full >= cfg.full_every;
-                            pending = Some(next_update(&cp, last, &current, full_due));
+                            pending = next_updates(&cp, last, &current, full_due);
                         }
-                        if let Some(out) = &pending {
+                        if let Some(out) = pending.front() {
                             let max_payload = client.server_info().max_payload;
                             let chunks = publish(&js, max_payload, out).await?;
                             since_full = if out.full { 0 } else { since_full + 1 };
@@ -344,7 +358,11 @@ async fn publish_loop(
                                 bytes = out.bytes.len(),
                                 "snapshot published to NATS"
                             );
-                            last = pending.take().map(|o| o.version);
+                            if let Some(done) = pending.pop_front() {
+                                if pending.is_empty() {
+                                    last = Some(done.version);
+                                }
+                            }
                             backoff = Duration::from_millis(100);
                             continue;
                         }

@@ -61,10 +61,13 @@ pub struct Indexed {
 
 impl Indexed {
     /// Indexes `rest` (a canonical snapshot whose API keys were moved into `keys`).
+    /// Provider keys whose ciphertext is unchanged since `prev` keep their decrypted secret, so
+    /// an update costs no decryption for them.
     fn build(
         rest: pb::Snapshot,
         keys: KeyTable,
         keyring: Option<&MasterKeyring>,
+        prev: Option<&Indexed>,
     ) -> Result<Self, ProxyError> {
         let orgs = rest
             .orgs
@@ -81,10 +84,29 @@ impl Indexed {
             })
             .collect();
         let mut provider_keys = HashMap::new();
+        let unchanged: HashMap<(&str, &str), &pb::ProviderKeyEntry> = prev
+            .map(|p| {
+                p.rest
+                    .provider_keys
+                    .iter()
+                    .map(|e| ((e.org_id.as_str(), e.provider.as_str()), e))
+                    .collect()
+            })
+            .unwrap_or_default();
         for p in &rest.provider_keys {
             let Some(provider) = Provider::parse(&p.provider) else {
                 continue;
             };
+            let id = (p.org_id.clone(), provider);
+            let reused = unchanged
+                .get(&(p.org_id.as_str(), p.provider.as_str()))
+                .filter(|old| old.sealed == p.sealed)
+                .and_then(|_| prev?.provider_keys.get(&id))
+                .filter(|s| matches!(s, ProviderSecret::Ready(_)));
+            if let Some(secret) = reused {
+                provider_keys.insert(id, secret.clone());
+                continue;
+            }
             let secret = match (&p.sealed, keyring) {
                 (None, _) => ProviderSecret::Unusable("the snapshot carries no ciphertext".into()),
                 (Some(_), None) => ProviderSecret::Unusable(
@@ -95,7 +117,7 @@ impl Indexed {
                     Err(e) => ProviderSecret::Unusable(e.to_string()),
                 },
             };
-            provider_keys.insert((p.org_id.clone(), provider), secret);
+            provider_keys.insert(id, secret);
         }
         let mut overrides = Vec::new();
         for m in &rest.models {
@@ -551,7 +573,8 @@ impl SnapshotStore {
         let produced = time_of(&rest.produced_at);
         let ring = self.keyring_for(&rest);
         let indexed = Arc::new(
-            Indexed::build(rest, keys, ring.as_deref()).map_err(|e| self.reject(e.to_string()))?,
+            Indexed::build(rest, keys, ring.as_deref(), self.load().as_deref())
+                .map_err(|e| self.reject(e.to_string()))?,
         );
         let version = indexed.version;
         self.current.store(Some(indexed.clone()));
@@ -1159,6 +1182,42 @@ mod tests {
         let warm = SnapshotStore::new(Some(ring), Some(dir.path().to_path_buf()));
         assert_eq!(warm.load_persisted().unwrap(), Some(4));
         assert!(warm.load().unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_provider_key_keeps_its_secret_and_a_changed_one_is_opened_again() {
+        let ring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "t").unwrap());
+        let store = SnapshotStore::new(Some(ring.clone()), None);
+        let a = snapshot(3, &ring, false);
+        store.apply_full(a.clone()).unwrap();
+        let secret = |store: &SnapshotStore| match store
+            .load()
+            .unwrap()
+            .provider_keys
+            .get(&("o1".into(), Provider::OpenAi))
+        {
+            Some(ProviderSecret::Ready(s)) => secrecy::ExposeSecret::expose_secret(s).to_string(),
+            _ => panic!("the provider key is usable"),
+        };
+        let before = secret(&store);
+        // A delta that changes nothing about the provider key.
+        store
+            .apply_update(pb::SnapshotUpdate {
+                version: 4,
+                kind: Some(Kind::Delta(pb::SnapshotDelta {
+                    from_version: 3,
+                    content_hash: a.content_hash.clone(),
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        assert_eq!(secret(&store), before);
+        // A new ciphertext (re-sealed) is opened again.
+        let b = snapshot(5, &ring, false);
+        assert_ne!(b.provider_keys[0].sealed, a.provider_keys[0].sealed);
+        store.apply_full(b).unwrap();
+        assert_eq!(secret(&store), before);
     }
 
     #[test]

@@ -3,13 +3,17 @@
 //! One entry is 64 bytes: the SHA-256 of the key (32 bytes, binary) in one sorted array, and in a
 //! parallel array the key id (a `key_` + 32-hex id packed into a `u128`; any other id is kept
 //! aside by hash), the expiry and the org (an index into an interned list of org ids). Lookups
-//! are a binary search. A delta is applied in one merge pass that builds the next table (the
-//! copy an immutable snapshot needs anyway). The keys' part of the content hash is a running sum
-//! of per-entry digests (each entry encoded exactly as the protobuf `ApiKeyEntry` would be),
-//! updated only for the entries a delta touches, so no `Snapshot` with millions of strings is
-//! ever held and revoking one key re-hashes nothing else.
+//! are a binary search. The arrays are shared (`Arc`) by every table derived from them: a delta
+//! goes into a small sorted overlay in front of them (upserts, and tombstones for removed keys),
+//! so applying it costs O(changes × log keys), not a copy of a million entries; when the overlay
+//! outgrows its limit (4,096 + keys/128 entries) it is merged into new arrays in one pass. The
+//! keys' part of the content hash is a running sum of per-entry digests (each entry encoded
+//! exactly as the protobuf `ApiKeyEntry` would be), updated only for the entries a delta touches,
+//! so no `Snapshot` with millions of strings is ever held and revoking one key re-hashes nothing
+//! else.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use flex_shared::proto::control as pb;
 use prost::encoding::{
@@ -92,18 +96,53 @@ struct Rest {
     odd: bool,
 }
 
-/// The API keys of one snapshot, sorted by hash.
-#[derive(Debug, Clone, Default)]
-pub struct KeyTable {
+/// An entry outside the sorted arrays: its fields and, for an odd id, the id itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    rest: Rest,
+    odd_id: Option<String>,
+}
+
+/// The sorted arrays, shared by every table built from them by deltas.
+#[derive(Debug, Default)]
+struct Base {
     hashes: Vec<[u8; 32]>,
     rest: Vec<Rest>,
-    /// Interned org ids (append-only across deltas; orgs are never deleted).
-    org_ids: Vec<String>,
-    org_index: HashMap<String, u32>,
     /// Key ids that are not `key_<32 hex>`, by key hash.
     odd_ids: HashMap<[u8; 32], String>,
+}
+
+impl Base {
+    fn find(&self, h: &[u8; 32]) -> Option<usize> {
+        self.hashes.binary_search(h).ok()
+    }
+}
+
+/// Interned org ids (append-only; orgs are never deleted).
+#[derive(Debug, Clone, Default)]
+struct Orgs {
+    ids: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+/// The API keys of one snapshot, by hash: a sorted base plus a small overlay of what deltas
+/// changed since the base was built (`None` = removed from the base).
+#[derive(Debug, Clone, Default)]
+pub struct KeyTable {
+    base: Arc<Base>,
+    overlay: BTreeMap<[u8; 32], Option<Slot>>,
+    orgs: Arc<Orgs>,
+    len: usize,
     /// The keys' part of the snapshot's content hash, kept current entry by entry.
     sum: ContentHash,
+}
+
+/// One entry, wherever it lives.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    hash: &'a [u8; 32],
+    rest: Rest,
+    odd_id: Option<&'a str>,
 }
 
 /// A 64-character lowercase hex SHA-256.
@@ -149,58 +188,120 @@ fn put_field(buf: &mut Vec<u8>, key: u8, bytes: &[u8]) {
 }
 
 impl KeyTable {
+    /// The overlay is merged into a new base once it holds more than this many entries.
+    fn overlay_limit(&self) -> usize {
+        4096 + self.base.hashes.len() / 128
+    }
+
     pub fn len(&self) -> usize {
-        self.hashes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+        self.len == 0
+    }
+
+    fn lookup(&self, h: &[u8; 32]) -> Option<View<'_>> {
+        if let Some((hash, slot)) = self.overlay.get_key_value(h) {
+            return slot.as_ref().map(|s| View {
+                hash,
+                rest: s.rest,
+                odd_id: s.odd_id.as_deref(),
+            });
+        }
+        let i = self.base.find(h)?;
+        Some(self.base_view(i))
+    }
+
+    fn base_view(&self, i: usize) -> View<'_> {
+        let hash = &self.base.hashes[i];
+        let rest = self.base.rest[i];
+        View {
+            hash,
+            rest,
+            odd_id: if rest.odd {
+                self.base.odd_ids.get(hash).map(String::as_str)
+            } else {
+                None
+            },
+        }
     }
 
     /// The key with this hex hash, if present.
     pub fn get(&self, hex_hash: &str) -> Option<KeyEntry> {
         let h = parse_hash(hex_hash)?;
-        let i = self.hashes.binary_search(&h).ok()?;
-        Some(self.entry(i))
+        self.lookup(&h).map(|v| self.entry(v))
     }
 
     pub fn contains_key(&self, hex_hash: &str) -> bool {
-        parse_hash(hex_hash).is_some_and(|h| self.hashes.binary_search(&h).is_ok())
+        parse_hash(hex_hash).is_some_and(|h| self.lookup(&h).is_some())
     }
 
-    fn key_id(&self, i: usize) -> String {
-        let r = &self.rest[i];
-        if r.odd {
-            self.odd_ids
-                .get(&self.hashes[i])
-                .cloned()
-                .unwrap_or_default()
-        } else {
-            format!("key_{:032x}", r.id)
+    fn key_id(v: View<'_>) -> String {
+        match v.odd_id {
+            Some(id) => id.to_string(),
+            None if v.rest.odd => String::new(),
+            None => format!("key_{:032x}", v.rest.id),
         }
     }
 
-    fn org_id(&self, i: usize) -> &str {
-        self.org_ids
-            .get(self.rest[i].org as usize)
-            .map_or("", String::as_str)
+    fn org_id(&self, org: u32) -> &str {
+        self.orgs.ids.get(org as usize).map_or("", String::as_str)
     }
 
-    fn entry(&self, i: usize) -> KeyEntry {
+    fn entry(&self, v: View<'_>) -> KeyEntry {
         KeyEntry {
-            key_id: self.key_id(i),
-            org_id: self.org_id(i).to_string(),
-            expires_at: self.rest[i].expires_at,
+            key_id: Self::key_id(v),
+            org_id: self.org_id(v.rest.org).to_string(),
+            expires_at: v.rest.expires_at,
+        }
+    }
+
+    /// Every entry in hash order: the base and the overlay merged.
+    fn for_each(&self, mut f: impl FnMut(View<'_>)) {
+        let mut over = self.overlay.iter().peekable();
+        for i in 0..self.base.hashes.len() {
+            let h = &self.base.hashes[i];
+            while let Some((oh, slot)) = over.next_if(|(oh, _)| *oh < h) {
+                if let Some(s) = slot {
+                    f(View {
+                        hash: oh,
+                        rest: s.rest,
+                        odd_id: s.odd_id.as_deref(),
+                    });
+                }
+            }
+            if let Some((oh, slot)) = over.next_if(|(oh, _)| *oh == h) {
+                if let Some(s) = slot {
+                    f(View {
+                        hash: oh,
+                        rest: s.rest,
+                        odd_id: s.odd_id.as_deref(),
+                    });
+                }
+                continue;
+            }
+            f(self.base_view(i));
+        }
+        for (oh, slot) in over {
+            if let Some(s) = slot {
+                f(View {
+                    hash: oh,
+                    rest: s.rest,
+                    odd_id: s.odd_id.as_deref(),
+                });
+            }
         }
     }
 
     fn intern(&mut self, org_id: &str) -> u32 {
-        if let Some(&i) = self.org_index.get(org_id) {
+        if let Some(&i) = self.orgs.index.get(org_id) {
             return i;
         }
-        let i = u32::try_from(self.org_ids.len()).unwrap_or(u32::MAX);
-        self.org_ids.push(org_id.to_string());
-        self.org_index.insert(org_id.to_string(), i);
+        let orgs = Arc::make_mut(&mut self.orgs);
+        let i = u32::try_from(orgs.ids.len()).unwrap_or(u32::MAX);
+        orgs.ids.push(org_id.to_string());
+        orgs.index.insert(org_id.to_string(), i);
         i
     }
 
@@ -209,7 +310,7 @@ impl KeyTable {
         &mut self,
         k: KeyRef<'_>,
         known_orgs: &HashSet<&str>,
-    ) -> Result<([u8; 32], Rest), String> {
+    ) -> Result<([u8; 32], Slot), String> {
         let hash = parse_hash(k.key_hash).ok_or_else(|| {
             format!(
                 "api key {} has a malformed hash (64 lowercase hex digits expected)",
@@ -223,32 +324,62 @@ impl KeyTable {
             ));
         }
         let org = self.intern(k.org_id);
-        let rest = match parse_id(k.key_id) {
-            Some(id) => Rest {
-                id,
-                expires_at: k.expires_at,
-                org,
-                odd: false,
-            },
-            None => {
-                self.odd_ids.insert(hash, k.key_id.to_string());
-                Rest {
-                    id: 0,
-                    expires_at: k.expires_at,
-                    org,
-                    odd: true,
-                }
-            }
-        };
-        Ok((hash, rest))
+        Ok(match parse_id(k.key_id) {
+            Some(id) => (
+                hash,
+                Slot {
+                    rest: Rest {
+                        id,
+                        expires_at: k.expires_at,
+                        org,
+                        odd: false,
+                    },
+                    odd_id: None,
+                },
+            ),
+            None => (
+                hash,
+                Slot {
+                    rest: Rest {
+                        id: 0,
+                        expires_at: k.expires_at,
+                        org,
+                        odd: true,
+                    },
+                    odd_id: Some(k.key_id.to_string()),
+                },
+            ),
+        })
     }
 
-    fn sort_if_needed(&mut self) {
-        if !self.hashes.windows(2).all(|w| w[0] <= w[1]) {
-            let mut pairs: Vec<_> = self.hashes.drain(..).zip(self.rest.drain(..)).collect();
-            pairs.sort_by_key(|a| a.0);
-            (self.hashes, self.rest) = pairs.into_iter().unzip();
+    /// A table from entries in any order (the last entry of a hash wins).
+    fn from_entries(mut t: Self, mut entries: Vec<([u8; 32], Slot)>) -> Self {
+        entries.sort_by_key(|e| e.0);
+        entries.dedup_by(|later, earlier| {
+            if later.0 == earlier.0 {
+                std::mem::swap(later, earlier);
+                true
+            } else {
+                false
+            }
+        });
+        let mut base = Base {
+            hashes: Vec::with_capacity(entries.len()),
+            rest: Vec::with_capacity(entries.len()),
+            odd_ids: HashMap::new(),
+        };
+        for (h, slot) in entries {
+            base.hashes.push(h);
+            base.rest.push(slot.rest);
+            if let Some(id) = slot.odd_id {
+                base.odd_ids.insert(h, id);
+            }
         }
+        t.len = base.hashes.len();
+        t.base = Arc::new(base);
+        t.overlay.clear();
+        t.sum = t.full_sum();
+        t
     }
 
     /// Splits an encoded `Snapshot` into the snapshot without its API keys and the table of
@@ -257,13 +388,13 @@ impl KeyTable {
     pub fn split_encoded(bytes: &[u8]) -> Result<(pb::Snapshot, Self), String> {
         use prost::Message;
         let mut rest_bytes = Vec::new();
-        let mut entries: Vec<&[u8]> = Vec::new();
+        let mut raw: Vec<&[u8]> = Vec::new();
         let mut b = bytes;
         while !b.is_empty() {
             let start = b;
             let (tag, wire) = decode_key(&mut b).map_err(|e| e.to_string())?;
             if tag == 4 && wire == WireType::LengthDelimited {
-                entries.push(take_len(&mut b)?);
+                raw.push(take_len(&mut b)?);
             } else {
                 skip_field(wire, tag, &mut b, DecodeContext::default())
                     .map_err(|e| e.to_string())?;
@@ -272,42 +403,30 @@ impl KeyTable {
         }
         let rest = pb::Snapshot::decode(rest_bytes.as_slice()).map_err(|e| e.to_string())?;
         let known: HashSet<&str> = rest.orgs.iter().map(|o| o.org_id.as_str()).collect();
-        let mut t = Self {
-            hashes: Vec::with_capacity(entries.len()),
-            rest: Vec::with_capacity(entries.len()),
-            ..Self::default()
-        };
-        for e in entries {
-            let (h, r) = t.compact(parse_entry(e)?, &known)?;
-            t.hashes.push(h);
-            t.rest.push(r);
+        let mut t = Self::default();
+        let mut entries = Vec::with_capacity(raw.len());
+        for e in raw {
+            entries.push(t.compact(parse_entry(e)?, &known)?);
         }
-        t.sort_if_needed();
-        t.sum = t.full_sum();
-        Ok((rest, t))
+        Ok((rest, Self::from_entries(t, entries)))
     }
 
     /// Builds the table from a snapshot's keys (consumed, so their strings are freed as they are
     /// compacted), checking each hash's format and that its org is one of `orgs`.
     pub fn from_proto(keys: Vec<pb::ApiKeyEntry>, orgs: &[pb::OrgEntry]) -> Result<Self, String> {
         let known: HashSet<&str> = orgs.iter().map(|o| o.org_id.as_str()).collect();
-        let mut t = Self {
-            hashes: Vec::with_capacity(keys.len()),
-            rest: Vec::with_capacity(keys.len()),
-            ..Self::default()
-        };
+        let mut t = Self::default();
+        let mut entries = Vec::with_capacity(keys.len());
         for k in keys {
-            let (h, r) = t.compact(KeyRef::from(&k), &known)?;
-            t.hashes.push(h);
-            t.rest.push(r);
+            entries.push(t.compact(KeyRef::from(&k), &known)?);
         }
-        t.sort_if_needed();
-        t.sum = t.full_sum();
-        Ok(t)
+        Ok(Self::from_entries(t, entries))
     }
 
-    /// The next table: `remove` (hex hashes) taken out, `upsert` put in (replacing an entry with
-    /// the same hash), in one merge pass. `orgs` are the orgs of the next snapshot.
+    /// The next table: `remove` (hex hashes) taken out, then `upsert` put in (replacing an
+    /// entry with the same hash; the last of a hash wins). `orgs` are the orgs of the next
+    /// snapshot. Costs O(changes × log keys): the changes go to the overlay, and only when it
+    /// outgrows its limit is it merged into a new base (one pass, amortized over the deltas).
     pub fn apply(
         &self,
         remove: &[String],
@@ -315,103 +434,86 @@ impl KeyTable {
         orgs: &[pb::OrgEntry],
     ) -> Result<Self, String> {
         let known: HashSet<&str> = orgs.iter().map(|o| o.org_id.as_str()).collect();
-        let removed: HashSet<[u8; 32]> = remove.iter().filter_map(|h| parse_hash(h)).collect();
-        let mut next = Self {
-            hashes: Vec::with_capacity(self.len() + upsert.len()),
-            rest: Vec::with_capacity(self.len() + upsert.len()),
-            org_ids: self.org_ids.clone(),
-            org_index: self.org_index.clone(),
-            odd_ids: HashMap::new(),
-            sum: self.sum,
-        };
+        let mut next = self.clone();
         let mut buf = Vec::with_capacity(256);
-        let mut new: Vec<([u8; 32], Rest, Option<String>)> = Vec::with_capacity(upsert.len());
-        for k in upsert {
-            let (h, r) = next.compact(KeyRef::from(k), &known)?;
-            new.push((h, r, next.odd_ids.remove(&h)));
-        }
-        new.sort_by_key(|a| a.0);
-        new.dedup_by(|later, earlier| {
-            // The last upsert of a hash wins.
-            if later.0 == earlier.0 {
-                std::mem::swap(later, earlier);
-                true
-            } else {
-                false
-            }
-        });
-        let mut j = 0;
-        for (i, h) in self.hashes.iter().enumerate() {
-            while j < new.len() && new[j].0 < *h {
-                next.push_new(&mut new[j], &mut buf);
-                j += 1;
-            }
-            if (j < new.len() && new[j].0 == *h) || removed.contains(h) {
-                // Replaced by the upsert (pushed in order below) or removed.
-                next.sum.remove_digest(&self.digest(i, &mut buf));
+        for hex_hash in remove {
+            let Some(h) = parse_hash(hex_hash) else {
                 continue;
-            }
-            next.hashes.push(*h);
-            next.rest.push(self.rest[i]);
-            if self.rest[i].odd {
-                if let Some(id) = self.odd_ids.get(h) {
-                    next.odd_ids.insert(*h, id.clone());
+            };
+            if let Some(old) = next.lookup(&h) {
+                let d = next.digest(old, &mut buf);
+                next.sum.remove_digest(&d);
+                next.len -= 1;
+                if next.base.find(&h).is_some() {
+                    next.overlay.insert(h, None);
+                } else {
+                    next.overlay.remove(&h);
                 }
             }
         }
-        while j < new.len() {
-            next.push_new(&mut new[j], &mut buf);
-            j += 1;
+        for k in upsert {
+            let (h, slot) = next.compact(KeyRef::from(k), &known)?;
+            match next.lookup(&h) {
+                Some(old) => {
+                    let d = next.digest(old, &mut buf);
+                    next.sum.remove_digest(&d);
+                }
+                None => next.len += 1,
+            }
+            let d = next.digest(
+                View {
+                    hash: &h,
+                    rest: slot.rest,
+                    odd_id: slot.odd_id.as_deref(),
+                },
+                &mut buf,
+            );
+            next.sum.add_digest(&d);
+            next.overlay.insert(h, Some(slot));
+        }
+        if next.overlay.len() > next.overlay_limit() {
+            next.compact_overlay();
         }
         Ok(next)
     }
 
-    fn push_new(&mut self, e: &mut ([u8; 32], Rest, Option<String>), buf: &mut Vec<u8>) {
-        self.hashes.push(e.0);
-        self.rest.push(e.1);
-        if let Some(id) = e.2.take() {
-            self.odd_ids.insert(e.0, id);
-        }
-        let d = self.digest(self.len() - 1, buf);
-        self.sum.add_digest(&d);
-    }
-
-    /// The content-hash digest of entry `i` (`buf` is scratch space).
-    fn digest(&self, i: usize, buf: &mut Vec<u8>) -> Digest256 {
-        buf.clear();
-        self.encode_entry(i, buf);
-        Digest256::of_encoded(buf)
-    }
-
-    /// The keys' part of the content hash, from scratch.
-    fn full_sum(&self) -> ContentHash {
-        let mut sum = ContentHash::default();
-        let mut buf = Vec::with_capacity(256);
-        for i in 0..self.len() {
-            sum.add_digest(&self.digest(i, &mut buf));
-        }
-        sum
-    }
-
-    /// Appends entry `i` as a `Snapshot.api_keys` element (field 4), byte for byte as prost
-    /// encodes an `ApiKeyEntry`.
-    fn encode_entry(&self, i: usize, buf: &mut Vec<u8>) {
-        let r = &self.rest[i];
-        let mut id_buf = [0u8; 36];
-        let odd;
-        let key_id: &[u8] = if r.odd {
-            odd = self.key_id(i);
-            odd.as_bytes()
-        } else {
-            id_buf[..4].copy_from_slice(b"key_");
-            // 16 bytes always fit 32 hex digits.
-            let _ = hex::encode_to_slice(r.id.to_be_bytes(), &mut id_buf[4..]);
-            &id_buf
+    /// Merges the overlay into a new base.
+    fn compact_overlay(&mut self) {
+        let mut base = Base {
+            hashes: Vec::with_capacity(self.len),
+            rest: Vec::with_capacity(self.len),
+            odd_ids: HashMap::new(),
         };
-        let org_id = self.org_id(i).as_bytes();
+        self.for_each(|v| {
+            base.hashes.push(*v.hash);
+            base.rest.push(v.rest);
+            if let Some(id) = v.odd_id {
+                base.odd_ids.insert(*v.hash, id.to_string());
+            }
+        });
+        self.base = Arc::new(base);
+        self.overlay.clear();
+    }
+
+    /// Appends an entry as a `Snapshot.api_keys` element (field 4), byte for byte as prost
+    /// encodes an `ApiKeyEntry`.
+    fn encode_view(&self, v: View<'_>, buf: &mut Vec<u8>) {
+        let r = &v.rest;
+        let mut id_buf = [0u8; 36];
+        let key_id: &[u8] = match v.odd_id {
+            Some(id) => id.as_bytes(),
+            None if r.odd => b"",
+            None => {
+                id_buf[..4].copy_from_slice(b"key_");
+                // 16 bytes always fit 32 hex digits.
+                let _ = hex::encode_to_slice(r.id.to_be_bytes(), &mut id_buf[4..]);
+                &id_buf
+            }
+        };
+        let org_id = self.org_id(r.org).as_bytes();
         let mut hash_hex = [0u8; 64];
         // 32 bytes always fit 64 hex digits.
-        let _ = hex::encode_to_slice(self.hashes[i], &mut hash_hex);
+        let _ = hex::encode_to_slice(v.hash, &mut hash_hex);
         let expires = if r.expires_at != 0 {
             1 + encoded_len_varint(r.expires_at as u64)
         } else {
@@ -429,6 +531,21 @@ impl KeyTable {
         }
     }
 
+    /// The content-hash digest of an entry (`buf` is scratch space).
+    fn digest(&self, v: View<'_>, buf: &mut Vec<u8>) -> Digest256 {
+        buf.clear();
+        self.encode_view(v, buf);
+        Digest256::of_encoded(buf)
+    }
+
+    /// The keys' part of the content hash, from scratch.
+    fn full_sum(&self) -> ContentHash {
+        let mut sum = ContentHash::default();
+        let mut buf = Vec::with_capacity(256);
+        self.for_each(|v| sum.add_digest(&self.digest(v, &mut buf)));
+        sum
+    }
+
     /// The keys' part of the content hash (see [`flex_shared::snapshot::ContentHash`]).
     pub fn content_sum(&self) -> ContentHash {
         self.sum
@@ -436,21 +553,21 @@ impl KeyTable {
 
     /// The protobuf entries again (for persistence and tools).
     pub fn to_proto(&self) -> Vec<pb::ApiKeyEntry> {
-        (0..self.len())
-            .map(|i| pb::ApiKeyEntry {
-                key_id: self.key_id(i),
-                org_id: self.org_id(i).to_string(),
-                key_hash: hex::encode(self.hashes[i]),
-                expires_at: self.rest[i].expires_at,
-            })
-            .collect()
+        let mut out = Vec::with_capacity(self.len);
+        self.for_each(|v| {
+            out.push(pb::ApiKeyEntry {
+                key_id: Self::key_id(v),
+                org_id: self.org_id(v.rest.org).to_string(),
+                key_hash: hex::encode(v.hash),
+                expires_at: v.rest.expires_at,
+            });
+        });
+        out
     }
 
     /// Appends the whole list as `Snapshot.api_keys` (for writing a snapshot without building it).
     pub fn encode_into(&self, buf: &mut Vec<u8>) {
-        for i in 0..self.len() {
-            self.encode_entry(i, buf);
-        }
+        self.for_each(|v| self.encode_view(v, buf));
     }
 }
 
@@ -542,5 +659,80 @@ mod tests {
         assert_ne!(next.content_sum(), t.content_sum());
         assert!(t.contains_key(&removed), "the old table is unchanged");
         assert!(next.apply(&[], &[key(4, "k", "nope", 0)], &orgs).is_err());
+    }
+
+    /// Thousands of small deltas (past several overlay merges) end where one table built from
+    /// the final key set is: same entries, same lookups, same hash.
+    #[test]
+    fn many_deltas_through_the_overlay_equal_a_table_built_from_scratch() {
+        let orgs = vec![org("o1"), org("o2"), org("o3")];
+        let mut live: std::collections::BTreeMap<String, pb::ApiKeyEntry> = Default::default();
+        let initial: Vec<_> = (0..3000u64)
+            .map(|n| key(n, &format!("key_{n:032x}"), "o1", 0))
+            .collect();
+        for k in &initial {
+            live.insert(k.key_hash.clone(), k.clone());
+        }
+        let mut t = KeyTable::from_proto(initial, &orgs).unwrap();
+        let mut merges = 0;
+        let mut seed = 7u64;
+        let mut rnd = |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for step in 0..6000u64 {
+            let mut removes = Vec::new();
+            let mut upserts = Vec::new();
+            for _ in 0..=rnd(3) {
+                let n = rnd(12_000);
+                if rnd(3) == 0 {
+                    removes.push(format!("{:064x}", n * 7919));
+                } else {
+                    let org = ["o1", "o2", "o3"][rnd(3) as usize];
+                    let id = if n % 50 == 0 {
+                        format!("odd-{n}")
+                    } else {
+                        format!("key_{n:032x}")
+                    };
+                    upserts.push(key(n, &id, org, (step % 3) as i64));
+                }
+            }
+            for r in &removes {
+                live.remove(r);
+            }
+            for u in &upserts {
+                live.insert(u.key_hash.clone(), u.clone());
+            }
+            let before = t.overlay.len();
+            t = t.apply(&removes, &upserts, &orgs).unwrap();
+            if t.overlay.len() < before {
+                merges += 1;
+            }
+            assert_eq!(t.len(), live.len());
+        }
+        assert!(
+            merges >= 1,
+            "the overlay was merged into the base at least once"
+        );
+        let expected: Vec<_> = live.values().cloned().collect();
+        assert_eq!(t.to_proto(), expected);
+        let scratch = KeyTable::from_proto(expected.clone(), &orgs).unwrap();
+        assert_eq!(t.content_sum(), scratch.content_sum());
+        assert_eq!(t.content_sum(), t.full_sum());
+        for k in &expected {
+            let e = t.get(&k.key_hash).unwrap();
+            assert_eq!(
+                (e.key_id.as_str(), e.org_id.as_str()),
+                (k.key_id.as_str(), k.org_id.as_str())
+            );
+        }
+        assert!(!t.contains_key(&format!("{:064x}", 13_000 * 7919)));
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        t.encode_into(&mut a);
+        scratch.encode_into(&mut b);
+        assert_eq!(a, b);
     }
 }
