@@ -4,9 +4,10 @@
 //! versions in order, full snapshots on `flex.snapshot.full` and deltas on `flex.snapshot.delta`,
 //! each a prost-encoded `SnapshotUpdate`. A full goes out first (at start, after a restart of
 //! this process, when the stream had to be created), and whenever the delta would be larger
-//! than the full; deltas otherwise. Every `full_every` updates the version goes out twice: as a
-//! delta, which following proxies apply, then as a full, which they skip as already applied
-//! (by its version header, without reassembling it) and from which a joining proxy starts.
+//! than the full; deltas otherwise. When a periodic full is due ([`FullPolicy`]) the version goes
+//! out twice: as a delta, which following proxies apply, then as a full, which they skip as
+//! already applied (by its version header, without reassembling it) and from which a joining
+//! proxy starts.
 //! An update larger than the server's `max_payload` is split into chunks published back to back.
 //! `Nats-Msg-Id` is the version (plus `-full` and the chunk index), so a retried publish is
 //! stored once within the stream's duplicate window. The stream is bounded by age, message count
@@ -45,7 +46,8 @@ use crate::{ControlPlane, Published};
 pub struct NatsSnapshotConfig {
     /// Stream name (default `FLEX_SNAPSHOTS`).
     pub stream: String,
-    /// A full snapshot after this many deltas.
+    /// A full snapshot after at most this many deltas (see [`FullPolicy`] for the other
+    /// triggers).
     pub full_every: u32,
     /// Messages older than this are discarded.
     pub max_age: Duration,
@@ -61,7 +63,7 @@ impl Default for NatsSnapshotConfig {
     fn default() -> Self {
         Self {
             stream: nats::STREAM.to_string(),
-            full_every: 64,
+            full_every: 10_000,
             max_age: Duration::from_secs(24 * 3600),
             max_messages: 100_000,
             max_bytes: 1 << 30,
@@ -211,6 +213,50 @@ fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
     buf
 }
 
+/// When a periodic full snapshot is due: after `full_every` deltas, once the deltas since the
+/// last full add up to a quarter of its size (at least 1 MiB), so a joining proxy never replays
+/// more than that on top of the full, and at least every half `max_age`, so the stream always
+/// holds a full. A full of a million keys is about 145 MB, and the deltas published after it wait
+/// until it is stored, so it should be rare; deltas cost bytes proportional to what changed.
+#[derive(Debug)]
+struct FullPolicy {
+    deltas: u32,
+    delta_bytes: usize,
+    last_full_bytes: usize,
+    last_full_at: std::time::Instant,
+}
+
+impl Default for FullPolicy {
+    fn default() -> Self {
+        Self {
+            deltas: 0,
+            delta_bytes: 0,
+            last_full_bytes: 0,
+            last_full_at: std::time::Instant::now(),
+        }
+    }
+}
+
+impl FullPolicy {
+    fn due(&self, cfg: &NatsSnapshotConfig) -> bool {
+        self.deltas >= cfg.full_every
+            || self.delta_bytes >= (self.last_full_bytes / 4).max(1 << 20)
+            || self.last_full_at.elapsed() >= cfg.max_age / 2
+    }
+
+    fn published(&mut self, out: &Outgoing) {
+        if out.full {
+            *self = Self {
+                last_full_bytes: out.bytes.len(),
+                ..Self::default()
+            };
+        } else {
+            self.deltas += 1;
+            self.delta_bytes += out.bytes.len();
+        }
+    }
+}
+
 /// What to publish for `next`: the delta from `last` (the change records merged) when the
 /// records cover the span and it is no larger than the full, followed by the full when one is
 /// due (followers apply the delta and skip the full as already applied, without reassembling
@@ -323,7 +369,7 @@ async fn publish_loop(
     let js = jetstream::new(client.clone());
     let mut rx = cp.subscribe();
     let mut last: Option<u64> = None;
-    let mut since_full = 0u32;
+    let mut policy = FullPolicy::default();
     let mut pending: VecDeque<Outgoing> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -338,13 +384,13 @@ async fn publish_loop(
                     loop {
                         let current = rx.borrow_and_update().clone();
                         if pending.is_empty() && last != Some(current.version) {
-                            let full_due = since_full >= cfg.full_every;
+                            let full_due = policy.due(&cfg);
                             pending = next_updates(&cp, last, &current, full_due);
                         }
                         if let Some(out) = pending.front() {
                             let max_payload = client.server_info().max_payload;
                             let chunks = publish(&js, max_payload, out).await?;
-                            since_full = if out.full { 0 } else { since_full + 1 };
+                            policy.published(out);
                             if out.full {
                                 counters.fulls.fetch_add(1, Ordering::Relaxed);
                             }
