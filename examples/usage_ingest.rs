@@ -49,7 +49,12 @@ fn event(i: usize) -> UsageEvent {
         provider: "openai".into(),
         caller_format: "responses".into(),
         start_within: "00h-00m-30s".into(),
-        served_tier: if i % 4 == 0 { "standard" } else { "flex" }.into(),
+        served_tier: if i.is_multiple_of(4) {
+            "standard"
+        } else {
+            "flex"
+        }
+        .into(),
         reason: "flex_started".into(),
         flex_wait_ms: 1200,
         start_latency_ms: 1250,

@@ -466,10 +466,38 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     Ok(())
 }
 
+/// Takes the advisory lock `DIR/lock` (released when the file is dropped or the process exits,
+/// even by a crash): two proxies sharing a state dir would interleave their usage logs and
+/// overwrite each other's snapshot, so the second one refuses to start.
+pub fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create --state-dir {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {} in --state-dir", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "--state-dir {} is in use by another flex proxy (it holds the lock on {}). Each proxy needs a state dir of its own, e.g. --state-dir /var/lib/flex/proxy-2",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
     if args.control_url.is_none() && args.nats_url.is_none() {
         bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (gRPC Watch) and/or --nats-url nats://NATS:4222 (JetStream), or set FLEX_CONTROL_URL / FLEX_NATS_URL");
     }
+    // Held until this function returns (the process ends): one proxy per state dir.
+    let _state_lock = args.state_dir.as_deref().map(lock_state_dir).transpose()?;
     let keyring = match &args.master_key_file {
         Some(p) => Some(Arc::new(MasterKeyring::load(p)?)),
         None => None,
@@ -613,4 +641,27 @@ pub async fn sim(args: SimArgs) -> Result<()> {
     };
     sim::serve(listener, cfg).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_dir_serves_one_proxy_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("proxy-1");
+        let held = lock_state_dir(&state).unwrap();
+        let second = lock_state_dir(&state).unwrap_err().to_string();
+        assert!(
+            second.contains("is in use by another flex proxy"),
+            "{second}"
+        );
+        assert!(
+            second.contains("--state-dir /var/lib/flex/proxy-2"),
+            "{second}"
+        );
+        drop(held);
+        lock_state_dir(&state).expect("free again once the first proxy is gone");
+    }
 }
