@@ -250,7 +250,19 @@ struct Arm {
     sim: SimHandle,
     org_id: String,
     url: String,
+    /// The proxy's `/metrics`.
+    metrics_url: String,
     auth: String,
+}
+
+/// A counter from the proxy's `/metrics`.
+async fn metric(client: &Client<HttpConnector, Full<Bytes>>, url: &str, name: &str) -> u64 {
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn setup(
@@ -296,6 +308,7 @@ async fn setup(
         "/v1/responses"
     };
     let url = format!("http://{}{path}", listener.local_addr().unwrap());
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let store = flex::run::embedded_proxy(
         cp,
         flex_data_plane::snapshot::SnapshotStore::new(Some(ring.clone()), None),
@@ -313,6 +326,7 @@ async fn setup(
         sim,
         org_id: org.org_id,
         url,
+        metrics_url,
         auth: format!("Bearer {}", key.secret.as_ref().unwrap().expose_secret()),
     }
 }
@@ -458,8 +472,8 @@ async fn main() {
     );
     println!("wall time {:.1} s", wall.as_secs_f64());
     println!();
-    println!("| strategy | served by flex | hindsight optimum | deadline met (≤ D + 50 ms) | first byte p50 − D | first byte p99 − D | started on both tiers | cost | always-standard cost | saved |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| strategy | served by flex | hindsight optimum | deadline met (≤ D + 50 ms) | first byte p50 − D | first byte p99 − D | started on both tiers (simulator) | of which seen by the proxy | cost | always-standard cost | saved |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
     for ((arm, res), u) in arms.iter().zip(&results).zip(&usage) {
         let ok: Vec<&Outcome> = res
@@ -479,13 +493,14 @@ async fn main() {
         let stats = arm.sim.stats.snapshot();
         let started = stats.started("openai:flex") + stats.started("openai:default");
         let both = started.saturating_sub(ok.len() as u64);
+        let seen = metric(&client, &arm.metrics_url, "race_loser_started_total ").await;
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for o in res {
             *reasons.entry(o.reason.as_str()).or_default() += 1;
         }
         let failed = res.len() - ok.len();
         println!(
-            "| {} | {} | {} | {} | {:+.0} ms | {:+.0} ms | {} | {} | {} | {} ({:.1} %) |",
+            "| {} | {} | {} | {} | {:+.0} ms | {:+.0} ms | {} | {} | {} | {} | {} ({:.1} %) |",
             arm.name,
             share(flex, res.len()),
             share(optimum, res.len()),
@@ -493,6 +508,7 @@ async fn main() {
             pct(&rel, 0.5),
             pct(&rel, 0.99),
             both,
+            seen,
             dollars(u.cost_micros),
             dollars(u.standard_cost_micros),
             dollars(u.savings_micros),

@@ -70,6 +70,8 @@ pub struct Proxy {
     pub cfg: ProxyConfig,
     pub latency: StartLatency,
     pub usage: Arc<dyn UsageSink>,
+    /// Races whose losing tier had started too (a near-tie; see [`race::Outcome::loser_started`]).
+    pub races_loser_started: std::sync::atomic::AtomicU64,
 }
 
 /// How the tier is chosen for one request.
@@ -209,6 +211,7 @@ impl Proxy {
             cfg,
             latency: StartLatency::default(),
             usage,
+            races_loser_started: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -269,8 +272,17 @@ impl Proxy {
                             reason = e.reason,
                             flex_wait_ms = e.flex_wait_ms,
                             start_latency_ms = e.start_latency_ms,
+                            loser_started = o.loser_started,
                             "flex race decided"
                         );
+                        if o.loser_started {
+                            self.races_loser_started
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(
+                                winner = o.winner.tier.as_str(),
+                                "both tiers had started (a near-tie): the loser was dropped at once and the caller is billed once, but the provider may bill the loser for what it generated before the cancellation reached it"
+                            );
+                        }
                         Ok(o.winner)
                     }
                     Err(f) => {

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderMap, StatusCode};
 use http_body_util::Full;
 use tokio::time::Instant;
@@ -180,6 +181,12 @@ pub struct Outcome<T> {
     pub flex_wait: Duration,
     pub flex_attempts: u32,
     pub standard_launched: bool,
+    /// The losing tier had started too when the winner was picked: its first event was already
+    /// at the proxy (a near-tie, inside the time a cancellation takes to reach the provider).
+    /// The loser is still dropped at once and the caller billed once, but the provider may bill
+    /// the loser for what it generated before the cancellation arrived. Detected without sending
+    /// anything: the loser is polled once, and only if its request is already in flight.
+    pub loser_started: bool,
 }
 
 #[derive(Debug)]
@@ -236,10 +243,14 @@ where
     let attempts = AtomicU32::new(0);
     let saw_capacity = AtomicBool::new(false);
     let launched = AtomicBool::new(false);
+    let flex_in_flight = AtomicBool::new(false);
     let flex_side = async {
         loop {
             let n = attempts.fetch_add(1, Ordering::Relaxed);
-            match flex().await {
+            flex_in_flight.store(true, Ordering::Relaxed);
+            let result = flex().await;
+            flex_in_flight.store(false, Ordering::Relaxed);
+            match result {
                 Ok(s) => return Ok(s),
                 Err(AttemptError::Capacity(e)) => {
                     saw_capacity.store(true, Ordering::Relaxed);
@@ -274,13 +285,16 @@ where
                 flex_wait: t0.elapsed(),
                 flex_attempts: attempts.load(Ordering::Relaxed),
                 standard_launched: launched.load(Ordering::Relaxed),
+                // Polling standard before its launch would send it: only look once it is out.
+                loser_started: launched.load(Ordering::Relaxed)
+                    && matches!((&mut standard_side).now_or_never(), Some(Ok(_))),
             }),
             Err(AttemptError::Fatal(e)) => Err(failure(e, &launched)),
             Err(AttemptError::Capacity(_)) => {
                 // Flex gave up inside the budget: standard (launched now if not yet) takes over.
                 let flex_wait = t0.elapsed();
                 match (&mut standard_side).await {
-                    Ok(winner) => Ok(Outcome { winner, reason: Reason::FlexCapacity, flex_wait, flex_attempts: attempts.load(Ordering::Relaxed), standard_launched: true }),
+                    Ok(winner) => Ok(Outcome { winner, reason: Reason::FlexCapacity, flex_wait, flex_attempts: attempts.load(Ordering::Relaxed), standard_launched: true, loser_started: false }),
                     Err(e) => Err(Failure { error: e.into_api(), flex_wait, standard_launched: true }),
                 }
             }
@@ -292,6 +306,9 @@ where
                 flex_wait: t0.elapsed(),
                 flex_attempts: attempts.load(Ordering::Relaxed),
                 standard_launched: true,
+                // Polling flex between attempts could send a new one: only look at one in flight.
+                loser_started: flex_in_flight.load(Ordering::Relaxed)
+                    && matches!((&mut flex_side).now_or_never(), Some(Ok(_))),
             }),
             Err(e) => Err(failure(e.into_api(), &launched)),
         },
@@ -441,6 +458,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((o.winner, o.reason), ("standard", Reason::FlexTimeout));
+        assert!(!o.loser_started, "flex was in flight but had not started");
         assert!(
             t0.elapsed() <= D,
             "first byte at {:?}, deadline {D:?}",
@@ -526,6 +544,55 @@ mod tests {
             1,
             "standard was cancelled"
         );
+        assert!(!o.loser_started);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_near_tie_is_reported_as_a_loser_that_started_too() {
+        let (_, deadline, hedge) = times();
+        let (f, s) = (Probe::default(), Probe::default());
+        // Both tiers' first events arrive at the same instant: flex wins (it is polled first),
+        // and standard, already started, is reported rather than counted as cancelled in time.
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || fake(&f, D, Ok("flex")),
+            || fake(&s, STD_LATENCY, Ok("standard")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.winner, "flex");
+        assert!(o.loser_started);
+        assert_eq!(s.started.load(Ordering::SeqCst), 1);
+        // The other way round: standard starts, and flex's first event is already there when
+        // the race looks (flex becomes ready the moment standard has started).
+        let standard_started = AtomicBool::new(false);
+        let o = run(
+            deadline,
+            hedge,
+            Backoff::default(),
+            || async {
+                std::future::poll_fn(|_| {
+                    if standard_started.load(Ordering::SeqCst) {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
+                Ok("flex")
+            },
+            || async {
+                tokio::time::sleep(STD_LATENCY).await;
+                standard_started.store(true, Ordering::SeqCst);
+                Ok("standard")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.winner, "standard");
+        assert!(o.loser_started);
     }
 
     #[tokio::test(start_paused = true)]

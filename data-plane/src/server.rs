@@ -132,7 +132,7 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
     let st = proxy.snapshots.status();
     let mut body = format!(
-        "# TYPE snapshot_version gauge\nsnapshot_version {}\n# TYPE snapshot_age_seconds gauge\nsnapshot_age_seconds {}\n# TYPE control_plane_connected gauge\ncontrol_plane_connected {}\n# TYPE snapshot_rejected_updates_total counter\nsnapshot_rejected_updates_total {}\n# TYPE snapshot_full_applied_total counter\nsnapshot_full_applied_total {}\n# TYPE snapshot_deltas_applied_total counter\nsnapshot_deltas_applied_total {}\n# TYPE snapshot_persisted_version gauge\nsnapshot_persisted_version {}\n",
+        "# TYPE snapshot_version gauge\nsnapshot_version {}\n# TYPE snapshot_age_seconds gauge\nsnapshot_age_seconds {}\n# TYPE control_plane_connected gauge\ncontrol_plane_connected {}\n# TYPE snapshot_rejected_updates_total counter\nsnapshot_rejected_updates_total {}\n# TYPE snapshot_full_applied_total counter\nsnapshot_full_applied_total {}\n# TYPE snapshot_deltas_applied_total counter\nsnapshot_deltas_applied_total {}\n# TYPE snapshot_persisted_version gauge\nsnapshot_persisted_version {}\n# TYPE race_loser_started_total counter\nrace_loser_started_total {}\n",
         proxy.snapshots.version(),
         proxy.snapshots.age_seconds().map_or(-1, |a| a as i64),
         u8::from(st.connected),
@@ -140,6 +140,9 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
         st.full_applied,
         st.deltas_applied,
         proxy.snapshots.persisted_version(),
+        proxy
+            .races_loser_started
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     proxy.usage.write_metrics(&mut body);
     (
