@@ -347,6 +347,21 @@ impl Fleet {
     }
 
     async fn restart_proxy(&mut self, i: usize) {
+        // The snapshot is persisted by a background thread after each update: wait for it, so
+        // the restart tests the warm start, not the race with that write.
+        let t0 = Instant::now();
+        loop {
+            let m = self.metrics(i).await;
+            if m["snapshot_persisted_version"] == m["snapshot_version"] {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: snapshot not persisted: {m:?}",
+                self.specs[i].id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.proxies[i].kill();
         self.proxies[i] = self.spawn_proxy(i);
     }

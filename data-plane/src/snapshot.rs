@@ -608,7 +608,13 @@ impl SnapshotStore {
         let rest = self
             .validated(rest, &keys)
             .map_err(|e| ProxyError::Snapshot(format!("{}: {e}", path.display())))?;
-        self.install(rest, keys, false).map(Some)
+        let version = self.install(rest, keys, false)?;
+        // That version is on disk already.
+        if let Some(p) = &self.persister {
+            p.written
+                .store(version, std::sync::atomic::Ordering::Release);
+        }
+        Ok(Some(version))
     }
 }
 
@@ -1181,6 +1187,7 @@ mod tests {
         assert_eq!(store.persisted_version(), 4);
         let warm = SnapshotStore::new(Some(ring), Some(dir.path().to_path_buf()));
         assert_eq!(warm.load_persisted().unwrap(), Some(4));
+        assert_eq!(warm.persisted_version(), 4, "what was loaded is on disk");
         assert!(warm.load().unwrap().keys.is_empty());
     }
 
