@@ -259,6 +259,26 @@ impl<'a> UsageRow<'a> {
     }
 }
 
+/// Creates the SQLite database file readable only by its owner (mode 0600) when it does not
+/// exist yet; SQLite gives its `-wal` and `-shm` files the database file's mode. (SQLite itself
+/// would create it with the umask, typically 0644: the log holds key hashes and sealed secrets.)
+fn create_private(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot create the database file {}: {e}", path.display()),
+        )))),
+    }
+}
+
 const USAGE_COLUMNS: &str = "request_id, schema_version, org_id, key_id, model, provider, \
     caller_format, start_within, served_tier, reason, flex_wait_ms, start_latency_ms, duration_ms, \
     input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, status, outcome, \
@@ -276,6 +296,9 @@ impl Store {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
             let memory = url.contains(":memory:") || url.contains("mode=memory");
+            if !memory && !opts.get_filename().as_os_str().is_empty() {
+                create_private(opts.get_filename())?;
+            }
             let mut pool = SqlitePoolOptions::new();
             if memory {
                 // Every connection to `:memory:` is its own database: keep exactly one, forever.

@@ -965,3 +965,22 @@ async fn bulk_import_keeps_positions_unique_and_folds_like_commands(b: Backend) 
     let reopened = db.open(k1()).await;
     assert_eq!(reopened.snapshot().content_hash, cp.snapshot().content_hash);
 }
+
+/// The SQLite file holds key hashes and sealed provider keys: owner-only, and so are the `-wal`
+/// and `-shm` files SQLite creates next to it (they take the database file's mode).
+#[tokio::test]
+async fn sqlite_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flex.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let cp = ControlPlane::open(&url, k1()).await.unwrap();
+    cp.create_org(&meta(), "acme", None).await.unwrap();
+    for name in ["flex.db", "flex.db-wal", "flex.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} has mode {:o}", mode & 0o777);
+    }
+}
