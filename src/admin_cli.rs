@@ -28,8 +28,8 @@ pub struct AdminArgs {
     /// Data dir of a local `flex up`: endpoint and token are read from there.
     #[arg(long, env = "FLEX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Print one JSON object per command, for scripts.
-    #[arg(long, env = "FLEX_JSON")]
+    /// Print one JSON object per command, for scripts (before or after the command).
+    #[arg(long, env = "FLEX_JSON", global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: AdminCommand,
@@ -51,21 +51,21 @@ pub enum AdminCommand {
     Billing(BillingCmd),
     /// Usage totals of an org.
     Usage {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
         /// RFC 3339 lower bound (inclusive).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_FROM")]
         from: Option<String>,
         /// RFC 3339 upper bound (exclusive).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_TO")]
         to: Option<String>,
         /// One row per day, month (UTC), model or served tier.
-        #[arg(long, value_parser = ["day", "month", "model", "tier"])]
+        #[arg(long, env = "FLEX_GROUP_BY", value_parser = ["day", "month", "model", "tier"])]
         group_by: Option<String>,
     },
     /// The org's events, readable.
     Audit {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
     },
     /// Connected proxies and their snapshot version.
@@ -75,8 +75,9 @@ pub enum AdminCommand {
     Model(ModelCmd),
     /// Re-seals every provider key under the active master key, after reloading the master key
     /// file the control plane was started with. Procedure: add the new key as the first line
-    /// (`key_id=hex`) of the file, keep the old line; restart proxies (or `flex up`) so they read
-    /// it; run this; once it reports `resealed: 0`, drop the old line.
+    /// (`key_id=hex`) of the file, keep the old line, on the control plane and in every proxy's
+    /// --master-key-file (no restart: proxies, and `flex up`, re-read their file when a snapshot
+    /// names a key id they lack); run this; once it reports `resealed: 0`, drop the old line.
     #[command(name = "rotate-master-key")]
     RotateMasterKey,
 }
@@ -85,7 +86,7 @@ pub enum AdminCommand {
 pub enum OrgCmd {
     Create {
         name: String,
-        #[arg(long)]
+        #[arg(long, env = "FLEX_IDEMPOTENCY_KEY")]
         idempotency_key: Option<String>,
     },
     List,
@@ -105,23 +106,23 @@ pub enum OrgCmd {
 pub enum KeyCmd {
     /// Creates a key and prints it once.
     Create {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
-        #[arg(long, default_value = "")]
+        #[arg(long, env = "FLEX_NAME", default_value = "")]
         name: String,
         /// RFC 3339 expiry.
-        #[arg(long)]
+        #[arg(long, env = "FLEX_EXPIRES_AT")]
         expires_at: Option<String>,
-        #[arg(long)]
+        #[arg(long, env = "FLEX_IDEMPOTENCY_KEY")]
         idempotency_key: Option<String>,
     },
     List {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
     },
     Revoke {
         key_id: String,
-        #[arg(long, default_value = "")]
+        #[arg(long, env = "FLEX_REASON", default_value = "")]
         reason: String,
     },
 }
@@ -130,20 +131,20 @@ pub enum KeyCmd {
 pub enum ProviderKeyCmd {
     /// Sets the org's key for a provider; the secret is read from stdin, never from argv.
     Set {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
-        #[arg(long, value_parser = ["openai", "anthropic", "gemini"])]
+        #[arg(long, env = "FLEX_PROVIDER", value_parser = ["openai", "anthropic", "gemini"])]
         provider: String,
     },
     Remove {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
-        #[arg(long, value_parser = ["openai", "anthropic", "gemini"])]
+        #[arg(long, env = "FLEX_PROVIDER", value_parser = ["openai", "anthropic", "gemini"])]
         provider: String,
     },
     /// Lists the org's provider keys (last four characters at most).
     List {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
     },
 }
@@ -152,30 +153,30 @@ pub enum ProviderKeyCmd {
 pub enum ModelCmd {
     /// Adds or replaces a model (prices in micro-dollars per million tokens).
     Set {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ID")]
         id: String,
-        #[arg(long, value_parser = ["openai", "anthropic", "gemini"])]
+        #[arg(long, env = "FLEX_PROVIDER", value_parser = ["openai", "anthropic", "gemini"])]
         provider: String,
         /// The model has a flex tier (a duration start_within races it).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_FLEX")]
         flex: bool,
-        /// Another name for the model (repeatable).
-        #[arg(long)]
+        /// Another name for the model (repeatable, or comma-separated).
+        #[arg(long, env = "FLEX_ALIAS", value_delimiter = ',')]
         alias: Vec<String>,
         /// Standard price per million input tokens, micro-dollars.
-        #[arg(long)]
+        #[arg(long, env = "FLEX_INPUT_MICROS")]
         input_micros: i64,
         /// Standard price per million cached input tokens (default: a tenth of input).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_CACHED_INPUT_MICROS")]
         cached_input_micros: Option<i64>,
         /// Standard price per million output tokens.
-        #[arg(long)]
+        #[arg(long, env = "FLEX_OUTPUT_MICROS")]
         output_micros: i64,
         /// Flex price as a share of standard, in percent (default 50).
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, env = "FLEX_FLEX_PERCENT", default_value_t = 50)]
         flex_percent: i64,
         /// Floor of the learned standard start latency (ms) used to hedge the race.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, env = "FLEX_STANDARD_START_FLOOR_MS", default_value_t = 500)]
         standard_start_floor_ms: u32,
     },
     List,
@@ -184,12 +185,12 @@ pub enum ModelCmd {
 #[derive(Debug, Subcommand)]
 pub enum BillingCmd {
     Show {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
     },
     #[command(name = "set-status")]
     SetStatus {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
         #[arg(value_parser = ["active", "past_due"])]
         status: String,
@@ -197,43 +198,43 @@ pub enum BillingCmd {
     /// Sets the plan and its fee on flex savings.
     #[command(name = "set-plan")]
     SetPlan {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
-        #[arg(long)]
+        #[arg(long, env = "FLEX_PLAN")]
         plan: String,
         /// Basis points of the flex savings, 0-10000 (1000 = 10%).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_FEE_BPS")]
         fee_bps: u32,
     },
     /// Invoices the fee on the org's flex savings over [--from, --to) from the usage ledger.
     #[command(name = "issue-invoice")]
     IssueInvoice {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
         /// RFC 3339 start of the period (inclusive).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_FROM")]
         from: String,
         /// RFC 3339 end of the period (exclusive); the period must have ended.
-        #[arg(long)]
+        #[arg(long, env = "FLEX_TO")]
         to: String,
         /// RFC 3339 due date (default: 14 days from now).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_DUE_AT")]
         due_at: Option<String>,
-        #[arg(long)]
+        #[arg(long, env = "FLEX_IDEMPOTENCY_KEY")]
         idempotency_key: Option<String>,
     },
     /// Records a payment, against one invoice or open invoices oldest first.
     #[command(name = "record-payment")]
     RecordPayment {
-        #[arg(long)]
+        #[arg(long, env = "FLEX_ORG")]
         org: String,
         /// Integer micro-dollars (12500000 = $12.50).
-        #[arg(long)]
+        #[arg(long, env = "FLEX_AMOUNT_MICROS")]
         amount_micros: i64,
-        #[arg(long)]
+        #[arg(long, env = "FLEX_INVOICE")]
         invoice: Option<String>,
         /// Recommended: a retried call with the same key records the payment once.
-        #[arg(long)]
+        #[arg(long, env = "FLEX_IDEMPOTENCY_KEY")]
         idempotency_key: Option<String>,
     },
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::admin_cli::AdminArgs;
+use crate::telemetry::OtlpArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +114,8 @@ pub struct UpArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +149,8 @@ pub struct ControlArgs {
     /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,11 +202,13 @@ pub struct ProxyArgs {
     /// Master key file to decrypt provider keys.
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// This proxy's id as the control plane lists it (default: hostname-pid).
+    /// This proxy's id as the control plane lists it (default: proxy-<hostname>-<pid>).
     #[arg(long, env = "FLEX_PROXY_ID")]
     pub proxy_id: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,4 +240,71 @@ pub struct SimArgs {
     /// Output token rate; 0 = as fast as possible.
     #[arg(long, env = "FLEX_TOKENS_PER_SEC", default_value_t = 0)]
     pub tokens_per_sec: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Flags whose variable carries the command's name, to tell it from another command's flag.
+    const RENAMED: &[(&str, &str)] = &[
+        ("admin endpoint", "FLEX_ADMIN_ENDPOINT"),
+        ("admin ca", "FLEX_ADMIN_CA"),
+        ("admin token", "FLEX_ADMIN_TOKEN"),
+    ];
+
+    fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        let top = path.split(' ').nth(1).unwrap_or_default();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let expected = RENAMED
+                .iter()
+                .find(|(flag, _)| *flag == format!("{top} {long}"))
+                .map(|(_, env)| env.to_string())
+                .unwrap_or_else(|| format!("FLEX_{}", long.replace('-', "_").to_uppercase()));
+            let got = arg.get_env().and_then(|e| e.to_str());
+            if got != Some(expected.as_str()) {
+                missing.push(format!("{path} --{long}: env {got:?}, expected {expected}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            check(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn every_flag_reads_its_flex_env_var() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        check(&cmd, "flex", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn help_texts_say_what_the_code_does() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let help = |path: &[&str]| {
+            let mut c = cmd.clone();
+            for name in path {
+                c = c.find_subcommand(name).cloned().unwrap();
+            }
+            c.render_long_help().to_string()
+        };
+        // run::proxy's default id.
+        let proxy = help(&["proxy"]);
+        assert!(proxy.contains("proxy-<hostname>-<pid>"), "{proxy}");
+        // SnapshotStore::with_key_file re-reads the key file: no restart needed.
+        let rotate = help(&["admin", "rotate-master-key"]);
+        assert!(!rotate.contains("restart proxies"), "{rotate}");
+        assert!(rotate.contains("no restart"), "{rotate}");
+    }
 }

@@ -325,10 +325,10 @@ impl ControlPlane {
     ///    key file, as `key_id=hex` (e.g. `mk-2026-11=…`). Keep the old key on a later line: the
     ///    first line seals, every line opens. (A bare hex line's id is its fingerprint, which is
     ///    what the provider keys sealed under it record, so leave an old bare line as it is.)
-    /// 2. Give every proxy (`flex proxy --master-key-file`) the new file and restart them one at a
-    ///    time: they must be able to open secrets sealed under the new key before any exist. With
-    ///    `flex up` the proxy runs in the same process, so restart `flex up` instead. With several
-    ///    control-plane instances, update each one's file too.
+    /// 2. Give every proxy (`flex proxy --master-key-file`) the new file. No restart: a proxy (and
+    ///    `flex up`'s) re-reads its file when a snapshot names a key id it lacks, so the new line
+    ///    must be in the file before secrets are sealed under it. With several control-plane
+    ///    instances, update each one's file too.
     /// 3. Run `flex admin rotate-master-key` (against each control-plane instance): the control
     ///    plane reads the file again, seals new secrets under the new key from then on, and
     ///    re-wraps every provider key under it (`ProviderKeyRewrapped` events; proxies get them in
