@@ -260,26 +260,29 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-fn read_local(dir: &Path) -> Result<(Option<String>, Option<String>)> {
-    let token = std::fs::read_to_string(dir.join("admin-token"))
-        .ok()
-        .map(|s| s.trim().to_string());
-    let endpoint = std::fs::read_to_string(dir.join("demo.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .and_then(|v| v["admin_endpoint"].as_str().map(str::to_string))
-        .or_else(|| {
-            std::fs::read_to_string(dir.join("admin-endpoint"))
-                .ok()
-                .map(|s| s.trim().to_string())
-        });
-    Ok((endpoint, token))
+/// The admin endpoint and token of a local `flex up` from its data dir: `admin-endpoint` (written
+/// at every start, so it names the running instance), else the `admin_endpoint` of `demo.json`
+/// (data dirs of older builds), and `admin-token`.
+fn read_local(dir: &Path) -> (Option<String>, Option<String>) {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let token = read("admin-token");
+    let endpoint = read("admin-endpoint").or_else(|| {
+        read("demo.json")
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .and_then(|v| v["admin_endpoint"].as_str().map(str::to_string))
+    });
+    (endpoint, token)
 }
 
 pub async fn connect(args: &AdminArgs) -> Result<Client> {
     let (mut endpoint, mut token) = (args.endpoint.clone(), args.token.clone());
     if let Some(dir) = &args.data_dir {
-        let (e, t) = read_local(dir)?;
+        let (e, t) = read_local(dir);
         endpoint = endpoint.or(e);
         token = token.or(t);
     }

@@ -135,19 +135,32 @@ pub fn embedded_proxy(
     Ok(store)
 }
 
+/// The embedded proxy's id in the control plane's proxy registry (`flex admin proxies`).
+pub const EMBEDDED_PROXY_ID: &str = "embedded";
+
 /// Keeps `store` on the newest snapshot of an in-process control plane: a delta from the version
 /// it has (the control plane's change records), a full one when they no longer cover the gap or
-/// a delta is refused.
+/// a delta is refused. Listed by `flex admin proxies` as `embedded` (transport `in-process`),
+/// with every version it applies or refuses, like a proxy on gRPC Watch.
 pub async fn follow_in_process(cp: Arc<ControlPlane>, store: Arc<SnapshotStore>) {
     let mut rx = cp.subscribe();
     store.set_connected(true, None);
+    let _registered = cp.proxies().connect(EMBEDDED_PROXY_ID, "in-process");
     loop {
         let next = rx.borrow_and_update().clone();
         let have = store.load().map_or(0, |s| s.version);
         let behind = next.version > have || store.load().is_none();
-        if behind && store.apply_update(cp.update_between(have, &next)).is_err() {
-            // A refused delta: start again from the full snapshot.
-            let _ = store.apply_full(flex_shared::proto::control::Snapshot::clone(&next.full()));
+        if behind {
+            let applied = store
+                .apply_update(cp.update_between(have, &next))
+                .or_else(|_| {
+                    // A refused delta: start again from the full snapshot.
+                    store.apply_full(flex_shared::proto::control::Snapshot::clone(&next.full()))
+                });
+            match applied {
+                Ok(v) => cp.ack(EMBEDDED_PROXY_ID, v, true, ""),
+                Err(e) => cp.ack(EMBEDDED_PROXY_ID, next.version, false, &e.to_string()),
+            }
         }
         if rx.changed().await.is_err() {
             store.set_connected(false, Some("the in-process control plane stopped".into()));
@@ -319,6 +332,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let admin_listener = bind(args.admin_listen, "the admin API").await?;
     let admin_endpoint = format!("http://{}", admin_listener.local_addr()?);
+    // `flex admin --data-dir DIR` reads the endpoint from here (and the token from admin-token).
+    write_private(&dir.join("admin-endpoint"), &format!("{admin_endpoint}\n"))?;
     let token_secret = SecretString::from(token.clone());
     {
         let cp = cp.clone();

@@ -485,6 +485,45 @@ async fn upstream_https_with_a_private_ca() {
     drop(s2);
 }
 
+/// The embedded proxy's entry once it has applied the control plane's current version.
+async fn embedded_caught_up(
+    cp: &flex_control_plane::ControlPlane,
+) -> flex_shared::proto::admin::ProxyStatus {
+    let t0 = Instant::now();
+    loop {
+        let r = cp.list_proxies();
+        let p = r
+            .proxies
+            .iter()
+            .find(|p| p.proxy_id == "embedded")
+            .cloned()
+            .unwrap_or_else(|| panic!("no embedded proxy in {:?}", r.proxies));
+        if p.applied_version == r.current_version && r.current_version == cp.snapshot().version {
+            return p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{p:?} at {}",
+            r.current_version
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_proxy_is_listed_with_each_version_it_applies() {
+    let s = stack().await;
+    let p = embedded_caught_up(&s.cp).await;
+    assert_eq!(p.transport, "in-process");
+    assert!(p.connected && !p.connected_since.is_empty(), "{p:?}");
+    assert!(p.last_error.is_empty(), "{p:?}");
+    // A change: the applied version follows the control plane's.
+    s.cp.create_org(&Metadata::new("test"), "second", None)
+        .await
+        .unwrap();
+    assert!(embedded_caught_up(&s.cp).await.applied_version > p.applied_version);
+}
+
 #[tokio::test]
 async fn a_proxy_gets_the_snapshot_on_connect_over_grpc_watch() {
     let s = stack().await;
