@@ -292,6 +292,42 @@ async fn the_seeds_errors_say_what_why_fix_and_example() {
 }
 
 #[tokio::test]
+async fn a_wrong_method_gets_our_error_and_the_allow_header() {
+    let s = stack().await;
+    // The OpenAI envelope on the OpenAI-shaped endpoints.
+    for path in ["responses", "chat/completions", "interactions"] {
+        let r = get(&format!("{}/{path}", s.base), Some(&s.api_key)).await;
+        assert_eq!(r.status, 405, "{path}: {}", r.text());
+        assert_eq!(r.header("allow"), "POST", "{path}");
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], "method_not_allowed", "{path}");
+        assert_eq!(e["type"], "invalid_request_error", "{path}");
+        let m = e["message"].as_str().unwrap();
+        assert!(
+            m.starts_with(&format!("GET /v1/{path} is not supported")),
+            "{m}"
+        );
+        assert!(m.contains("Fix:") && m.contains("Example:"), "{m}");
+        assert!(
+            m.contains(&format!("curl -X POST http://127.0.0.1:8080/v1/{path}")),
+            "{m}"
+        );
+    }
+    // Anthropic's on /v1/messages.
+    let r = get(&format!("{}/messages", s.base), Some(&s.api_key)).await;
+    assert_eq!((r.status, r.header("allow")), (405, "POST"), "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    assert!(v["error"]["message"].as_str().unwrap().contains("Example:"));
+    // A GET endpoint asked with POST.
+    let r = post(&format!("{}/models", s.base), Some(&s.api_key), &json!({})).await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert!(r.header("allow").contains("GET"), "{:?}", r.headers);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test]
 async fn past_due_orgs_get_402_on_flex_only() {
     let s = stack().await;
     s.cp.set_billing_status(&Metadata::new("test"), &s.org_id, "past_due")

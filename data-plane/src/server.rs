@@ -45,6 +45,7 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(proxy)
 }
@@ -157,6 +158,59 @@ async fn not_found(req: Request) -> Response {
         .fix("use POST /v1/responses, /v1/chat/completions, /v1/interactions, /v1/messages or GET /v1/models; the base URL ends in /v1.")
         .example("base_url=\"http://127.0.0.1:8080/v1\"")
         .into_response_for(CallerFormat::Responses)
+}
+
+/// A route that exists, asked with another method (e.g. `GET /v1/responses`): our error, in the
+/// envelope of the endpoint's format; axum adds the `allow` header.
+async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let format = [
+        CallerFormat::Responses,
+        CallerFormat::ChatCompletions,
+        CallerFormat::Interactions,
+        CallerFormat::Messages,
+    ]
+    .into_iter()
+    .find(|f| f.path() == path);
+    let (allowed, fix, example) = match format {
+        Some(f) => {
+            let body = match f {
+                CallerFormat::Messages => {
+                    r#"{"model": "claude-opus-4-8", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hello!"}], "start_within": "default"}"#
+                }
+                CallerFormat::ChatCompletions => {
+                    r#"{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hello!"}], "start_within": "00h-00m-30s"}"#
+                }
+                CallerFormat::Interactions => {
+                    r#"{"model": "gemini-3.5-flash", "input": "Hello!", "start_within": "00h-00m-30s"}"#
+                }
+                CallerFormat::Responses => {
+                    r#"{"model": "gpt-5.5", "input": "Hello!", "start_within": "00h-00m-30s"}"#
+                }
+            };
+            (
+                "POST",
+                format!("send POST {path} with a JSON body (the official SDKs do)."),
+                format!("curl -X POST http://127.0.0.1:8080{path} -H \"Authorization: Bearer $FLEX_API_KEY\" -H 'Content-Type: application/json' -d '{body}'"),
+            )
+        }
+        None => (
+            "GET",
+            format!("send GET {path}."),
+            format!("curl http://127.0.0.1:8080{path}"),
+        ),
+    };
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} {path} is not supported: {path} takes {allowed} only.",
+            req.method()
+        ),
+    )
+    .fix(fix)
+    .example(example)
+    .into_response_for(format.unwrap_or(CallerFormat::Responses))
 }
 
 /// Builds a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) from PEM files.
