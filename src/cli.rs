@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::admin_cli::AdminArgs;
-use crate::telemetry::OtlpArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,8 +113,6 @@ pub struct UpArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
-    #[command(flatten)]
-    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,8 +146,6 @@ pub struct ControlArgs {
     /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    #[command(flatten)]
-    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,8 +202,6 @@ pub struct ProxyArgs {
     pub proxy_id: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
-    #[command(flatten)]
-    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
