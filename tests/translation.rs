@@ -27,8 +27,29 @@ async fn chat_caller_reaches_claude_and_back() {
             .starts_with("Simulated"),
         "{v}"
     );
-    assert_eq!(v["service_tier"], "default");
+    // Seed 003: a standard_only request comes back reported as "standard".
+    assert_eq!(v["service_tier"], "standard");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    let mut body = body;
+    body["stream"] = json!(true);
+    let r = post(
+        &format!("{}/chat/completions", s.base),
+        Some(&s.api_key),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tiers: Vec<Value> = r
+        .sse_data()
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .map(|c| c["service_tier"].clone())
+        .collect();
+    assert!(
+        !tiers.is_empty() && tiers.iter().all(|t| t == "standard"),
+        "{tiers:?}"
+    );
 }
 
 #[tokio::test]
@@ -98,6 +119,8 @@ async fn responses_caller_streams_a_claude_tool_call() {
     let last = events.last().unwrap();
     assert_eq!(last["type"], "response.completed");
     assert_eq!(last["response"]["output"][0]["type"], "function_call");
+    assert_eq!(events[0]["response"]["service_tier"], "standard");
+    assert_eq!(last["response"]["service_tier"], "standard");
 }
 
 #[tokio::test]

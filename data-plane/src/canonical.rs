@@ -11,6 +11,7 @@
 //! - System prompts are kept as an ordered list; a format that has one field joins them with
 //!   a blank line.
 
+use flex_shared::catalog::Provider;
 use serde_json::Value;
 
 /// One request, independent of any wire format.
@@ -248,6 +249,9 @@ pub struct Response {
     pub usage: Usage,
     /// Unix seconds.
     pub created: u64,
+    /// The provider that answered (from the stream's `Start`), when known: caller formats name
+    /// some tiers after it (an Anthropic standard answer reports `"standard"`).
+    pub provider: Option<Provider>,
 }
 
 /// One event of a canonical stream. Blocks are numbered by `index` in output order; every block
@@ -259,6 +263,8 @@ pub enum StreamEvent {
         id: String,
         model: String,
         created: u64,
+        /// The provider answering (set by its decoder).
+        provider: Option<Provider>,
     },
     TextStart {
         index: usize,
@@ -338,10 +344,16 @@ impl Accumulator {
 
     pub fn push(&mut self, ev: &StreamEvent) {
         match ev {
-            StreamEvent::Start { id, model, created } => {
+            StreamEvent::Start {
+                id,
+                model,
+                created,
+                provider,
+            } => {
                 self.response.id = id.clone();
                 self.response.model = model.clone();
                 self.response.created = *created;
+                self.response.provider = *provider;
             }
             StreamEvent::TextStart { index } => self.open(*index, Part::Text(String::new())),
             StreamEvent::TextDelta { index, text } => match self.slot(*index) {
@@ -420,6 +432,7 @@ pub fn events_of(r: &Response) -> Vec<StreamEvent> {
         id: r.id.clone(),
         model: r.model.clone(),
         created: r.created,
+        provider: r.provider,
     }];
     for (index, part) in r.content.iter().enumerate() {
         match part {
@@ -532,6 +545,7 @@ mod tests {
                 reasoning_tokens: 1,
             },
             created: 7,
+            provider: Some(Provider::OpenAi),
         };
         let mut acc = Accumulator::default();
         for e in events_of(&r) {

@@ -274,7 +274,7 @@ mod tests {
 
 // ----- translation: the Chat Completions caller format ⇄ canonical ------------------------
 
-use flex_shared::catalog::Tier;
+use flex_shared::catalog::{Provider, Tier};
 
 use super::{openai_tier_name, Encoder};
 use crate::canonical::{self as c, Message, Part, Role, StreamEvent};
@@ -512,7 +512,7 @@ pub fn render_response(r: &c::Response, served: Tier) -> Value {
         "created": r.created,
         "model": r.model,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(r.stop)}],
-        "service_tier": openai_tier_name(served),
+        "service_tier": openai_tier_name(served, r.provider),
         "usage": usage_json(&r.usage),
     })
 }
@@ -520,6 +520,8 @@ pub fn render_response(r: &c::Response, served: Tier) -> Value {
 /// Canonical events → `chat.completion.chunk`s, then `[DONE]`.
 pub struct StreamEncoder {
     served: Tier,
+    /// The provider answering, from `Start` (how the tier is named).
+    provider: Option<Provider>,
     model: String,
     id: String,
     created: u64,
@@ -532,6 +534,7 @@ impl StreamEncoder {
     pub fn new(served: Tier, model: &str, include_usage: bool) -> Self {
         Self {
             served,
+            provider: None,
             model: model.to_string(),
             id: String::new(),
             created: 0,
@@ -541,7 +544,7 @@ impl StreamEncoder {
     }
 
     fn chunk(&self, choices: Value) -> Event {
-        Event::new("", json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "service_tier": openai_tier_name(self.served), "choices": choices}).to_string())
+        Event::new("", json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "service_tier": openai_tier_name(self.served, self.provider), "choices": choices}).to_string())
     }
 
     fn delta(&self, delta: Value) -> Event {
@@ -552,8 +555,14 @@ impl StreamEncoder {
 impl Encoder for StreamEncoder {
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>) {
         match ev {
-            StreamEvent::Start { id, model, created } => {
+            StreamEvent::Start {
+                id,
+                model,
+                created,
+                provider,
+            } => {
                 self.id = completion_id(if id.is_empty() { "flex" } else { id });
+                self.provider = *provider;
                 if !model.is_empty() {
                     self.model = model.clone();
                 }
@@ -694,6 +703,7 @@ mod translation_tests {
                 reasoning_tokens: 0,
             },
             created: 3,
+            provider: None,
         };
         let mut enc = StreamEncoder::new(Tier::Flex, "m", true);
         let mut out = Vec::new();

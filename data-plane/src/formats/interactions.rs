@@ -771,7 +771,9 @@ impl Encoder for StreamEncoder {
         }
         self.acc.push(ev);
         match ev {
-            StreamEvent::Start { id, model, created } => {
+            StreamEvent::Start {
+                id, model, created, ..
+            } => {
                 if !self.started {
                     self.id.clone_from(id);
                     self.created = *created;
@@ -1151,6 +1153,7 @@ mod tests {
                 reasoning_tokens: 64,
             },
             created: 1_750_000_000,
+            provider: None,
         }
     }
 
@@ -1235,6 +1238,7 @@ mod tests {
             stop: StopReason::ToolUse,
             usage: Usage::default(),
             created: 1,
+            provider: None,
         };
         let rendered = render_response(&resp, Tier::Standard);
         assert_eq!(rendered["status"], "requires_action");
@@ -1349,6 +1353,7 @@ mod tests {
                 id: "x".into(),
                 model: "gpt-5.5-2026".into(),
                 created: 2,
+                provider: None,
             },
             StreamEvent::ToolCallStart {
                 index: 3,

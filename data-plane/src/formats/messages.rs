@@ -1187,6 +1187,7 @@ mod tests {
                 reasoning_tokens: 64,
             },
             created: 1_750_000_000,
+            provider: None,
         }
     }
 
@@ -1342,6 +1343,7 @@ mod tests {
                     id: "resp_1".into(),
                     model: String::new(),
                     created: 1,
+                    provider: None,
                 },
                 // Interleaved blocks (as OpenAI parallel calls stream): both stay open.
                 StreamEvent::ToolCallStart {

@@ -8,7 +8,7 @@ pub mod interactions;
 pub mod messages;
 pub mod responses;
 
-use flex_shared::catalog::Tier;
+use flex_shared::catalog::{Provider, Tier};
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
@@ -23,12 +23,16 @@ pub trait Encoder: Send {
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>);
 }
 
-/// Reads `Tier` as the caller format names it.
-pub fn openai_tier_name(t: Tier) -> &'static str {
-    match t {
-        Tier::Flex => "flex",
-        Tier::Standard => "default",
-        Tier::Priority => "priority",
+/// `service_tier` as the OpenAI-shaped formats (Responses, Chat Completions) report it: OpenAI's
+/// names, except that Anthropic's standard tier keeps its own name (seed 003: a `standard_only`
+/// request "comes back reported as "service_tier": "standard""). `provider` is the one that
+/// answered ([`crate::canonical::Response::provider`]).
+pub fn openai_tier_name(t: Tier, provider: Option<Provider>) -> &'static str {
+    match (t, provider) {
+        (Tier::Flex, _) => "flex",
+        (Tier::Standard, Some(Provider::Anthropic)) => "standard",
+        (Tier::Standard, _) => "default",
+        (Tier::Priority, _) => "priority",
     }
 }
 
@@ -198,5 +202,63 @@ mod tests {
         );
         let b = RawBody::parse(br#"{"service_tier":null}"#, CallerFormat::Responses).unwrap();
         assert!(reject_service_tier(&b).is_ok());
+    }
+
+    /// Seed 003: a Claude `standard_only` answer is reported as `"service_tier": "standard"` on
+    /// Responses and Chat Completions too, body and every stream event; OpenAI's and Gemini's
+    /// standard answers keep OpenAI's `"default"`.
+    #[test]
+    fn an_anthropic_standard_answer_says_standard_in_the_openai_shapes() {
+        use crate::canonical as c;
+        use serde_json::Value;
+        let cases = [
+            (Some(Provider::Anthropic), Tier::Standard, "standard"),
+            (Some(Provider::OpenAi), Tier::Standard, "default"),
+            (Some(Provider::Gemini), Tier::Standard, "default"),
+            (None, Tier::Standard, "default"),
+            (Some(Provider::Anthropic), Tier::Priority, "priority"),
+            (Some(Provider::Gemini), Tier::Flex, "flex"),
+        ];
+        for (provider, served, want) in cases {
+            let r = c::Response {
+                id: "msg_1".into(),
+                model: "claude-opus-4-8".into(),
+                content: vec![c::Part::Text("hi".into())],
+                provider,
+                ..c::Response::default()
+            };
+            let case = format!("{provider:?} {served:?}");
+            assert_eq!(
+                responses::render_response(&r, served)["service_tier"],
+                want,
+                "{case}"
+            );
+            assert_eq!(
+                chat::render_response(&r, served)["service_tier"],
+                want,
+                "{case}"
+            );
+            let mut encoders: Vec<Box<dyn Encoder>> = vec![
+                Box::new(responses::StreamEncoder::new(served, "claude-opus-4-8")),
+                Box::new(chat::StreamEncoder::new(served, "claude-opus-4-8", true)),
+            ];
+            for enc in &mut encoders {
+                let mut out = Vec::new();
+                for e in c::events_of(&r) {
+                    enc.encode(&e, &mut out);
+                }
+                let tiers: Vec<Value> = out
+                    .iter()
+                    .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                    .filter_map(|v| {
+                        v.get("service_tier")
+                            .or_else(|| v["response"].get("service_tier"))
+                            .cloned()
+                    })
+                    .collect();
+                assert!(!tiers.is_empty(), "{case}");
+                assert!(tiers.iter().all(|t| t == want), "{case}: {tiers:?}");
+            }
+        }
     }
 }

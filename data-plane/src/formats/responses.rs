@@ -285,7 +285,7 @@ fn response_json(r: &c::Response, served: Tier, status: &str) -> Value {
         "tool_choice": "auto",
         "tools": [],
         "top_p": null,
-        "service_tier": openai_tier_name(served),
+        "service_tier": openai_tier_name(served, r.provider),
         "usage": usage_json(&r.usage),
     })
 }
@@ -346,7 +346,12 @@ impl Encoder for StreamEncoder {
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>) {
         self.acc.push(ev);
         match ev {
-            StreamEvent::Start { id, model, created } => {
+            StreamEvent::Start {
+                id,
+                model,
+                created,
+                provider,
+            } => {
                 let mut r = c::Response {
                     id: id.clone(),
                     model: if model.is_empty() {
@@ -355,6 +360,7 @@ impl Encoder for StreamEncoder {
                         model.clone()
                     },
                     created: *created,
+                    provider: *provider,
                     ..c::Response::default()
                 };
                 if r.id.is_empty() {
@@ -443,6 +449,7 @@ impl Encoder for StreamEncoder {
                 r.id = base.id;
                 r.model = base.model;
                 r.created = base.created;
+                r.provider = base.provider;
                 r.stop = *stop;
                 r.usage = *usage;
                 let kind = match final_status(*stop) {
@@ -572,6 +579,7 @@ mod translation_tests {
                 reasoning_tokens: 0,
             },
             created: 1,
+            provider: None,
         };
         let mut enc = StreamEncoder::new(Tier::Flex, "gemini-3.5-flash");
         let mut out = Vec::new();

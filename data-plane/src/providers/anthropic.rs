@@ -30,7 +30,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flex_shared::catalog::Tier;
+use flex_shared::catalog::{Provider, Tier};
 use http::{HeaderValue, StatusCode};
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
@@ -764,6 +764,7 @@ impl Decoder for StreamDecoder {
                     id: m["id"].as_str().unwrap_or_default().to_string(),
                     model: m["model"].as_str().unwrap_or_default().to_string(),
                     created: now(),
+                    provider: Some(Provider::Anthropic),
                 });
             }
             "content_block_start" => self.block_start(index, &v["content_block"], out),

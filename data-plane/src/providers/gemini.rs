@@ -26,7 +26,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flex_shared::catalog::Tier;
+use flex_shared::catalog::{Provider, Tier};
 use http::StatusCode;
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
@@ -699,6 +699,7 @@ impl Decoder for StreamDecoder {
                     .unwrap_or_else(|| format!("gemini_{}", uuid::Uuid::new_v4().simple())),
                 model: v["modelVersion"].as_str().unwrap_or_default().to_string(),
                 created: now_secs(),
+                provider: Some(Provider::Gemini),
             });
         }
         if let Some(meta) = v.get("usageMetadata").filter(|m| m.is_object()) {

@@ -1,7 +1,7 @@
 //! OpenAI: Responses (`POST {base}/responses`) and Chat Completions (`POST {base}/chat/completions`).
 
 use bytes::Bytes;
-use flex_shared::catalog::Tier;
+use flex_shared::catalog::{Provider, Tier};
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -316,6 +316,7 @@ impl Decoder for StreamDecoder {
                     id: r["id"].as_str().unwrap_or_default().to_string(),
                     model: r["model"].as_str().unwrap_or_default().to_string(),
                     created: r["created_at"].as_u64().unwrap_or(0),
+                    provider: Some(Provider::OpenAi),
                 });
             }
             "response.output_item.added" => {
