@@ -337,12 +337,23 @@ impl NatsDelivery {
     }
 
     /// Publishes the next chunk of the log; moves the log's position over what was acknowledged.
-    async fn publish_log_chunk(&mut self, wal: &UsageWal) -> Result<(), String> {
+    /// Reads and position writes run on the log's I/O thread. Returns whether the position
+    /// could move at all (`false`: undelivered bytes that cannot be read yet).
+    async fn publish_log_chunk(&mut self, wal: &UsageWal) -> Result<bool, String> {
         let chunk = wal
-            .read(self.config.batch.max(1))
+            .read_async(self.config.batch.max(1))
+            .await
             .map_err(|e| format!("cannot read the usage log: {e}"))?;
+        if !chunk.moved() {
+            return Ok(false);
+        }
         let events: Vec<&UsageEvent> = chunk.events.iter().map(|s| &s.event).collect();
-        let result = self.publish(&events).await;
+        let result = if events.is_empty() {
+            // Only unreadable lines: nothing to send, move past them.
+            Ok(())
+        } else {
+            self.publish(&events).await
+        };
         let (acked, to) = match &result {
             Ok(()) => (chunk.events.len(), Some(chunk.end)),
             Err(f) => (
@@ -354,15 +365,16 @@ impl NatsDelivery {
             ),
         };
         if let Some(to) = to {
-            wal.advance(to)
-                .map_err(|e| format!("cannot record the usage log position: {e}"))?;
             let corrupt = if result.is_ok() { chunk.skipped } else { 0 };
             self.stats
                 .corrupt
                 .fetch_add(corrupt as u64, Ordering::Relaxed);
             wal.record_delivered(acked, corrupt);
+            wal.advance_async(to)
+                .await
+                .map_err(|e| format!("cannot record the usage log position: {e}"))?;
         }
-        result.map_err(|f| f.error)
+        result.map(|()| true).map_err(|f| f.error)
     }
 
     /// Delivers the usage log forever, in order. Abort the task to stop it: the log's position
@@ -370,6 +382,7 @@ impl NatsDelivery {
     pub async fn run_log(mut self, wal: Arc<UsageWal>) {
         let mut retry = Retry::new();
         let mut unreachable_said = false;
+        let mut stalled = MIN_BACKOFF;
         loop {
             if wal.pending_bytes() == 0 {
                 tokio::select! {
@@ -389,7 +402,22 @@ impl NatsDelivery {
             }
             unreachable_said = false;
             match self.publish_log_chunk(&wal).await {
-                Ok(()) => retry.ok(),
+                Ok(true) => {
+                    retry.ok();
+                    stalled = MIN_BACKOFF;
+                }
+                Ok(false) => {
+                    // Bytes counted as undelivered, yet nothing to read: wait, do not spin.
+                    let n = wal.record_stalled_read();
+                    if n == 1 || n.is_power_of_two() {
+                        tracing::warn!(stalled_reads_total = n, position = ?wal.position(), pending_bytes = wal.pending_bytes(), "the usage log has undelivered bytes but nothing could be read; waiting");
+                    }
+                    tokio::select! {
+                        () = wal.wait_appended() => {}
+                        () = tokio::time::sleep(stalled) => {}
+                    }
+                    stalled = (stalled * 2).min(MAX_BACKOFF);
+                }
                 Err(e) => {
                     let wait = retry.failed(&e, &self.stats, "usage log");
                     tokio::time::sleep(wait).await;
