@@ -27,7 +27,7 @@ use crate::proxy::{lost_draft, ms, outcome_headers, take, Draft, Plan, Proxy, Us
 use crate::race::{self, AttemptError, EventClass, Started};
 use crate::sse::Event;
 use crate::upstream::{read_body, MAX_ERROR_BODY};
-use crate::usage::hold_end;
+use crate::usage::{hold_end, Durable};
 
 /// A caller format that is its provider's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +260,8 @@ impl NativeCall<'_> {
                 pending,
                 next_pending: 0,
                 terminal_at,
+                sent_any: false,
+                tail: None,
                 rest: started.rest,
                 tap,
                 strip_usage_chunk: self.api == Native::Chat && !self.caller_wants_usage,
@@ -270,6 +272,10 @@ impl NativeCall<'_> {
                 }),
             };
             let stream = futures_util::stream::unfold(state, |mut st| async move {
+                if let Some((last, durable)) = st.tail.take() {
+                    durable.wait().await;
+                    return Some((Ok::<Bytes, std::io::Error>(last), st));
+                }
                 loop {
                     let (ev, terminal) = match st.pending.pop_front() {
                         Some(ev) => {
@@ -301,16 +307,29 @@ impl NativeCall<'_> {
                             }
                         },
                     };
+                    let strip = st.strip_usage_chunk && is_usage_only_chunk(&ev);
+                    let mut bytes = ev.to_bytes();
                     if terminal {
                         // The answer's last event goes out once its usage event is durable.
                         if let Some(g) = st.guard.take() {
-                            g.finish(st.tap.served, "ok").wait().await;
+                            let durable = g.finish(st.tap.served, "ok");
+                            if !strip && !st.sent_any && !durable.is_ready() && bytes.len() > 1 {
+                                // It is also the first: the first byte is never delayed, so
+                                // all of it but its last byte goes now (an SSE event is not
+                                // complete before its last byte), the last byte once durable.
+                                let last = bytes.split_off(bytes.len() - 1);
+                                st.tail = Some((last, durable));
+                                st.sent_any = true;
+                                return Some((Ok(bytes), st));
+                            }
+                            durable.wait().await;
                         }
                     }
-                    if st.strip_usage_chunk && is_usage_only_chunk(&ev) {
+                    if strip {
                         continue;
                     }
-                    return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
+                    st.sent_any = true;
+                    return Some((Ok(bytes), st));
                 }
             });
             let mut resp = Response::new(Body::from_stream(stream));
@@ -499,6 +518,10 @@ struct StreamState {
     next_pending: usize,
     /// The index in `pending` of the event that ends the answer, if it was buffered.
     terminal_at: Option<usize>,
+    /// Bytes have gone to the caller.
+    sent_any: bool,
+    /// The last byte of a final event that was also the first, and what it waits for.
+    tail: Option<(Bytes, Durable)>,
     rest: crate::upstream::EventStream,
     tap: Tap,
     strip_usage_chunk: bool,
@@ -508,6 +531,122 @@ struct StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod held_end {
+        use std::sync::Arc;
+
+        use super::*;
+        use crate::proxy::Plan;
+        use crate::usage::test_support::{
+            complete_events, draft, fake_upstream, json_response, proxy, read_until_quiet,
+            sse_response, GatedSink,
+        };
+
+        const QUIET: Duration = Duration::from_millis(300);
+
+        fn chat_call<'a>(proxy: &'a Proxy, base: String, stream: bool) -> NativeCall<'a> {
+            let body = format!(
+                r#"{{"model":"gpt-5.5","messages":[{{"role":"user","content":"hi"}}],"stream":{stream}}}"#
+            );
+            NativeCall {
+                proxy,
+                api: Native::Chat,
+                base,
+                secret: SecretString::from("sk-test"),
+                body: RawBody::parse(body.as_bytes(), CallerFormat::ChatCompletions)
+                    .unwrap_or_else(|e| panic!("{e:?}")),
+                caller_wants_usage: true,
+                model: "gpt-5.5".into(),
+                floor: Duration::from_millis(500),
+                headers: HeaderMap::new(),
+            }
+        }
+
+        async fn run(call: NativeCall<'_>, stream: bool) -> Body {
+            let mut slot = Some(draft());
+            call.run(
+                Plan::Direct(AskTier::Standard),
+                stream,
+                Instant::now(),
+                &mut slot,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .into_body()
+        }
+
+        const ROLE: &str = r#"{"id":"c1","object":"chat.completion.chunk","service_tier":"default","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        const TEXT: &str = r#"{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+        const STOP: &str = r#"{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        const USAGE: &str = r#"{"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+        #[tokio::test]
+        async fn a_stream_holds_only_its_final_event_until_the_usage_event_is_durable() {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            // The whole answer at once, then the upstream ends.
+            let base = fake_upstream(sse_response(&[
+                ("", ROLE),
+                ("", TEXT),
+                ("", STOP),
+                ("", USAGE),
+                ("", "[DONE]"),
+            ]))
+            .await;
+            let mut body = run(chat_call(&proxy, base, true), true).await;
+            let (before, ended) = read_until_quiet(&mut body, QUIET).await;
+            assert!(!ended, "the end waits for the usage event");
+            assert_eq!(
+                complete_events(&before),
+                [ROLE, TEXT, STOP, USAGE],
+                "everything but the final event is out at once"
+            );
+            let emitted = sink.emitted();
+            assert_eq!(emitted.len(), 1, "reported before the final event");
+            assert_eq!((emitted[0].input_tokens, emitted[0].output_tokens), (3, 1));
+            assert_eq!(emitted[0].outcome, "ok");
+            assert_eq!(sink.release(), 1);
+            let (after, ended) = read_until_quiet(&mut body, Duration::from_secs(5)).await;
+            assert!(ended);
+            assert_eq!(after, "data: [DONE]\n\n");
+        }
+
+        #[tokio::test]
+        async fn a_final_event_that_is_also_the_first_sends_its_first_bytes_at_once() {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&[("", "[DONE]")])).await;
+            let mut body = run(chat_call(&proxy, base, true), true).await;
+            let (before, ended) = read_until_quiet(&mut body, QUIET).await;
+            assert!(!ended);
+            assert_eq!(before, "data: [DONE]\n", "the first byte is not delayed");
+            assert!(
+                complete_events(&before).is_empty(),
+                "the event is not complete before its usage event is durable"
+            );
+            assert_eq!(sink.release(), 1);
+            let (after, ended) = read_until_quiet(&mut body, Duration::from_secs(5)).await;
+            assert!(ended);
+            assert_eq!(after, "\n");
+        }
+
+        #[tokio::test]
+        async fn a_body_keeps_its_last_byte_until_the_usage_event_is_durable() {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let answer = r#"{"id":"chatcmpl-1","object":"chat.completion","service_tier":"default","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+            let base = fake_upstream(json_response(answer)).await;
+            let mut body = run(chat_call(&proxy, base, false), false).await;
+            let (before, ended) = read_until_quiet(&mut body, QUIET).await;
+            assert!(!ended);
+            assert_eq!(before, answer[..answer.len() - 1], "all but the last byte");
+            assert_eq!(sink.emitted()[0].output_tokens, 1);
+            assert_eq!(sink.release(), 1);
+            let (after, ended) = read_until_quiet(&mut body, Duration::from_secs(5)).await;
+            assert!(ended);
+            assert_eq!(after, "}");
+        }
+    }
 
     #[test]
     fn classifies_openai_events() {

@@ -178,6 +178,7 @@ impl TranslatedCall<'_> {
             decoder: decoder(self.provider),
             encoder: encoder(self.format, served, &self.req.model, self.include_usage),
             out: VecDeque::new(),
+            held: VecDeque::new(),
             finished: false,
             hold: None,
             upstream_done: false,
@@ -189,13 +190,15 @@ impl TranslatedCall<'_> {
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             loop {
-                // The answer's last events (and the end of the body) go out once the usage
-                // event is durable.
-                if let Some(durable) = st.hold.take() {
-                    durable.wait().await;
-                }
                 if let Some(ev) = st.out.pop_front() {
                     return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
+                }
+                // The answer's final events (and the end of the body) go out once the usage
+                // event is durable; everything before them has gone already.
+                if let Some(durable) = st.hold.take() {
+                    durable.wait().await;
+                    st.out.append(&mut st.held);
+                    continue;
                 }
                 if st.upstream_done {
                     return None;
@@ -210,6 +213,7 @@ impl TranslatedCall<'_> {
                         st.upstream_done = true;
                         tracing::warn!(error = %e, "upstream stream broke mid-answer");
                         if st.guard.is_some() {
+                            st.end("incomplete");
                             let mut out = Vec::new();
                             st.encoder.encode(
                                 &StreamEvent::Error {
@@ -217,8 +221,7 @@ impl TranslatedCall<'_> {
                                 },
                                 &mut out,
                             );
-                            st.out.extend(out);
-                            st.end("incomplete");
+                            st.release(out);
                         }
                     }
                     None => {
@@ -308,9 +311,13 @@ struct State {
     rest: EventStream,
     decoder: Box<dyn Decoder>,
     encoder: Box<dyn Encoder>,
+    /// Events to send now.
     out: VecDeque<Event>,
+    /// The answer's final events: sent once `hold` resolves.
+    held: VecDeque<Event>,
     finished: bool,
-    /// The usage event's durability, awaited before `out` goes on (set when the answer ends).
+    /// The usage event's durability, awaited (once `out` is sent) before `held` and the end of
+    /// the body (set when the answer ends).
     hold: Option<Durable>,
     /// The upstream stream has ended (or broken).
     upstream_done: bool,
@@ -322,30 +329,136 @@ impl State {
         let mut canonical = Vec::new();
         self.decoder.decode(ev, &mut canonical);
         let mut out = Vec::new();
-        let mut finished_now = false;
         for e in &canonical {
             if let StreamEvent::Finish { usage, .. } = e {
-                finished_now = !self.finished;
-                self.finished = true;
-                if let Some(ue) = self.guard.as_mut().and_then(UsageGuard::event_mut) {
-                    apply(usage, ue);
+                if !self.finished {
+                    self.finished = true;
+                    if let Some(ue) = self.guard.as_mut().and_then(UsageGuard::event_mut) {
+                        apply(usage, ue);
+                    }
+                    // The answer is complete (usage included): what came before its final
+                    // events goes now; report it, and hold the final events until the report
+                    // is durable.
+                    self.release(std::mem::take(&mut out));
+                    self.end("ok");
                 }
             }
             self.encoder.encode(e, &mut out);
         }
-        self.out.extend(out);
-        if finished_now {
-            // The answer is complete (usage included): report it now, and hold its last
-            // events until the report is durable.
-            self.end("ok");
+        self.release(out);
+    }
+
+    /// Queues `events`: to send now, or after the final events once the answer has ended.
+    fn release(&mut self, events: Vec<Event>) {
+        if self.hold.is_some() {
+            self.held.extend(events);
+        } else {
+            self.out.extend(events);
         }
     }
 
-    /// Reports the usage event (once); what is queued in `out` waits for it to be durable.
+    /// Reports the usage event (once); what is released from now on waits for it to be durable.
     fn end(&mut self, outcome: &str) {
         let served = self.decoder.served_tier();
         if let Some(g) = self.guard.take() {
             self.hold = Some(g.finish(served, outcome));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::usage::test_support::{
+        complete_events, draft, fake_upstream, proxy, read_until_quiet, sse_response, GatedSink,
+    };
+
+    const QUIET: Duration = Duration::from_millis(300);
+
+    /// Gemini's whole answer in one upstream event: text, finish reason and usage together.
+    const ONE_CHUNK: &str = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello there"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2,"totalTokenCount":5},"modelVersion":"gemini-3.5-flash","responseId":"r1"}"#;
+
+    fn call(proxy: &Proxy, base: String, stream: bool) -> TranslatedCall<'_> {
+        TranslatedCall {
+            proxy,
+            format: CallerFormat::ChatCompletions,
+            provider: Provider::Gemini,
+            base,
+            secret: SecretString::from("AIza-test"),
+            req: c::Request {
+                model: "gemini-3.5-flash".into(),
+                messages: vec![c::Message {
+                    role: c::Role::User,
+                    parts: vec![c::Part::Text("hi".into())],
+                }],
+                stream,
+                ..c::Request::default()
+            },
+            include_usage: true,
+            floor: Duration::from_millis(500),
+        }
+    }
+
+    async fn run(call: TranslatedCall<'_>) -> Body {
+        let mut slot = Some(draft());
+        call.run(Plan::Direct(AskTier::Standard), Instant::now(), &mut slot)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .into_body()
+    }
+
+    #[tokio::test]
+    async fn a_one_chunk_answer_streams_its_text_at_once_and_holds_only_the_final_events() {
+        let sink = Arc::new(GatedSink::default());
+        let proxy = proxy(sink.clone());
+        let base = fake_upstream(sse_response(&[("", ONE_CHUNK)])).await;
+        let mut body = run(call(&proxy, base, true)).await;
+        let (before, ended) = read_until_quiet(&mut body, QUIET).await;
+        assert!(!ended, "the end waits for the usage event");
+        let events = complete_events(&before);
+        assert_eq!(events.len(), 2, "the role and the text: {before}");
+        assert!(events[0].contains(r#""role":"assistant""#), "{before}");
+        assert!(events[1].contains("Hello there"), "{before}");
+        assert!(!before.contains("finish_reason\":\"stop"), "{before}");
+        assert!(!before.contains("[DONE]"), "{before}");
+        let emitted = sink.emitted();
+        assert_eq!(emitted.len(), 1, "reported before the final events");
+        assert_eq!((emitted[0].input_tokens, emitted[0].output_tokens), (3, 2));
+        assert_eq!(sink.release(), 1);
+        let (after, ended) = read_until_quiet(&mut body, Duration::from_secs(5)).await;
+        assert!(ended);
+        let events = complete_events(&after);
+        assert_eq!(events.len(), 3, "finish, usage, [DONE]: {after}");
+        assert!(events[0].contains(r#""finish_reason":"stop""#), "{after}");
+        assert!(events[1].contains(r#""prompt_tokens":3"#), "{after}");
+        assert_eq!(events[2], "[DONE]");
+    }
+
+    #[tokio::test]
+    async fn an_assembled_body_keeps_its_last_byte_until_the_usage_event_is_durable() {
+        let sink = Arc::new(GatedSink::default());
+        let proxy = proxy(sink.clone());
+        let base = fake_upstream(sse_response(&[("", ONE_CHUNK)])).await;
+        let mut body = run(call(&proxy, base, false)).await;
+        let (before, ended) = read_until_quiet(&mut body, QUIET).await;
+        assert!(!ended);
+        assert!(
+            before.starts_with('{') && before.contains("Hello there"),
+            "{before}"
+        );
+        assert!(
+            serde_json::from_str::<Value>(&before).is_err(),
+            "the last byte is held: {before}"
+        );
+        assert_eq!(sink.release(), 1);
+        let (after, ended) = read_until_quiet(&mut body, Duration::from_secs(5)).await;
+        assert!(ended);
+        assert_eq!(after, "}");
+        let whole: Value = serde_json::from_str(&format!("{before}{after}")).unwrap();
+        assert_eq!(whole["usage"]["completion_tokens"], 2);
     }
 }

@@ -119,6 +119,7 @@ pub fn hold_end(resp: Response, durable: Durable) -> Response {
         Body::new(HoldEnd {
             inner: body,
             held: None,
+            trailers: None,
             durable: Some(durable),
             wait: None,
             inner_done: false,
@@ -129,13 +130,27 @@ pub fn hold_end(resp: Response, durable: Durable) -> Response {
 type WaitFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 /// A body that forwards `inner` but keeps its last byte until the usage event is durable.
+/// Trailers (if any) follow the last byte.
 struct HoldEnd {
     inner: Body,
     /// The last byte seen so far.
     held: Option<Bytes>,
+    /// The inner body's trailers: sent after the held byte.
+    trailers: Option<Frame<Bytes>>,
     durable: Option<Durable>,
     wait: Option<WaitFuture>,
     inner_done: bool,
+}
+
+impl HoldEnd {
+    /// The inner body has ended (or sent its trailers): start waiting for durability.
+    fn inner_ended(&mut self) {
+        self.inner_done = true;
+        self.wait = self
+            .durable
+            .take()
+            .map(|d| Box::pin(d.wait()) as WaitFuture);
+    }
 }
 
 impl http_body::Body for HoldEnd {
@@ -155,16 +170,15 @@ impl http_body::Body for HoldEnd {
                     }
                     this.wait = None;
                 }
-                return Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))));
+                if let Some(b) = this.held.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                return Poll::Ready(this.trailers.take().map(Ok));
             }
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    this.inner_done = true;
-                    this.wait = this
-                        .durable
-                        .take()
-                        .map(|d| Box::pin(d.wait()) as WaitFuture);
+                    this.inner_ended();
                     continue;
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
@@ -189,8 +203,11 @@ impl http_body::Body for HoldEnd {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
-                // Trailers (our bodies have none): after the data, so release the held byte.
-                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                // Trailers end the body: they go out after the held byte, once it is released.
+                Err(frame) => {
+                    this.trailers = Some(frame);
+                    this.inner_ended();
+                }
             }
         }
     }
@@ -312,6 +329,215 @@ pub async fn deliver_grpc(
     }
 }
 
+/// Test helpers for the request paths that hold the end of an answer: a sink whose events
+/// become durable only when the test says so, a loopback upstream with a canned answer, and a
+/// reader of a response body that tells what arrived before it went quiet.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::proxy::{Draft, Proxy, ProxyConfig};
+    use crate::snapshot::SnapshotStore;
+    use crate::upstream::{UpstreamClient, UpstreamConfig};
+
+    /// A sink whose [`Durable`]s resolve only on [`GatedSink::release`].
+    #[derive(Default)]
+    pub(crate) struct GatedSink {
+        waiters: Mutex<Vec<oneshot::Sender<bool>>>,
+        pub(crate) events: Mutex<Vec<UsageEvent>>,
+        stats: Arc<DurableStats>,
+    }
+
+    impl GatedSink {
+        /// Makes every event emitted so far durable; returns how many were waiting.
+        pub(crate) fn release(&self) -> usize {
+            let waiters: Vec<_> = self
+                .waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .drain(..)
+                .collect();
+            let n = waiters.len();
+            for w in waiters {
+                let _ = w.send(true);
+            }
+            n
+        }
+
+        pub(crate) fn emitted(&self) -> Vec<UsageEvent> {
+            self.events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    impl UsageSink for GatedSink {
+        fn emit(&self, event: UsageEvent) {
+            self.events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(event);
+        }
+
+        fn emit_durable(&self, event: UsageEvent) -> Durable {
+            self.emit(event);
+            let (tx, rx) = oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(tx);
+            Durable::pending(rx, Duration::from_secs(60), self.stats.clone())
+        }
+    }
+
+    /// A loopback server answering every connection with `response` (raw HTTP/1.1) after reading
+    /// the request. Returns its base URL.
+    pub(crate) async fn fake_upstream(response: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                        if let Some(head_end) = text.find("\r\n\r\n") {
+                            let len = text[..head_end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if req.len() >= head_end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = conn.write_all(response.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// A close-delimited SSE answer of `events` (`(event name, data)`; an empty name is left out).
+    pub(crate) fn sse_response(events: &[(&str, &str)]) -> String {
+        let mut body = String::new();
+        for (name, data) in events {
+            if !name.is_empty() {
+                body.push_str(&format!("event: {name}\n"));
+            }
+            body.push_str(&format!("data: {data}\n\n"));
+        }
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}"
+        )
+    }
+
+    /// A JSON answer.
+    pub(crate) fn json_response(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    pub(crate) fn proxy(sink: Arc<GatedSink>) -> Proxy {
+        Proxy::new(
+            Arc::new(SnapshotStore::new(None, None)),
+            UpstreamClient::new(&UpstreamConfig::default())
+                .unwrap_or_else(|e| panic!("upstream client: {e}")),
+            ProxyConfig::default(),
+            sink,
+        )
+    }
+
+    pub(crate) fn draft() -> Draft {
+        Draft {
+            event: UsageEvent {
+                schema_version: 1,
+                request_id: "req_test".into(),
+                org_id: "org_1".into(),
+                key_id: "key_1".into(),
+                model: String::new(),
+                provider: String::new(),
+                caller_format: String::new(),
+                start_within: "default".into(),
+                served_tier: String::new(),
+                reason: String::new(),
+                flex_wait_ms: 0,
+                start_latency_ms: 0,
+                duration_ms: 0,
+                input_tokens: 0,
+                cached_input_tokens: 0,
+                output_tokens: 0,
+                reasoning_tokens: 0,
+                status: 0,
+                outcome: String::new(),
+                tiers_started: vec![],
+                cost_micros: 0,
+                standard_cost_micros: 0,
+                received_at: String::new(),
+            },
+            t0: tokio::time::Instant::now(),
+            model: None,
+        }
+    }
+
+    /// Reads `body` until no frame comes for `quiet` (or it ends). Returns what arrived and
+    /// whether the body ended.
+    pub(crate) async fn read_until_quiet(body: &mut Body, quiet: Duration) -> (String, bool) {
+        use http_body_util::BodyExt;
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(quiet, body.frame()).await {
+                Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+                Ok(None) => return (String::from_utf8_lossy(&got).into_owned(), true),
+                Ok(Some(Err(e))) => panic!("body failed: {e}"),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        got.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Complete SSE events (terminated by a blank line) in `text`: their `data:` lines.
+    pub(crate) fn complete_events(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("\n\n") {
+            let ev = &rest[..i];
+            out.push(
+                ev.lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+            rest = &rest[i + 2..];
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +590,41 @@ mod tests {
         let resp = hold_end(Response::new(Body::from("{}")), durable);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
         assert_eq!(stats.not_durable.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_the_held_last_byte() {
+        let (tx, durable, _stats) = pending(Duration::from_secs(30));
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-done", http::HeaderValue::from_static("1"));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from("hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let inner = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let mut body = hold_end(Response::new(inner), durable).into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "hell");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), body.frame())
+                .await
+                .is_err(),
+            "neither the last byte nor the trailers before the event is durable"
+        );
+        tx.send(true).unwrap();
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last, "o", "the last byte comes first");
+        let t = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(t["x-done"], "1");
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]
