@@ -102,6 +102,19 @@ pub fn serve_proxy(
     tls: Option<TlsAcceptor>,
     usage: Arc<dyn UsageSink>,
 ) -> Result<()> {
+    spawn_proxy(listener, store, upstream, cfg, tls, usage).map(drop)
+}
+
+/// [`serve_proxy`], returning the task that accepts connections (abort it to stop accepting;
+/// connections already open carry on).
+pub fn spawn_proxy(
+    listener: TcpListener,
+    store: Arc<SnapshotStore>,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+    usage: Arc<dyn UsageSink>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let proxy = Arc::new(Proxy::new(
         store,
         UpstreamClient::new(upstream)?,
@@ -109,12 +122,11 @@ pub fn serve_proxy(
         usage,
     ));
     let router = flex_data_plane::server::router(proxy);
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         if let Err(e) = flex_data_plane::server::serve(listener, router, tls).await {
             tracing::error!(error = %e, "proxy server stopped");
         }
-    });
-    Ok(())
+    }))
 }
 
 /// A proxy fed in process by `cp` (what `flex up` runs): snapshots from its watch channel, usage
@@ -386,7 +398,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
-    embedded_proxy(
+    // From here on SIGINT and SIGTERM stop the process cleanly.
+    let stop = shutdown_signal();
+    let store = embedded_proxy(
         &cp,
         SnapshotStore::new(Some(keyring), Some(dir.join("proxy-state")))
             .with_key_file(Some(key_path.clone())),
@@ -422,13 +436,80 @@ pub async fn up(args: UpArgs) -> Result<()> {
             dir.join("demo.json").display()
         );
     }
-    shutdown_signal().await;
+    stop.await;
+    flush_snapshot(store).await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutting down");
+/// How long a planned stop waits for the usage log's writer to write what is queued.
+const SHUTDOWN_USAGE_FLUSH: Duration = Duration::from_secs(5);
+/// How long a planned stop waits for the newest snapshot to be persisted.
+const SHUTDOWN_SNAPSHOT_FLUSH: Duration = Duration::from_secs(5);
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called (not
+/// when it is first polled), so call it early: a signal that comes before then kills the
+/// process as before.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let install = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, signal = name, "cannot handle the signal; it stops the process without a clean shutdown");
+            None
+        }
+    };
+    let mut int = install(SignalKind::interrupt(), "SIGINT");
+    let mut term = install(SignalKind::terminate(), "SIGTERM");
+    async move {
+        let name = tokio::select! {
+            () = next_signal(int.as_mut()) => "SIGINT",
+            () = next_signal(term.as_mut()) => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutting down");
+    }
+}
+
+/// The next delivery of `signal`; never, without a handler.
+async fn next_signal(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Waits (bounded) until the newest snapshot is persisted, before a planned exit.
+async fn flush_snapshot(store: Arc<SnapshotStore>) {
+    let flushed = tokio::task::spawn_blocking(move || store.flush(SHUTDOWN_SNAPSHOT_FLUSH))
+        .await
+        .unwrap_or(false);
+    if !flushed {
+        tracing::warn!(
+            timeout_ms = SHUTDOWN_SNAPSHOT_FLUSH.as_millis() as u64,
+            "the newest snapshot was not persisted in time; the next start loads an older one (and catches up)"
+        );
+    }
+}
+
+/// Lets the usage log's writer write (and fsync) everything queued, then stops it (bounded).
+async fn close_usage_log(wal: Arc<UsageWal>) {
+    let closed = tokio::task::spawn_blocking(move || {
+        let closed = wal.close(SHUTDOWN_USAGE_FLUSH);
+        (closed, wal.pending_bytes())
+    })
+    .await;
+    match closed {
+        Ok((true, pending_bytes)) => {
+            tracing::info!(
+                pending_bytes,
+                "usage log flushed; undelivered events are replayed at the next start"
+            );
+        }
+        _ => tracing::error!(
+            "the usage log could not be flushed before the exit; queued usage events may be lost"
+        ),
+    }
 }
 
 pub async fn control(args: ControlArgs) -> Result<()> {
@@ -572,23 +653,33 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
             proxy_id,
         ));
     }
-    let sink = usage_sink(&args, endpoint).await?;
+    let (sink, wal) = usage_sink(&args, endpoint).await?;
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
     let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
-    serve_proxy(listener, store, &upstream, cfg, tls, sink)?;
-    shutdown_signal().await;
+    // From here on SIGINT and SIGTERM stop the process cleanly.
+    let stop = shutdown_signal();
+    let server = spawn_proxy(listener, store.clone(), &upstream, cfg, tls, sink)?;
+    stop.await;
+    // A planned stop: no new connections, the usage log's queue written and fsynced (answers
+    // still in flight are cut off by the exit, like a kill), the newest snapshot persisted.
+    server.abort();
+    if let Some(wal) = wal {
+        close_usage_log(wal).await;
+    }
+    flush_snapshot(store).await;
     Ok(())
 }
 
 /// Where a proxy's usage goes: JetStream when --nats-url is given, else the control plane's
 /// `ReportUsage`; from the write-ahead usage log in --state-dir when there is one (each event
-/// durable before its answer ends, replayed after a restart), else from memory.
+/// durable before its answer ends, replayed after a restart; returned too, to close it on a
+/// planned stop), else from memory.
 async fn usage_sink(
     args: &ProxyArgs,
     endpoint: Option<tonic::transport::Endpoint>,
-) -> Result<Arc<dyn UsageSink>> {
+) -> Result<(Arc<dyn UsageSink>, Option<Arc<UsageWal>>)> {
     let wal = match &args.state_dir {
         Some(dir) => Some(
             UsageWal::open(WalConfig {
@@ -614,21 +705,21 @@ async fn usage_sink(
                 wal.clone(),
                 endpoint,
             ));
-            return Ok(wal);
+            return Ok((wal.clone(), Some(wal)));
         }
         let (sink, rx) = ChannelSink::new();
         tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
-        return Ok(sink);
+        return Ok((sink, None));
     };
     let client = nats_connect(url, &args.nats_auth, "flex-proxy").await?;
-    let source = match wal {
-        Some(wal) => UsageSource::Log(wal),
+    let source = match &wal {
+        Some(wal) => UsageSource::Log(wal.clone()),
         None => UsageSource::Queue(UsageQueue::new()),
     };
     let sink = source.sink();
     spawn_nats_delivery(source, client, NatsDeliveryConfig::default());
     println!("usage goes to NATS at {url} (stream FLEX_USAGE)");
-    Ok(sink)
+    Ok((sink, wal))
 }
 
 fn hostname() -> String {

@@ -121,6 +121,28 @@ impl Proc {
         assert!(ok, "cannot SIGSTOP {}", self.name);
     }
 
+    /// SIGTERM, then waits (bounded) for the process to exit on its own.
+    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot SIGTERM {}", self.name);
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if t0.elapsed() > within {
+                c.kill().ok();
+                c.wait().ok();
+                panic!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no shutdown code runs, like a crash.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -259,6 +281,19 @@ impl Cluster {
     }
 
     fn start_proxy(&self, i: usize, port: u16, state_dir: &Path) -> Proc {
+        // Generous, so that "answered ⇒ durable" holds on a loaded machine too (the default is
+        // 200 ms; a timeout is counted in /metrics, checked below).
+        self.start_proxy_waiting(i, port, state_dir, 5000)
+    }
+
+    /// A proxy whose answers wait at most `durable_wait_ms` for their usage event.
+    fn start_proxy_waiting(
+        &self,
+        i: usize,
+        port: u16,
+        state_dir: &Path,
+        durable_wait_ms: u64,
+    ) -> Proc {
         let mut args: Vec<String> = vec![
             "proxy".into(),
             "--control-url".into(),
@@ -275,10 +310,8 @@ impl Cluster {
             self.openai_url.clone(),
             "--gemini-base-url".into(),
             self.gemini_url.clone(),
-            // Generous, so that "answered ⇒ durable" holds on a loaded machine too (the
-            // default is 200 ms; a timeout is counted in /metrics, checked below).
             "--usage-durable-wait-ms".into(),
-            "5000".into(),
+            durable_wait_ms.to_string(),
         ];
         args.extend(self.nats_args());
         Proc::spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
@@ -994,6 +1027,221 @@ async fn grpc_usage_from_the_log_survives_control_plane_and_proxy_kills() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    drop(proxy);
+    drop(control);
+}
+
+/// The usage events in a proxy's log files (delivered or not), by request id.
+fn events_in_log(state_dir: &Path) -> HashMap<String, UsageEvent> {
+    let mut events = HashMap::new();
+    for entry in std::fs::read_dir(state_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("usage-wal.") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let e: UsageEvent = serde_json::from_str(line)
+                .unwrap_or_else(|err| panic!("{}: unreadable line {line}: {err}", path.display()));
+            events.insert(e.request_id.clone(), e);
+        }
+    }
+    events
+}
+
+/// A planned stop: a proxy that answers without waiting for its usage log
+/// (`--usage-durable-wait-ms 0`) gets SIGTERM in the middle of a load, with the control plane
+/// down (nothing is delivered). It exits cleanly, and its log holds the event of every answer a
+/// client received whole (the only others are of answers cut off by the exit); restarted, it
+/// delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
+    const CONCURRENCY: usize = 16;
+    /// Answers received before the SIGTERM.
+    const BEFORE: usize = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_file = tmp.path().join("master.key");
+    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+    let sim = sim::spawn(SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
+        flex_delay_ms: 2,
+        standard_delay_ms: 2,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Cluster {
+        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+        logs,
+        use_nats: false,
+        nats_port: 0,
+        nats_dir: tmp.path().join("unused"),
+        cp_port: free_port(),
+        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
+        key_file,
+        openai_url: sim.openai_base_url(),
+        gemini_url: sim.base_url(),
+    };
+    let mut control = cluster.start_control();
+    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.admin(
+        &[
+            "provider-key",
+            "set",
+            "--org",
+            &org_id,
+            "--provider",
+            "openai",
+        ],
+        Some(OPENAI_KEY),
+    );
+    let port = free_port();
+    let state_dir = tmp.path().join("proxy");
+    let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0);
+    wait_ready(port, Duration::from_secs(30)).await;
+    // Served once (the snapshot has the provider key), then the control plane goes down.
+    let probe: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let t0 = Instant::now();
+    while !matches!(
+        attempt(
+            &probe,
+            port,
+            Kind::ResponsesBody,
+            &Kind::ResponsesBody.body(0),
+            &api_key
+        )
+        .await,
+        Attempt::Complete { status: 200, .. }
+    ) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    control.kill();
+    eprintln!("fault: control plane SIGKILLed (usage waits in the proxy's log)");
+
+    // The load: until the proxy goes away.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut workers = Vec::new();
+    for w in 0..CONCURRENCY {
+        let (seen, api_key) = (seen.clone(), api_key.clone());
+        workers.push(tokio::spawn(async move {
+            let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+            for i in (1 + w..).step_by(CONCURRENCY) {
+                let kind = if i % 2 == 0 {
+                    Kind::ResponsesBody
+                } else {
+                    Kind::ResponsesStream
+                };
+                match attempt(&client, port, kind, &kind.body(i), &api_key).await {
+                    Attempt::Complete { id, status, body } => {
+                        let text = String::from_utf8_lossy(&body);
+                        assert_eq!(status, 200, "{kind:?}: {text}");
+                        let usage = kind.usage(&body).unwrap_or_else(|| {
+                            panic!("{kind:?} ended cleanly but is not a complete answer: {text}")
+                        });
+                        seen.lock().unwrap().completed.insert(id, usage);
+                    }
+                    Attempt::CutOff(id) => {
+                        let mut s = seen.lock().unwrap();
+                        s.cut_off.extend(id);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    while seen.lock().unwrap().completed.len() < BEFORE {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the load is too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let status = tokio::task::block_in_place(|| proxy.terminate(Duration::from_secs(20)));
+    eprintln!("fault: proxy SIGTERMed mid-load");
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("the load stops with the proxy")
+            .unwrap();
+    }
+    assert!(status.success(), "a clean exit on SIGTERM: {status}");
+    let out = proxy.output();
+    assert!(out.contains("SIGTERM"), "{out}");
+    assert!(out.contains("usage log flushed"), "{out}");
+    let (completed, cut_off) = {
+        let s = seen.lock().unwrap();
+        (s.completed.clone(), s.cut_off.clone())
+    };
+    assert!(completed.len() >= BEFORE);
+
+    // The log holds every answer received whole, with the tokens the client saw.
+    let logged = events_in_log(&state_dir);
+    for (id, (input, output)) in &completed {
+        let e = logged
+            .get(id)
+            .unwrap_or_else(|| panic!("answer {id} was received whole but its event is lost"));
+        assert_eq!(
+            (e.input_tokens as i64, e.output_tokens as i64),
+            (*input, *output),
+            "tokens of {id}"
+        );
+    }
+    let probes = logged
+        .keys()
+        .filter(|id| !completed.contains_key(*id) && !cut_off.contains(*id))
+        .count();
+    assert!(probes <= 1, "events of answers no client saw: {probes}");
+
+    // Restarted, the proxy delivers them all.
+    control = cluster.start_control();
+    proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0);
+    wait_ready(port, Duration::from_secs(30)).await;
+    let expected = logged.values().fold((0usize, 0i64, 0i64), |a, e| {
+        (
+            a.0 + 1,
+            a.1 + e.input_tokens as i64,
+            a.2 + e.output_tokens as i64,
+        )
+    });
+    let t0 = Instant::now();
+    loop {
+        let u = cluster.admin(&["usage", "--org", &org_id], None);
+        let got = (
+            u["requests"].as_u64().unwrap() as usize,
+            u["input_tokens"].as_i64().unwrap(),
+            u["output_tokens"].as_i64().unwrap(),
+        );
+        if got == expected {
+            break;
+        }
+        assert!(
+            got.0 <= expected.0 && t0.elapsed() < Duration::from_secs(60),
+            "ledger {got:?}, events in the log {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{} answers received whole, {} cut off by the stop; {} events in the log, all in the ledger",
+        completed.len(),
+        cut_off.len(),
+        logged.len()
+    );
     drop(proxy);
     drop(control);
 }
