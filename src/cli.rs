@@ -187,6 +187,10 @@ pub struct ProxyArgs {
     /// never wait (events are still written, a crash may lose the last few).
     #[arg(long, env = "FLEX_USAGE_DURABLE_WAIT_MS", default_value_t = 200)]
     pub usage_durable_wait_ms: u64,
+    /// On SIGTERM or Ctrl-C: how long requests in flight (streams included) may take to finish
+    /// after the proxy stops accepting connections, in seconds; then they are cut off.
+    #[arg(long, env = "FLEX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:

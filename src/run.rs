@@ -115,6 +115,31 @@ pub fn spawn_proxy(
     tls: Option<TlsAcceptor>,
     usage: Arc<dyn UsageSink>,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    spawn_proxy_until(
+        listener,
+        store,
+        upstream,
+        cfg,
+        tls,
+        usage,
+        std::future::pending(),
+        Duration::ZERO,
+    )
+}
+
+/// [`spawn_proxy`] that drains when `shutdown` resolves: it stops accepting, lets requests in
+/// flight finish for up to `grace`, and its task ends once drained.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_proxy_until(
+    listener: TcpListener,
+    store: Arc<SnapshotStore>,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+    usage: Arc<dyn UsageSink>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<tokio::task::JoinHandle<()>> {
     let proxy = Arc::new(Proxy::new(
         store,
         UpstreamClient::new(upstream)?,
@@ -123,7 +148,9 @@ pub fn spawn_proxy(
     ));
     let router = flex_data_plane::server::router(proxy);
     Ok(tokio::spawn(async move {
-        if let Err(e) = flex_data_plane::server::serve(listener, router, tls).await {
+        if let Err(e) =
+            flex_data_plane::server::serve_until(listener, router, tls, shutdown, grace).await
+        {
             tracing::error!(error = %e, "proxy server stopped");
         }
     }))
@@ -660,11 +687,28 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
-    let server = spawn_proxy(listener, store.clone(), &upstream, cfg, tls, sink)?;
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let server = spawn_proxy_until(
+        listener,
+        store.clone(),
+        &upstream,
+        cfg,
+        tls,
+        sink,
+        async {
+            let _ = drained.await;
+        },
+        grace,
+    )?;
     stop.await;
-    // A planned stop: no new connections, the usage log's queue written and fsynced (answers
-    // still in flight are cut off by the exit, like a kill), the newest snapshot persisted.
-    server.abort();
+    // A planned stop: no new connections, requests in flight given --shutdown-grace-secs to
+    // finish (then cut off, like a kill), the usage log's queue written and fsynced, the newest
+    // snapshot persisted.
+    let _ = drain.send(());
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "the proxy server task ended abnormally");
+    }
     if let Some(wal) = wal {
         close_usage_log(wal).await;
     }

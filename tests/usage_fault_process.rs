@@ -1245,3 +1245,129 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
     drop(proxy);
     drop(control);
 }
+
+/// A planned stop drains: a proxy sent SIGTERM while a two-second stream is in flight stops
+/// accepting connections at once, lets that stream finish whole (its usage event in the log),
+/// then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_answers_in_flight_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_file = tmp.path().join("master.key");
+    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+    let sim = sim::spawn(SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
+        flex_delay_ms: 2,
+        standard_delay_ms: 2,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Cluster {
+        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+        logs,
+        use_nats: false,
+        nats_port: 0,
+        nats_dir: tmp.path().join("unused"),
+        cp_port: free_port(),
+        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
+        key_file,
+        openai_url: sim.openai_base_url(),
+        gemini_url: sim.base_url(),
+    };
+    let _control = cluster.start_control();
+    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.admin(
+        &[
+            "provider-key",
+            "set",
+            "--org",
+            &org_id,
+            "--provider",
+            "openai",
+        ],
+        Some(OPENAI_KEY),
+    );
+    let port = free_port();
+    let state_dir = tmp.path().join("proxy");
+    let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 200);
+    wait_ready(port, Duration::from_secs(30)).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let t0 = Instant::now();
+    while !matches!(
+        attempt(
+            &client,
+            port,
+            Kind::ResponsesBody,
+            &Kind::ResponsesBody.body(0),
+            &api_key
+        )
+        .await,
+        Attempt::Complete { status: 200, .. }
+    ) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 200 tokens at 100 per second: a two-second stream.
+    let slow = json!({"model": "gpt-5.5", "start_within": "00h-00m-10s", "stream": true,
+        "input": "a long answer #sim output_tokens=200 tokens_per_sec=100"});
+    let in_flight = {
+        let (client, api_key) = (client.clone(), api_key.clone());
+        tokio::spawn(
+            async move { attempt(&client, port, Kind::ResponsesStream, &slow, &api_key).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = proxy.terminate(Duration::from_secs(20));
+        (status, proxy.output())
+    });
+    // Draining: new connections are refused while the stream goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    assert!(
+        matches!(
+            attempt(
+                &fresh,
+                port,
+                Kind::ResponsesBody,
+                &Kind::ResponsesBody.body(1),
+                &api_key
+            )
+            .await,
+            Attempt::CutOff(None)
+        ),
+        "a draining proxy accepts no new connection"
+    );
+    let Attempt::Complete { id, status, body } = in_flight.await.unwrap() else {
+        panic!("the stream in flight was cut off by the stop");
+    };
+    assert_eq!(status, 200);
+    let (_, output) = Kind::ResponsesStream
+        .usage(&body)
+        .unwrap_or_else(|| panic!("incomplete: {}", String::from_utf8_lossy(&body)));
+    assert_eq!(output, 200);
+    let (status, out) = exited.await.unwrap();
+    assert!(status.success(), "a clean exit on SIGTERM: {status}\n{out}");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1000),
+        "the proxy waited for the stream"
+    );
+    let logged = events_in_log(&state_dir);
+    assert_eq!(
+        logged[&id].output_tokens, 200,
+        "its usage event is in the log"
+    );
+}

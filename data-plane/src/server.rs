@@ -240,39 +240,86 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ProxyError> 
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Serves `router` on `listener` (TLS when `tls` is given) until the process ends.
+/// Serves `router` on `listener` until the process ends.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
 ) -> std::io::Result<()> {
+    serve_until(
+        listener,
+        router,
+        tls,
+        std::future::pending(),
+        std::time::Duration::ZERO,
+    )
+    .await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains: no new connections,
+/// idle keep-alive connections closed, and requests in flight (streams included) given up to
+/// `grace` to finish before their connections are dropped. Returns once drained.
+pub async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(router.clone());
         let tls = tls.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Ok(s) => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(s), svc))
+                            .await
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
                 },
-                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), svc))
+                        .await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "requests still in flight after the shutdown grace period are cut off"
+        );
+    } else {
+        tracing::info!("every request in flight finished");
+    }
+    Ok(())
 }
