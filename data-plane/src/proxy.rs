@@ -317,12 +317,17 @@ impl Proxy {
         let t0 = Instant::now();
         let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
         let mut draft: Option<Draft> = None;
-        // One span per request; the race fields are recorded on it as they become known.
+        // One span per request; the race fields are recorded on it as they become known. With
+        // `--otlp-endpoint` it is exported as an OTLP server span (`otel.*` fields), so its
+        // fields are ids, names and numbers only: never a key, a secret or prompt content.
         let span = tracing::info_span!(
             "request",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
             request_id = %request_id,
             format = format.as_str(),
             org_id = tracing::field::Empty,
+            key_id = tracing::field::Empty,
             model = tracing::field::Empty,
             provider = tracing::field::Empty,
             start_within = tracing::field::Empty,
@@ -331,6 +336,7 @@ impl Proxy {
             flex_wait_ms = tracing::field::Empty,
             start_latency_ms = tracing::field::Empty,
             status = tracing::field::Empty,
+            error_code = tracing::field::Empty,
         );
         let result = self
             .serve(format, &headers, body, &request_id, t0, &mut draft)
@@ -340,6 +346,13 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let status = e.status.as_u16();
+                span.record("error_code", e.code);
+                if let Some(reason) = draft.as_ref().map(|d| d.event.reason.as_str()) {
+                    if !reason.is_empty() {
+                        // e.g. `flex_error`: the race failed before a tier started.
+                        span.record("reason", reason);
+                    }
+                }
                 let durable = match draft {
                     Some(d) => d.emit(self.usage.as_ref(), status, "error"),
                     None => Durable::ready(),
@@ -349,6 +362,9 @@ impl Proxy {
             }
         };
         span.record("status", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            span.record("otel.status_code", "error");
+        }
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", v);
         }
@@ -419,6 +435,7 @@ impl Proxy {
             d.event.provider = provider.as_str().to_string();
             let span = tracing::Span::current();
             span.record("org_id", d.event.org_id.as_str());
+            span.record("key_id", d.event.key_id.as_str());
             span.record("model", d.event.model.as_str());
             span.record("provider", provider.as_str());
             span.record("start_within", d.event.start_within.as_str());
