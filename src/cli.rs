@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::admin_cli::AdminArgs;
+use crate::telemetry::OtlpArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +114,8 @@ pub struct UpArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +149,8 @@ pub struct ControlArgs {
     /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -206,6 +211,8 @@ pub struct ProxyArgs {
     pub proxy_id: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]

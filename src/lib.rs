@@ -1,7 +1,9 @@
-//! The `flex` binary's library: the command line, process wiring, the admin CLI and the provider
-//! simulator. The planes themselves live in `control-plane/` and `data-plane/`.
+//! The `flex` binary's library: the command line, process wiring, logging and trace export
+//! (`telemetry`), the admin CLI and the provider simulator. The planes themselves live in
+//! `control-plane/` and `data-plane/`.
 
 pub mod admin_cli;
 pub mod cli;
 pub mod run;
 pub mod sim;
+pub mod telemetry;

@@ -5,13 +5,15 @@ use flex::cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flex=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Logging (FLEX_LOG), and OTLP trace export when `--otlp-endpoint` (or OTEL_*) says so.
+    let telemetry = match flex::telemetry::init(&cli.command) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Up(a) => flex::run::up(a).await,
         Command::Control(a) => flex::run::control(a).await,
@@ -19,6 +21,7 @@ async fn main() -> std::process::ExitCode {
         Command::Admin(a) => flex::admin_cli::run(a).await,
         Command::Sim(a) => flex::run::sim(a).await,
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
