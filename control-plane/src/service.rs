@@ -18,6 +18,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
+use crate::grpc_trace::record_id;
 use crate::store::Metadata;
 use crate::{domain, ControlPlane};
 
@@ -131,6 +132,7 @@ fn admin_meta<T>(req: &Request<T>) -> Metadata {
     {
         meta.request_id = id.to_string();
     }
+    record_id("request_id", &meta.request_id);
     meta
 }
 
@@ -164,6 +166,7 @@ impl AdminService for AdminApi {
             .cp
             .create_org(&meta, &r.name, Some(&r.idempotency_key))
             .await?;
+        record_id("org_id", &created.org.org_id);
         Ok(replay_marked(created.org, created.replayed))
     }
 
@@ -178,20 +181,22 @@ impl AdminService for AdminApi {
     async fn rename_org(&self, req: Request<apb::RenameOrgRequest>) -> Reply<apb::Org> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         ok(self.cp.rename_org(&meta, &r.org_id, &r.name).await)
     }
 
     async fn suspend_org(&self, req: Request<apb::OrgRef>) -> Reply<apb::Org> {
         let meta = admin_meta(&req);
-        ok(self.cp.suspend_org(&meta, &req.into_inner().org_id).await)
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
+        ok(self.cp.suspend_org(&meta, &org_id).await)
     }
 
     async fn reactivate_org(&self, req: Request<apb::OrgRef>) -> Reply<apb::Org> {
         let meta = admin_meta(&req);
-        ok(self
-            .cp
-            .reactivate_org(&meta, &req.into_inner().org_id)
-            .await)
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
+        ok(self.cp.reactivate_org(&meta, &org_id).await)
     }
 
     async fn create_api_key(
@@ -200,6 +205,7 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::CreatedApiKey> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         let created = self
             .cp
             .create_api_key(
@@ -210,13 +216,17 @@ impl AdminService for AdminApi {
                 Some(&r.idempotency_key),
             )
             .await?;
+        // The key's id, never the key.
+        record_id("key_id", &created.key.key_id);
         Ok(replay_marked(created.to_proto(), created.replayed))
     }
 
     async fn list_api_keys(&self, req: Request<apb::OrgRef>) -> Reply<apb::ListApiKeysResponse> {
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
         ok(self
             .cp
-            .list_api_keys(&req.into_inner().org_id)
+            .list_api_keys(&org_id)
             .await
             .map(|keys| apb::ListApiKeysResponse { keys }))
     }
@@ -224,6 +234,7 @@ impl AdminService for AdminApi {
     async fn revoke_api_key(&self, req: Request<apb::RevokeApiKeyRequest>) -> Reply<apb::ApiKey> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("key_id", &r.key_id);
         ok(self.cp.revoke_api_key(&meta, &r.key_id, &r.reason).await)
     }
 
@@ -233,6 +244,9 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::ProviderKey> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        // The org and the provider's name; the key itself goes straight into a SecretString.
+        record_id("org_id", &r.org_id);
+        record_id("provider", &r.provider);
         let secret = SecretString::from(r.secret);
         ok(self
             .cp
@@ -246,6 +260,8 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::ProviderKey> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
+        record_id("provider", &r.provider);
         ok(self
             .cp
             .remove_provider_key(&meta, &r.org_id, &r.provider)
@@ -256,15 +272,19 @@ impl AdminService for AdminApi {
         &self,
         req: Request<apb::OrgRef>,
     ) -> Reply<apb::ListProviderKeysResponse> {
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
         ok(self
             .cp
-            .list_provider_keys(&req.into_inner().org_id)
+            .list_provider_keys(&org_id)
             .await
             .map(|keys| apb::ListProviderKeysResponse { keys }))
     }
 
     async fn get_billing(&self, req: Request<apb::OrgRef>) -> Reply<apb::BillingAccount> {
-        ok(self.cp.get_billing(&req.into_inner().org_id).await)
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
+        ok(self.cp.get_billing(&org_id).await)
     }
 
     async fn set_billing_status(
@@ -273,6 +293,7 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::BillingAccount> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         ok(self
             .cp
             .set_billing_status(&meta, &r.org_id, &r.status)
@@ -285,6 +306,7 @@ impl AdminService for AdminApi {
     ) -> Reply<apb::BillingAccount> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         ok(self
             .cp
             .set_billing_plan(&meta, &r.org_id, &r.plan, r.fee_bps)
@@ -294,6 +316,7 @@ impl AdminService for AdminApi {
     async fn issue_invoice(&self, req: Request<apb::IssueInvoiceRequest>) -> Reply<apb::Invoice> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         let issued = self
             .cp
             .issue_invoice(
@@ -311,6 +334,7 @@ impl AdminService for AdminApi {
     async fn record_payment(&self, req: Request<apb::RecordPaymentRequest>) -> Reply<apb::Payment> {
         let meta = admin_meta(&req);
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         let recorded = self
             .cp
             .record_payment(
@@ -343,6 +367,7 @@ impl AdminService for AdminApi {
 
     async fn get_usage(&self, req: Request<apb::GetUsageRequest>) -> Reply<apb::UsageSummary> {
         let r = req.into_inner();
+        record_id("org_id", &r.org_id);
         ok(self
             .cp
             .get_usage_grouped(&r.org_id, &r.from, &r.to, &r.group_by)
@@ -353,9 +378,11 @@ impl AdminService for AdminApi {
         &self,
         req: Request<apb::OrgRef>,
     ) -> Reply<apb::ListAuditEventsResponse> {
+        let org_id = req.into_inner().org_id;
+        record_id("org_id", &org_id);
         ok(self
             .cp
-            .list_audit_events(&req.into_inner().org_id)
+            .list_audit_events(&org_id)
             .await
             .map(|events| apb::ListAuditEventsResponse { events }))
     }
@@ -406,6 +433,7 @@ impl ControlService for ControlApi {
         } else {
             domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?
         };
+        record_id("proxy_id", &proxy_id);
         let mut rx = self.cp.subscribe();
         let current = rx.borrow_and_update().clone();
         // A delta from the version the proxy has, while the change records cover it; else full.
@@ -454,6 +482,7 @@ impl ControlService for ControlApi {
     async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let r = req.into_inner();
         let proxy_id = domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?;
+        record_id("proxy_id", &proxy_id);
         let error: String = r.error.chars().take(1000).collect();
         self.cp.ack(&proxy_id, r.version, r.accepted, &error);
         Ok(Response::new(pb::AckResponse {}))

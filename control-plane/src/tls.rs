@@ -318,6 +318,8 @@ impl ControlPlane {
             })?;
         }
         builder
+            // Outermost, so a call the next layer refuses has its span too.
+            .layer(crate::grpc_trace::GrpcSpanLayer)
             .layer(EnrolledProxiesLayer::new(
                 tls.is_some_and(ServerTls::client_ca),
             ))
