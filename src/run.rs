@@ -68,6 +68,8 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
     ProxyConfig {
         base_urls,
         max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024),
+        // Set only when traces are exported.
+        caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()
     }
 }

@@ -532,6 +532,39 @@ struct StreamState {
 mod tests {
     use super::*;
 
+    /// The caller's W3C trace context stays with us: providers are third parties.
+    #[test]
+    fn the_callers_trace_headers_are_not_sent_to_providers() {
+        let mut caller = HeaderMap::new();
+        caller.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        caller.insert("tracestate", http::HeaderValue::from_static("caller=1"));
+        caller.insert(
+            "anthropic-beta",
+            http::HeaderValue::from_static("some-beta"),
+        );
+        for api in [Native::Responses, Native::Chat, Native::Messages] {
+            let req = api
+                .request(
+                    "http://upstream.test",
+                    &SecretString::from("sk-test"),
+                    Bytes::from_static(b"{}"),
+                    false,
+                    &caller,
+                )
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            let h = req.headers();
+            assert!(
+                h.get("traceparent").is_none() && h.get("tracestate").is_none(),
+                "{api:?}: {h:?}"
+            );
+        }
+    }
+
     mod held_end {
         use std::sync::Arc;
 

@@ -140,16 +140,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Checks the CA file: every certificate in it must be usable as a trust anchor.
 fn check_ca(flags: FlagNames, path: &Path) -> Result<Vec<u8>, PlaneTlsError> {
-    let (pem, certs) = read_certs(flags.ca, "the CA certificate", path)?;
+    read_ca(flags.ca, path)
+}
+
+/// Reads the CA file given with `flag` and checks that every certificate in it is usable as a
+/// trust anchor; returns its PEM text.
+pub fn read_ca(flag: &str, path: &Path) -> Result<Vec<u8>, PlaneTlsError> {
+    let (pem, certs) = read_certs(flag, "the CA certificate", path)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in certs {
         roots.add(c).map_err(|e| {
             PlaneTlsError::new(
-                format!("{} {}", flags.ca, path.display()),
+                format!("{flag} {}", path.display()),
                 format!("a certificate in it is not a usable CA ({e})"),
                 format!(
-                    "pass the PEM certificate of the CA that signed the server's certificate with {}",
-                    flags.ca
+                    "pass the PEM certificate of the CA that signed the server's certificate with {flag}"
                 ),
             )
         })?;

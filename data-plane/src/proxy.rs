@@ -37,6 +37,31 @@ pub struct ProxyConfig {
     pub standard_start_floor: Duration,
     pub backoff: Backoff,
     pub strategy: RaceStrategy,
+    /// Makes each request span a child of the caller's trace (`traceparent`). Set by the binary
+    /// only when it exports traces; `None` (the default) costs nothing.
+    pub caller_trace: Option<CallerTrace>,
+}
+
+/// Links a request's span to the trace its caller is part of, from the request headers, before
+/// the span is first entered. The binary provides it (W3C trace context over OpenTelemetry),
+/// so this crate does not depend on an OpenTelemetry version. It must never fail a request: a
+/// header it cannot use is ignored. The caller's trace headers are never sent on to a provider
+/// (only the headers each provider module names are).
+#[derive(Clone)]
+pub struct CallerTrace(Arc<LinkFn>);
+
+type LinkFn = dyn Fn(&HeaderMap, &tracing::Span) + Send + Sync;
+
+impl CallerTrace {
+    pub fn new(link: impl Fn(&HeaderMap, &tracing::Span) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(link))
+    }
+}
+
+impl std::fmt::Debug for CallerTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallerTrace")
+    }
 }
 
 /// When standard is launched in a flex race.
@@ -60,6 +85,7 @@ impl Default for ProxyConfig {
             standard_start_floor: Duration::from_millis(500),
             backoff: Backoff::default(),
             strategy: RaceStrategy::default(),
+            caller_trace: None,
         }
     }
 }
@@ -338,6 +364,10 @@ impl Proxy {
             status = tracing::field::Empty,
             error_code = tracing::field::Empty,
         );
+        if let Some(link) = &self.cfg.caller_trace {
+            // Before the span is first entered: the parent of a started span is fixed.
+            (link.0)(&headers, &span);
+        }
         let result = self
             .serve(format, &headers, body, &request_id, t0, &mut draft)
             .instrument(span.clone())
