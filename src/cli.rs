@@ -132,12 +132,13 @@ pub struct ControlArgs {
     /// gRPC listen address (admin API and the proxies' Watch).
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// The admin token operators must present.
+    /// The admin token operators must present (required, by flag or env).
     #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
-    /// Master key file: 64 hex characters, or `key_id=hex` lines (first = active).
+    pub admin_token: Option<String>,
+    /// Master key file: 64 hex characters, or `key_id=hex` lines (first = active); required, by
+    /// flag or env.
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
-    pub master_key_file: PathBuf,
+    pub master_key_file: Option<PathBuf>,
     /// Serve gRPC (admin API and the proxies' Watch) over TLS with this PEM certificate chain
     /// (needs --tls-key).
     #[arg(long, env = "FLEX_TLS_CERT", requires = "tls_key")]

@@ -541,17 +541,35 @@ async fn close_usage_log(wal: Arc<UsageWal>) {
     }
 }
 
+/// The admin token and the master key file `flex control` cannot run without, or an error that
+/// says how to give them.
+fn control_secrets(args: &ControlArgs) -> Result<(SecretString, std::path::PathBuf)> {
+    let token = match args.admin_token.as_deref().map(str::trim) {
+        Some(t) if !t.is_empty() => SecretString::from(t.to_string()),
+        _ => bail!(
+            "flex control needs an admin token (operators present it to the admin API as `authorization: Bearer TOKEN`): pass --admin-token or set FLEX_ADMIN_TOKEN, e.g. FLEX_ADMIN_TOKEN=$(openssl rand -hex 32) flex control …"
+        ),
+    };
+    let Some(key_file) = args.master_key_file.clone() else {
+        bail!(
+            "flex control needs a master key file (it seals the provider keys): pass --master-key-file or set FLEX_MASTER_KEY_FILE; create one with `openssl rand -hex 32 > master.key && chmod 600 master.key`"
+        );
+    };
+    Ok((token, key_file))
+}
+
 pub async fn control(args: ControlArgs) -> Result<()> {
     // TLS files first: a wrong path fails before anything connects.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(ServerTls::load(cert, key, args.client_ca.as_deref())?),
         _ => None,
     };
-    let keyring = Arc::new(MasterKeyring::load(&args.master_key_file)?);
+    let (token, key_file) = control_secrets(&args)?;
+    let keyring = Arc::new(MasterKeyring::load(&key_file)?);
     let cp = Arc::new(
         ControlPlane::open(&args.database_url, keyring)
             .await?
-            .with_master_key_file(&args.master_key_file),
+            .with_master_key_file(&key_file),
     );
     // Usage from the proxies: the durable consumer on FLEX_USAGE into the ledger.
     let _usage_consumer = match &args.nats_url {
@@ -571,7 +589,6 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         }
         None => None,
     };
-    let token = SecretString::from(args.admin_token);
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     let addr = listener.local_addr()?;
     match &tls {

@@ -447,3 +447,37 @@ fn bad_certificate_files_fail_at_start_with_the_flag_the_reason_and_the_fix() {
     let e = proxy(&["--nats-url", "nats://127.0.0.1:1", "--nats-ca", &missing_s]);
     assert!(e.contains("--nats-ca") && e.contains("cannot read"), "{e}");
 }
+
+#[test]
+fn flex_control_without_its_secrets_says_how_to_give_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = dir.path().join("master.key");
+    std::fs::write(&master, MasterKeyring::generate_file_text()).unwrap();
+    let master = master.to_str().unwrap();
+    let base = [
+        "control",
+        "--database-url",
+        "sqlite::memory:",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        flex_fails(&a)
+    };
+    let e = with(&["--master-key-file", master]);
+    assert!(
+        e.contains("needs an admin token") && e.contains("FLEX_ADMIN_TOKEN"),
+        "{e}"
+    );
+    let e = with(&["--master-key-file", master, "--admin-token", "  "]);
+    assert!(e.contains("needs an admin token"), "{e}");
+    let e = with(&["--admin-token", "t"]);
+    assert!(
+        e.contains("needs a master key file")
+            && e.contains("FLEX_MASTER_KEY_FILE")
+            && e.contains("openssl rand -hex 32"),
+        "{e}"
+    );
+}
