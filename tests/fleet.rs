@@ -764,3 +764,119 @@ async fn a_corrupt_update_on_nats_is_refused_reported_and_the_next_good_one_appl
     }
     fleet.finish().await;
 }
+
+/// A proxy that crashed after recording its NATS position but before its snapshot reached the
+/// disk restarts from an older snapshot than its position says: it must not resume after the
+/// position (skipping what it never persisted) but replay from the newest full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxy_whose_snapshot_lags_its_nats_position_replays_what_it_lost() {
+    let fleet = Fleet::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_proxy(
+        Transport::Nats,
+        "crashy",
+        dir.path(),
+        fleet.keyring.clone(),
+        fleet.grpc_addr,
+        &fleet.nats.url(),
+    )
+    .await;
+    let (key_id, key) = fleet.create_key().await;
+    let v1 = fleet.cp.snapshot().version;
+    while node.store.version() < v1 || !node.store.flush(Duration::from_secs(5)) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status_of(&node.base, &key).await, 200);
+    let older = std::fs::read(dir.path().join("snapshot.pb")).unwrap();
+    // The revocation is applied and its position recorded...
+    fleet.revoke(&key_id).await;
+    until_status(&node.base, &key, 401, Duration::from_secs(3)).await;
+    assert!(node.store.flush(Duration::from_secs(5)));
+    drop(node);
+    // ...but the crash came before the snapshot write: the disk holds the older snapshot.
+    std::fs::write(dir.path().join("snapshot.pb"), &older).unwrap();
+    let node = start_proxy(
+        Transport::Nats,
+        "crashy",
+        dir.path(),
+        fleet.keyring.clone(),
+        fleet.grpc_addr,
+        &fleet.nats.url(),
+    )
+    .await;
+    assert_eq!(
+        node.store.version(),
+        v1,
+        "warm start from the older snapshot"
+    );
+    // No new change is needed: the proxy replays the chain and enforces the revocation.
+    until_status(&node.base, &key, 401, Duration::from_secs(5)).await;
+    assert_eq!(node.store.version(), fleet.cp.snapshot().version);
+    drop(node);
+    fleet.finish().await;
+}
+
+/// A NATS proxy whose state diverged (a delta's content hash does not match what it built)
+/// while the newest full in the stream is older than its version rebuilds the chain from that
+/// full beside the snapshot it serves, and swaps it in once it passes its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_diverged_nats_proxy_resyncs_from_an_older_full_without_waiting_for_a_new_one() {
+    let fleet = Fleet::start().await;
+    let (_, kept) = fleet.create_key().await;
+    let (doomed_id, doomed) = fleet.create_key().await;
+    fleet.converge(Duration::from_secs(3)).await;
+    let node = &fleet.proxies[0].3;
+    assert_eq!(fleet.proxies[0].0, Transport::Nats);
+    // Diverge: the same version with one key missing (a valid snapshot, wrong content).
+    let mut wrong = node.store.load().unwrap().to_proto();
+    let kept_hash = flex_shared::keys::hash(&kept);
+    wrong.api_keys.retain(|k| k.key_hash != kept_hash);
+    wrong.content_hash = flex_shared::snapshot::content_hash(&wrong);
+    node.store.apply_full(wrong).unwrap();
+    assert_eq!(status_of(&node.base, &kept).await, 401);
+    let fulls = node.store.status().full_applied;
+    // The next delta does not match; the proxy resyncs from the (older) newest full.
+    fleet.revoke(&doomed_id).await;
+    until_status(&node.base, &kept, 200, Duration::from_secs(5)).await;
+    until_status(&node.base, &doomed, 401, Duration::from_secs(5)).await;
+    let st = node.store.status();
+    assert!(st.rejected_updates >= 1, "{st:?}");
+    assert_eq!(st.full_applied, fulls + 1, "one resync: {st:?}");
+    assert_eq!(
+        node.store.load().unwrap().content_hash,
+        fleet.cp.snapshot().content_hash
+    );
+    fleet.finish().await;
+}
+
+/// The same divergence on a gRPC proxy: after the refused delta it asks for a full snapshot
+/// (not the same delta again) and is back in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_diverged_grpc_proxy_asks_for_a_full_snapshot() {
+    let fleet = Fleet::start().await;
+    let (_, kept) = fleet.create_key().await;
+    let (doomed_id, doomed) = fleet.create_key().await;
+    fleet.converge(Duration::from_secs(3)).await;
+    let (transport, _, _, node) = fleet
+        .proxies
+        .iter()
+        .find(|p| p.0 == Transport::Grpc)
+        .unwrap();
+    assert_eq!(*transport, Transport::Grpc);
+    let mut wrong = node.store.load().unwrap().to_proto();
+    let kept_hash = flex_shared::keys::hash(&kept);
+    wrong.api_keys.retain(|k| k.key_hash != kept_hash);
+    wrong.content_hash = flex_shared::snapshot::content_hash(&wrong);
+    node.store.apply_full(wrong).unwrap();
+    assert_eq!(status_of(&node.base, &kept).await, 401);
+    fleet.revoke(&doomed_id).await;
+    until_status(&node.base, &kept, 200, Duration::from_secs(5)).await;
+    until_status(&node.base, &doomed, 401, Duration::from_secs(5)).await;
+    let st = node.store.status();
+    assert!(st.rejected_updates >= 1, "{st:?}");
+    assert_eq!(
+        node.store.load().unwrap().content_hash,
+        fleet.cp.snapshot().content_hash
+    );
+    fleet.finish().await;
+}

@@ -591,6 +591,38 @@ impl SnapshotStore {
         Ok(version)
     }
 
+    /// An empty store with the same keys and no state dir, to rebuild a snapshot chain off to
+    /// the side (a resync) while this one keeps serving.
+    pub fn staging(&self) -> SnapshotStore {
+        SnapshotStore::new(self.keyring.load_full(), None).with_key_file(self.key_file.clone())
+    }
+
+    /// Swaps in a snapshot built in a [`SnapshotStore::staging`] store, if it is newer than the
+    /// current one (then persisted like any applied snapshot).
+    pub fn adopt(&self, indexed: Arc<Indexed>) -> Result<u64, ProxyError> {
+        let cur = self.version();
+        if self.load().is_some() && indexed.version <= cur {
+            return Err(self.reject(format!(
+                "resynced version {} is not newer than the applied version {cur}",
+                indexed.version
+            )));
+        }
+        let version = indexed.version;
+        self.produced_unix.store(
+            time_of(&indexed.rest.produced_at),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.current.store(Some(indexed.clone()));
+        if let Some(p) = &self.persister {
+            p.submit(indexed);
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.full_applied += 1;
+        }
+        tracing::info!(version, "snapshot resynced");
+        Ok(version)
+    }
+
     /// Loads the snapshot persisted in the state dir, if any (warm start).
     pub fn load_persisted(&self) -> Result<Option<u64>, ProxyError> {
         let Some(dir) = &self.state_dir else {
@@ -678,6 +710,9 @@ pub async fn follow_grpc(
 ) {
     use flex_shared::proto::control::control_service_client::ControlServiceClient;
     let mut backoff = std::time::Duration::from_millis(100);
+    // After a refused update the next Watch asks for a full snapshot (have_version 0): the
+    // control plane would otherwise answer the same delta from the version we have.
+    let mut resync = false;
     loop {
         let result: Result<(), String> = async {
             let channel = endpoint
@@ -690,7 +725,7 @@ pub async fn follow_grpc(
             let mut stream = client
                 .watch(pb::WatchRequest {
                     proxy_id: proxy_id.clone(),
-                    have_version: store.version(),
+                    have_version: if resync { 0 } else { store.version() },
                 })
                 .await
                 .map_err(|e| format!("watch: {}", crate::plane_tls::status_text(&e)))?
@@ -720,9 +755,10 @@ pub async fn follow_grpc(
                 let refused = !ack.accepted;
                 let _ = client.ack(ack).await;
                 if refused {
-                    // Reconnect: the control plane answers a fresh Watch with a full snapshot.
-                    return Err("update refused; resyncing".to_string());
+                    resync = true;
+                    return Err("update refused; resyncing from a full snapshot".to_string());
                 }
+                resync = false;
             }
             Err("the control plane closed the stream".to_string())
         }
@@ -865,14 +901,29 @@ pub async fn follow_nats_client(
         subject: nats::ack_subject(&proxy_id),
         proxy_id,
     };
+    // The position is recorded when an update is applied, the snapshot written later by the
+    // persister: resume from the position only if it belongs to the snapshot we loaded, else
+    // (a crash in between) start from the newest full, skipping what we have.
     let mut resume = match (
         store.state_dir().and_then(read_nats_position),
         store.version(),
     ) {
-        (Some((_, seq)), v) if v > 0 => Some(seq + 1),
+        (Some((pv, seq)), v) if v > 0 && pv == v => Some(seq + 1),
+        (Some((pv, _)), v) if v > 0 => {
+            tracing::warn!(
+                position_version = pv,
+                snapshot_version = v,
+                "the recorded NATS position is not the persisted snapshot's; starting from the newest full snapshot"
+            );
+            None
+        }
         _ => None,
     };
     let mut backoff = std::time::Duration::from_millis(100);
+    // A resync in progress: the chain from the newest full, rebuilt off to the side.
+    let mut staging: Option<(u64, SnapshotStore)> = None;
+    // The full a resync already failed from (its chain is broken): wait for a newer one.
+    let mut failed_full: Option<u64> = None;
     loop {
         if client.connection_state() != async_nats::connection::State::Connected {
             store.set_connected(false, Some("NATS is unreachable".into()));
@@ -889,6 +940,8 @@ pub async fn follow_nats_client(
             &reporter,
             &mut resume,
             &mut progressed,
+            &mut staging,
+            &mut failed_full,
         )
         .await;
         if let Err(e) = result {
@@ -913,6 +966,8 @@ async fn follow_nats_once(
     reporter: &Reporter,
     resume: &mut Option<u64>,
     progressed: &mut bool,
+    staging: &mut Option<(u64, SnapshotStore)>,
+    failed_full: &mut Option<u64>,
 ) -> Result<(), String> {
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures_util::StreamExt;
@@ -995,8 +1050,9 @@ async fn follow_nats_once(
         let headers = msg.headers.as_ref();
         let version = header_u64(headers, nats::HEADER_VERSION).unwrap_or(0);
         // Already applied (e.g. the full a restarted control plane publishes first): skip it
-        // without decoding.
-        let have = store.load().is_some().then(|| store.version());
+        // without decoding. During a resync, "applied" means applied to the staging store.
+        let target: &SnapshotStore = staging.as_ref().map_or(store, |(_, st)| st);
+        let have = target.load().is_some().then(|| target.version());
         let stale = have.is_some_and(|h| version != 0 && version <= h);
         let payload = match header_chunk(headers) {
             None => {
@@ -1009,7 +1065,10 @@ async fn follow_nats_once(
                         version,
                         next: 0,
                         total: n,
-                        buf: (!stale).then(|| Vec::with_capacity(msg.payload.len() * n)),
+                        // The header is not trusted for the allocation: capped at 1 GiB.
+                        buf: (!stale).then(|| {
+                            Vec::with_capacity(msg.payload.len().saturating_mul(n).min(1 << 30))
+                        }),
                     });
                 }
                 let Some(c) = chunks
@@ -1034,6 +1093,31 @@ async fn follow_nats_once(
             *resume = Some(seq + 1);
             continue;
         }
+        if let Some((from_full, st)) = staging.as_ref() {
+            // Resyncing: the chain goes to the staging store until it passes our version.
+            match st.apply_update_encoded(&payload) {
+                Ok(v) if v > store.version() => {
+                    let adopted = st.load().ok_or("staging store without a snapshot")?;
+                    *staging = None;
+                    let v = store.adopt(adopted).map_err(|e| e.to_string())?;
+                    *resume = Some(seq + 1);
+                    if let Some(dir) = store.state_dir() {
+                        if let Err(e) = write_nats_position(dir, v, seq) {
+                            tracing::warn!(error = %e, "could not record the NATS position in the state dir");
+                        }
+                    }
+                    reporter.report(v, true, String::new()).await;
+                }
+                Ok(_) => *resume = Some(seq + 1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "resync from the newest full snapshot failed; waiting for the next full");
+                    *failed_full = Some(*from_full);
+                    *staging = None;
+                    *resume = Some(seq + 1);
+                }
+            }
+            continue;
+        }
         let outcome = store.apply_update_encoded(&payload);
         match outcome {
             Ok(v) => {
@@ -1053,7 +1137,15 @@ async fn follow_nats_once(
                         *resume = Some(first);
                         return Ok(());
                     }
-                    // Nothing newer to start from: wait for the next full on the stream.
+                    // The newest full is not newer than what we have: rebuild its chain off to
+                    // the side (this snapshot keeps serving) and swap it in once it passes ours.
+                    Some((full, first)) if *failed_full != Some(full) => {
+                        tracing::warn!(error = %e, full_version = full, version = store.version(), "resyncing: replaying the chain from the newest full snapshot beside the current one");
+                        *staging = Some((full, store.staging()));
+                        *resume = Some(first);
+                        return Ok(());
+                    }
+                    // No full, or one whose chain already failed: wait for the next full.
                     _ => *resume = Some(seq + 1),
                 }
             }
