@@ -920,10 +920,7 @@ pub async fn follow_nats_client(
         _ => None,
     };
     let mut backoff = std::time::Duration::from_millis(100);
-    // A resync in progress: the chain from the newest full, rebuilt off to the side.
-    let mut staging: Option<(u64, SnapshotStore)> = None;
-    // The full a resync already failed from (its chain is broken): wait for a newer one.
-    let mut failed_full: Option<u64> = None;
+    let mut resync = Resync::default();
     loop {
         if client.connection_state() != async_nats::connection::State::Connected {
             store.set_connected(false, Some("NATS is unreachable".into()));
@@ -940,8 +937,7 @@ pub async fn follow_nats_client(
             &reporter,
             &mut resume,
             &mut progressed,
-            &mut staging,
-            &mut failed_full,
+            &mut resync,
         )
         .await;
         if let Err(e) = result {
@@ -957,6 +953,15 @@ pub async fn follow_nats_client(
     }
 }
 
+/// A NATS follower's resync state, kept across consumers.
+#[derive(Default)]
+struct Resync {
+    /// A resync in progress: the full it started from and the chain rebuilt off to the side.
+    staging: Option<(u64, SnapshotStore)>,
+    /// The full a resync already failed from (its chain is broken): wait for a newer one.
+    failed_full: Option<u64>,
+}
+
 /// One consumer's life: from `resume` (or the newest full) until an error, a lost connection or a
 /// resync. `Ok` means start again at once from `resume`.
 async fn follow_nats_once(
@@ -966,9 +971,12 @@ async fn follow_nats_once(
     reporter: &Reporter,
     resume: &mut Option<u64>,
     progressed: &mut bool,
-    staging: &mut Option<(u64, SnapshotStore)>,
-    failed_full: &mut Option<u64>,
+    resync: &mut Resync,
 ) -> Result<(), String> {
+    let Resync {
+        staging,
+        failed_full,
+    } = resync;
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures_util::StreamExt;
     let connects = client
