@@ -880,3 +880,72 @@ async fn a_diverged_grpc_proxy_asks_for_a_full_snapshot() {
     );
     fleet.finish().await;
 }
+
+/// An idle control plane republishes a full every half `max_age`, so the stream never ages out
+/// its last full: a proxy joining after a long quiet spell still finds one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_stream_keeps_a_full_snapshot_for_joiners() {
+    let pg = Pg::new().await;
+    let nats = Nats::start().await;
+    let keyring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+    let cp = Arc::new(
+        ControlPlane::open(&pg.url(), keyring.clone())
+            .await
+            .unwrap(),
+    );
+    let meta = Metadata::new("test");
+    let org_id = cp
+        .create_org(&meta, "quiet", None)
+        .await
+        .unwrap()
+        .org
+        .org_id;
+    let key = cp
+        .create_api_key(&meta, &org_id, "k", None, None)
+        .await
+        .unwrap();
+    let key = key.secret.as_ref().unwrap().expose_secret().to_string();
+    let publisher = cp
+        .start_nats_snapshots(
+            &nats.url(),
+            flex_control_plane::snapshot_nats::ConnectOptions::new(),
+            NatsSnapshotConfig {
+                // Messages older than 2 s are discarded by the stream.
+                max_age: Duration::from_secs(2),
+                ..NatsSnapshotConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Idle for twice max_age: every message published at the start has aged out by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        publisher.fulls_published() >= 3,
+        "a full every second while idle: {}",
+        publisher.fulls_published()
+    );
+    let store = Arc::new(SnapshotStore::new(Some(keyring), None));
+    let follower = tokio::spawn(snapshot::follow_nats(
+        store.clone(),
+        nats.url(),
+        "joiner".into(),
+    ));
+    let t0 = Instant::now();
+    while store.version() < cp.snapshot().version {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no full snapshot for a joiner: {:?}",
+            store.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store
+        .load()
+        .unwrap()
+        .keys
+        .contains_key(&flex_shared::keys::hash(&key)));
+    follower.abort();
+    drop(publisher);
+    pg.drop_db().await;
+}

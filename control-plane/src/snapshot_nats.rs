@@ -182,7 +182,8 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Res
                 max_age: cfg.max_age,
                 max_messages: cfg.max_messages,
                 max_bytes: cfg.max_bytes,
-                duplicate_window: cfg.duplicate_window,
+                // JetStream refuses a duplicate window longer than max_age.
+                duplicate_window: cfg.duplicate_window.min(cfg.max_age),
                 discard: stream::DiscardPolicy::Old,
                 storage: stream::StorageType::File,
                 ..Default::default()
@@ -242,6 +243,11 @@ impl FullPolicy {
         self.deltas >= cfg.full_every
             || self.delta_bytes >= (self.last_full_bytes / 4).max(1 << 20)
             || self.last_full_at.elapsed() >= cfg.max_age / 2
+    }
+
+    /// Time left until the age rule makes a full due.
+    fn until_timed_full(&self, cfg: &NatsSnapshotConfig) -> Duration {
+        (cfg.max_age / 2).saturating_sub(self.last_full_at.elapsed())
     }
 
     fn published(&mut self, out: &Outgoing) {
@@ -405,15 +411,24 @@ async fn publish_loop(
                                 "snapshot published to NATS"
                             );
                             if let Some(done) = pending.pop_front() {
-                                if pending.is_empty() {
-                                    last = Some(done.version);
-                                }
+                                last = Some(done.version);
                             }
                             backoff = Duration::from_millis(100);
                             continue;
                         }
-                        if rx.changed().await.is_err() {
-                            return Ok(()); // the control plane is gone
+                        tokio::select! {
+                            changed = rx.changed() => {
+                                if changed.is_err() {
+                                    return Ok(()); // the control plane is gone
+                                }
+                            }
+                            // Idle for half of max_age: a full of the current version, so the
+                            // stream never loses its last full to age (followers skip it).
+                            () = tokio::time::sleep(policy.until_timed_full(&cfg)) => {
+                                if last == Some(current.version) {
+                                    pending.push_back(full_update(&current));
+                                }
+                            }
                         }
                     }
                 }
@@ -424,7 +439,18 @@ async fn publish_loop(
                     // lost but which was stored is not stored twice (and a proxy skips a copy
                     // older than what it has); the chain of deltas stays unbroken.
                     Err(e) => {
-                        tracing::warn!(error = %e, "snapshot publish to NATS failed; retrying")
+                        // A periodic full after its version's delta is for joiners only: when
+                        // it fails, drop it rather than hold the next deltas back (the policy
+                        // asks for one again).
+                        if pending
+                            .front()
+                            .is_some_and(|o| o.full && Some(o.version) == last)
+                        {
+                            pending.clear();
+                            tracing::warn!(error = %e, "periodic full snapshot not published to NATS; deltas go on, a full is retried later");
+                        } else {
+                            tracing::warn!(error = %e, "snapshot publish to NATS failed; retrying")
+                        }
                     }
                 }
             }
