@@ -242,6 +242,9 @@ pub struct SnapshotStore {
     produced_unix: std::sync::atomic::AtomicU64,
     /// Writes applied snapshots to `state_dir` in the background (none without a state dir).
     persister: Option<Arc<Persister>>,
+    /// One update at a time: with two feeds (gRPC and NATS) on one store, the version check and
+    /// the swap of one update must not interleave with another's.
+    apply_lock: Mutex<()>,
 }
 
 const STATE_FILE: &str = "snapshot.pb";
@@ -344,6 +347,7 @@ impl SnapshotStore {
             keyring: ArcSwapOption::new(keyring),
             key_file: None,
             persister: state_dir.clone().and_then(Persister::start),
+            apply_lock: Mutex::new(()),
             state_dir,
             status: Mutex::new(SourceStatus::default()),
             produced_unix: std::sync::atomic::AtomicU64::new(0),
@@ -484,6 +488,7 @@ impl SnapshotStore {
 
     fn apply_split(&self, rest: pb::Snapshot, keys: KeyTable) -> Result<u64, ProxyError> {
         let rest = self.validated(rest, &keys).map_err(|e| self.reject(e))?;
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let v = self.install(rest, keys, true)?;
         if let Ok(mut s) = self.status.lock() {
             s.full_applied += 1;
@@ -512,9 +517,24 @@ impl SnapshotStore {
         match update.kind {
             Some(Kind::Full(s)) => self.apply_full(s),
             Some(Kind::Delta(mut d)) => {
+                let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
                 let base = self.load().ok_or_else(|| {
                     self.reject("a delta arrived before any full snapshot".into())
                 })?;
+                // Nothing new (e.g. a Watch reconnecting at the current version): no swap, no
+                // rewrite of the state file.
+                if update.version == base.version
+                    && d.from_version == base.version
+                    && d.content_hash == base.content_hash
+                    && d.upsert_orgs.is_empty()
+                    && d.upsert_api_keys.is_empty()
+                    && d.remove_api_key_hashes.is_empty()
+                    && d.upsert_provider_keys.is_empty()
+                    && d.remove_provider_keys.is_empty()
+                    && d.upsert_models.is_empty()
+                {
+                    return Ok(base.version);
+                }
                 // The keys go to the compact table, everything else through the shared rules.
                 let upserts = std::mem::take(&mut d.upsert_api_keys);
                 let removes = std::mem::take(&mut d.remove_api_key_hashes);
@@ -600,6 +620,7 @@ impl SnapshotStore {
     /// Swaps in a snapshot built in a [`SnapshotStore::staging`] store, if it is newer than the
     /// current one (then persisted like any applied snapshot).
     pub fn adopt(&self, indexed: Arc<Indexed>) -> Result<u64, ProxyError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.version();
         if self.load().is_some() && indexed.version <= cur {
             return Err(self.reject(format!(
