@@ -239,13 +239,26 @@ pub async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<Cont
 
 /// Connects to NATS with the credentials given. Returns at once and keeps trying in the
 /// background (reconnecting forever), so a proxy starts, and spools usage, while NATS is down.
+/// Where NATS replies (JetStream API answers, publish acks, pulled messages) go for the control
+/// plane's connections, so a NATS account can keep proxies from reading them (see
+/// deploy/nats/nats-server.conf).
+pub const CONTROL_INBOX: &str = "_INBOX.flex-control";
+/// Where NATS replies go for a proxy's connections.
+pub const PROXY_INBOX: &str = "_INBOX.flex-proxy";
+
 pub async fn nats_connect(
     url: &str,
     auth: &NatsAuthArgs,
     name: &str,
 ) -> Result<async_nats::Client> {
+    let inbox = if name.starts_with("flex-control") {
+        CONTROL_INBOX
+    } else {
+        PROXY_INBOX
+    };
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(inbox)
         .max_reconnects(None)
         .retry_on_initial_connect()
         .event_callback(|event| async move {

@@ -1047,7 +1047,15 @@ fn nats_options(
     name: Option<&str>,
     events: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 ) -> async_nats::ConnectOptions {
-    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+    // The inbox prefix flex itself sets: the control plane's or a proxy's.
+    let inbox = if name == Some("flex-control") {
+        flex::run::CONTROL_INBOX
+    } else {
+        flex::run::PROXY_INBOX
+    };
+    let mut opts = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .custom_inbox_prefix(inbox);
     if let Some(tx) = events {
         opts = opts.event_callback(move |e| {
             let tx = tx.clone();
@@ -1346,6 +1354,25 @@ async fn a_fleet_runs_from_the_deploy_files_and_nats_permissions_hold() {
             .iter()
             .any(|e| e.contains("permissions violation") && e.contains("flex.usage")),
         "subscribing to flex.usage.> as a proxy was not refused: {events:?}"
+    );
+    // Nor the control plane's replies (where its pulled usage messages arrive).
+    let _sub = edge.subscribe("_INBOX.flex-control.>").await.unwrap();
+    edge.flush().await.unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3)
+        && !events
+            .iter()
+            .any(|e| e.contains("permissions violation") && e.contains("_inbox.flex-control"))
+    {
+        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            events.push(e.to_lowercase());
+        }
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("permissions violation") && e.contains("_inbox.flex-control")),
+        "subscribing to the control plane's inbox as a proxy was not refused: {events:?}"
     );
     let after = js.get_stream("FLEX_SNAPSHOTS").await.unwrap();
     assert_eq!(after.cached_info().state.messages, before);
