@@ -383,17 +383,29 @@ impl ControlPlane {
     /// The update that brings a proxy at `from_version` (0 = nothing) to `to`: a delta when the
     /// change records cover the span and it is smaller than the snapshot, else the full snapshot.
     pub fn update_between(&self, from_version: u64, to: &Published) -> pb::SnapshotUpdate {
-        use pb::snapshot_update::Kind;
-        let delta = (from_version > 0)
+        self.delta_update(from_version, to)
+            .unwrap_or_else(|| Self::full_update(to))
+    }
+
+    /// The delta half of [`ControlPlane::update_between`]: `None` when a full snapshot is needed.
+    pub fn delta_update(&self, from_version: u64, to: &Published) -> Option<pb::SnapshotUpdate> {
+        let d = (from_version > 0)
             .then(|| self.projection.delta(from_version, to))
             .flatten()
-            .filter(|d| delta_entries(d) <= to.content().len());
+            .filter(|d| delta_entries(d) <= to.content().len())?;
+        Some(pb::SnapshotUpdate {
+            version: to.version,
+            kind: Some(pb::snapshot_update::Kind::Delta(d)),
+        })
+    }
+
+    /// The full snapshot of `to` as an update (O(entries): built once per version, then copied).
+    pub fn full_update(to: &Published) -> pb::SnapshotUpdate {
         pb::SnapshotUpdate {
             version: to.version,
-            kind: Some(match delta {
-                Some(d) => Kind::Delta(d),
-                None => Kind::Full(pb::Snapshot::clone(&to.full())),
-            }),
+            kind: Some(pb::snapshot_update::Kind::Full(pb::Snapshot::clone(
+                &to.full(),
+            ))),
         }
     }
 

@@ -105,7 +105,10 @@ pub fn routes(
         AdminApi { cp: cp.clone() },
         AdminAuth::new(admin_token),
     );
-    let control = ControlServiceServer::new(ControlApi { cp: cp.clone() });
+    let control = ControlServiceServer::new(ControlApi {
+        cp: cp.clone(),
+        fulls: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FULLS)),
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -412,10 +415,52 @@ impl AdminService for AdminApi {
     }
 }
 
-/// The control API the proxies use. Unauthenticated for now (proxies will use mTLS).
+/// The control API the proxies use (mTLS when the server has a client CA).
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     cp: Arc<ControlPlane>,
+    /// Full snapshots being sent at once: each is a copy of the whole snapshot (hundreds of MB at
+    /// a million keys), so a fleet reconnecting together is served a few at a time.
+    fulls: Arc<tokio::sync::Semaphore>,
+}
+
+/// Full snapshots sent at the same time over Watch streams.
+const CONCURRENT_FULLS: usize = 2;
+
+/// Sends the update that brings a Watch stream from `from` to `to`; a full one is built off the
+/// runtime threads and holds one of `fulls` until the stream has taken it. False when the
+/// stream is gone.
+async fn send_update(
+    tx: &mpsc::Sender<std::result::Result<pb::SnapshotUpdate, Status>>,
+    cp: &Arc<ControlPlane>,
+    fulls: &Arc<tokio::sync::Semaphore>,
+    from: u64,
+    to: &Arc<crate::Published>,
+) -> bool {
+    if let Some(delta) = cp.delta_update(from, to) {
+        return tx.send(Ok(delta)).await.is_ok();
+    }
+    let Ok(permit) = fulls.clone().acquire_owned().await else {
+        return false;
+    };
+    let published = to.clone();
+    let Ok(full) = tokio::task::spawn_blocking(move || ControlPlane::full_update(&published)).await
+    else {
+        return false;
+    };
+    if tx.send(Ok(full)).await.is_err() {
+        return false;
+    }
+    // Keep the permit until the encoder has taken the copy off the channel.
+    let t0 = tokio::time::Instant::now();
+    while tx.capacity() < tx.max_capacity()
+        && !tx.is_closed()
+        && t0.elapsed() < std::time::Duration::from_secs(120)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(permit);
+    true
 }
 
 #[tonic::async_trait]
@@ -436,16 +481,17 @@ impl ControlService for ControlApi {
         record_id("proxy_id", &proxy_id);
         let mut rx = self.cp.subscribe();
         let current = rx.borrow_and_update().clone();
-        // A delta from the version the proxy has, while the change records cover it; else full.
-        let first = self.cp.update_between(r.have_version, &current);
+        let have_version = r.have_version;
         let connection = self.cp.proxies().connect(&proxy_id, "grpc");
         let ended = self.cp.watch_streams_ended();
         let (tx, out) = mpsc::channel(16);
-        let cp = self.cp.clone();
+        let (cp, fulls) = (self.cp.clone(), self.fulls.clone());
         tokio::spawn(async move {
             let _connection = connection;
             tokio::pin!(ended);
-            if tx.send(Ok(first)).await.is_err() {
+            // A delta from the version the proxy has, while the change records cover it; else
+            // the full snapshot.
+            if !send_update(&tx, &cp, &fulls, have_version, &current).await {
                 return;
             }
             let mut last = current;
@@ -468,7 +514,7 @@ impl ControlService for ControlApi {
                         if next.version == last.version {
                             continue;
                         }
-                        if tx.send(Ok(cp.update_between(last.version, &next))).await.is_err() {
+                        if !send_update(&tx, &cp, &fulls, last.version, &next).await {
                             return;
                         }
                         last = next;

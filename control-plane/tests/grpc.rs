@@ -30,6 +30,7 @@ both_backends!(
     billing_rpcs_plan_invoice_payment_and_past_due,
     rotate_master_key_rpc_reloads_the_key_file,
     suspend_and_reactivate_toggle_the_keys_access_end_to_end,
+    a_fleet_connecting_at_once_gets_its_full_snapshots_a_few_at_a_time,
 );
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -327,6 +328,55 @@ async fn next_update(stream: &mut tonic::Streaming<pb::SnapshotUpdate>) -> pb::S
         .expect("an update within 5 s")
         .expect("stream open")
         .expect("no error")
+}
+
+/// More proxies than full snapshots sent at once (2) connect together: each gets its full
+/// (none waits forever on the bound), then the deltas.
+async fn a_fleet_connecting_at_once_gets_its_full_snapshots_a_few_at_a_time(b: Backend) {
+    let s = start(b).await;
+    let mut a = admin(&s.channel, Some(TOKEN));
+    a.create_org(apb::CreateOrgRequest {
+        name: "crowd".into(),
+        idempotency_key: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut streams = Vec::new();
+    for i in 0..7 {
+        let mut control = ControlServiceClient::new(s.channel.clone());
+        streams.push(
+            control
+                .watch(pb::WatchRequest {
+                    proxy_id: format!("crowd-{i}"),
+                    have_version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let want = s.cp.snapshot().version;
+    for stream in &mut streams {
+        let u = next_update(stream).await;
+        let Some(pb::snapshot_update::Kind::Full(full)) = u.kind else {
+            panic!("a full snapshot first: {u:?}");
+        };
+        assert_eq!(full.version, want);
+        assert_eq!(snapshot::validate(&full), Ok(()));
+    }
+    a.create_org(apb::CreateOrgRequest {
+        name: "later".into(),
+        idempotency_key: String::new(),
+    })
+    .await
+    .unwrap();
+    for stream in &mut streams {
+        let u = next_update(stream).await;
+        assert!(
+            matches!(u.kind, Some(pb::snapshot_update::Kind::Delta(_))),
+            "then deltas: {u:?}"
+        );
+    }
 }
 
 async fn watch_streams_full_then_deltas_and_tracks_proxies(b: Backend) {
