@@ -216,6 +216,7 @@ impl Changes {
         let mut d = pb::SnapshotDelta {
             from_version,
             content_hash: content_hash.to_string(),
+            produced_at: timefmt::format(timefmt::now()),
             upsert_orgs: self.orgs.values().cloned().collect(),
             upsert_models: self.models.values().cloned().collect(),
             ..Default::default()

@@ -618,7 +618,20 @@ async fn subscribers_get_the_snapshot_then_each_change(b: Backend) {
     assert_eq!(snapshot::content_hash(&second_full), second.content_hash);
     // The delta from the change records is the diff of the two snapshots, and applies.
     let d = cp.delta(first.version, &second).unwrap();
-    assert_eq!(d, snapshot::diff(&first_full, &second_full));
+    assert!(
+        !d.produced_at.is_empty(),
+        "a delta says when it was produced"
+    );
+    assert_eq!(
+        flex_shared::proto::control::SnapshotDelta {
+            produced_at: String::new(),
+            ..d.clone()
+        },
+        flex_shared::proto::control::SnapshotDelta {
+            produced_at: String::new(),
+            ..snapshot::diff(&first_full, &second_full)
+        }
+    );
     assert_eq!(d.upsert_orgs.len(), 1);
     assert!(!d.upsert_orgs[0].active);
     let applied = snapshot::apply_delta(&first_full, second.version, &d).unwrap();

@@ -1349,6 +1349,32 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_brings_its_production_time_so_the_age_stays_true() {
+        let ring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "t").unwrap());
+        let store = SnapshotStore::new(Some(ring.clone()), None);
+        let mut a = snapshot(3, &ring, false);
+        a.produced_at = "2020-01-01T00:00:00Z".into();
+        store.apply_full(a.clone()).unwrap();
+        assert!(store.age_seconds().unwrap() > 3600 * 24 * 365);
+        let b = snapshot(4, &ring, true);
+        let mut delta = rules::diff(&a, &b);
+        // Any time at or after now reads as age 0.
+        delta.produced_at = "2999-01-01T00:00:00Z".into();
+        store
+            .apply_update(pb::SnapshotUpdate {
+                version: 4,
+                kind: Some(Kind::Delta(delta)),
+            })
+            .unwrap();
+        assert!(
+            store.age_seconds().unwrap() < 60,
+            "{:?}",
+            store.age_seconds()
+        );
+    }
+
+    #[test]
     fn provider_keys_without_the_master_key_are_unusable_not_fatal() {
         let ring = MasterKeyring::parse(&MasterKeyring::generate_file_text(), "t").unwrap();
         let store = SnapshotStore::new(None, None);

@@ -277,6 +277,9 @@ pub fn apply_delta_unchecked(
     canonicalize(&mut s);
     s.version = version;
     s.content_hash = d.content_hash.clone();
+    if !d.produced_at.is_empty() {
+        s.produced_at = d.produced_at.clone();
+    }
     Ok(s)
 }
 
@@ -285,6 +288,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
     let mut d = SnapshotDelta {
         from_version: old.version,
         content_hash: new.content_hash.clone(),
+        produced_at: new.produced_at.clone(),
         ..Default::default()
     };
     for o in &new.orgs {
