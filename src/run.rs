@@ -444,8 +444,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let stop = shutdown_signal();
     let store = embedded_proxy(
         &cp,
-        SnapshotStore::new(Some(keyring), Some(dir.join("proxy-state")))
-            .with_key_file(Some(key_path.clone())),
+        // No state dir: the control plane runs in this process, so the proxy always starts from
+        // it, never from a persisted snapshot (nothing to write on every update).
+        SnapshotStore::new(Some(keyring), None).with_key_file(Some(key_path.clone())),
         listener,
         &upstream,
         proxy_config(&args.upstream, urls),
