@@ -391,7 +391,13 @@ async fn publish_loop(
                         let current = rx.borrow_and_update().clone();
                         if pending.is_empty() && last != Some(current.version) {
                             let full_due = policy.due(&cfg);
-                            pending = next_updates(&cp, last, &current, full_due);
+                            // A full is O(entries) to build and encode: off the runtime threads.
+                            let (cp2, next) = (cp.clone(), current.clone());
+                            pending = tokio::task::spawn_blocking(move || {
+                                next_updates(&cp2, last, &next, full_due)
+                            })
+                            .await
+                            .map_err(|e| format!("building the update: {e}"))?;
                         }
                         if let Some(out) = pending.front() {
                             let max_payload = client.server_info().max_payload;
@@ -426,7 +432,11 @@ async fn publish_loop(
                             // stream never loses its last full to age (followers skip it).
                             () = tokio::time::sleep(policy.until_timed_full(&cfg)) => {
                                 if last == Some(current.version) {
-                                    pending.push_back(full_update(&current));
+                                    let next = current.clone();
+                                    let full = tokio::task::spawn_blocking(move || full_update(&next))
+                                        .await
+                                        .map_err(|e| format!("building the full: {e}"))?;
+                                    pending.push_back(full);
                                 }
                             }
                         }
