@@ -527,6 +527,72 @@ async fn attempt(
     }
 }
 
+/// A control plane on SQLite (a `flex control` process), the simulator, and an org with an API
+/// key and an OpenAI provider key: where the single-proxy tests start.
+struct SqliteSetup {
+    sim: sim::SimHandle,
+    cluster: Cluster,
+    control: Proc,
+    org_id: String,
+    api_key: String,
+}
+
+async fn sqlite_setup(tmp: &Path, sim_delay_ms: u64) -> SqliteSetup {
+    let logs = tmp.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_file = tmp.join("master.key");
+    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+    let sim = sim::spawn(SimConfig {
+        openai_key: Some(OPENAI_KEY.into()),
+        gemini_key: Some(GEMINI_KEY.into()),
+        flex_delay_ms: sim_delay_ms,
+        standard_delay_ms: sim_delay_ms,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Cluster {
+        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+        logs,
+        use_nats: false,
+        nats_port: 0,
+        nats_dir: tmp.join("unused"),
+        cp_port: free_port(),
+        db_url: format!("sqlite://{}?mode=rwc", tmp.join("flex.db").display()),
+        key_file,
+        openai_url: sim.openai_base_url(),
+        gemini_url: sim.base_url(),
+    };
+    let control = cluster.start_control();
+    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.admin(
+        &[
+            "provider-key",
+            "set",
+            "--org",
+            &org_id,
+            "--provider",
+            "openai",
+        ],
+        Some(OPENAI_KEY),
+    );
+    SqliteSetup {
+        sim,
+        cluster,
+        control,
+        org_id,
+        api_key,
+    }
+}
+
 // ----- the test -------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -912,52 +978,13 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_usage_from_the_log_survives_control_plane_and_proxy_kills() {
     let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let key_file = tmp.path().join("master.key");
-    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
-    let sim = sim::spawn(SimConfig {
-        openai_key: Some(OPENAI_KEY.into()),
-        gemini_key: Some(GEMINI_KEY.into()),
-        flex_delay_ms: 5,
-        standard_delay_ms: 5,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let cluster = Cluster {
-        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
-        logs,
-        use_nats: false,
-        nats_port: 0,
-        nats_dir: tmp.path().join("unused"),
-        cp_port: free_port(),
-        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
-        key_file,
-        openai_url: sim.openai_base_url(),
-        gemini_url: sim.base_url(),
-    };
-    let mut control = cluster.start_control();
-    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
-        ["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cluster.admin(
-        &[
-            "provider-key",
-            "set",
-            "--org",
-            &org_id,
-            "--provider",
-            "openai",
-        ],
-        Some(OPENAI_KEY),
-    );
+    let SqliteSetup {
+        sim: _sim,
+        cluster,
+        mut control,
+        org_id,
+        api_key,
+    } = sqlite_setup(tmp.path(), 5).await;
     let port = free_port();
     let state_dir = tmp.path().join("proxy");
     let mut proxy = cluster.start_proxy(0, port, &state_dir);
@@ -1063,52 +1090,13 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
     /// Answers received before the SIGTERM.
     const BEFORE: usize = 60;
     let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let key_file = tmp.path().join("master.key");
-    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
-    let sim = sim::spawn(SimConfig {
-        openai_key: Some(OPENAI_KEY.into()),
-        gemini_key: Some(GEMINI_KEY.into()),
-        flex_delay_ms: 2,
-        standard_delay_ms: 2,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let cluster = Cluster {
-        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
-        logs,
-        use_nats: false,
-        nats_port: 0,
-        nats_dir: tmp.path().join("unused"),
-        cp_port: free_port(),
-        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
-        key_file,
-        openai_url: sim.openai_base_url(),
-        gemini_url: sim.base_url(),
-    };
-    let mut control = cluster.start_control();
-    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
-        ["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cluster.admin(
-        &[
-            "provider-key",
-            "set",
-            "--org",
-            &org_id,
-            "--provider",
-            "openai",
-        ],
-        Some(OPENAI_KEY),
-    );
+    let SqliteSetup {
+        sim: _sim,
+        cluster,
+        mut control,
+        org_id,
+        api_key,
+    } = sqlite_setup(tmp.path(), 2).await;
     let port = free_port();
     let state_dir = tmp.path().join("proxy");
     let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0);
@@ -1252,52 +1240,13 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_the_answers_in_flight_finish() {
     let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let key_file = tmp.path().join("master.key");
-    std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
-    let sim = sim::spawn(SimConfig {
-        openai_key: Some(OPENAI_KEY.into()),
-        gemini_key: Some(GEMINI_KEY.into()),
-        flex_delay_ms: 2,
-        standard_delay_ms: 2,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let cluster = Cluster {
-        flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
-        logs,
-        use_nats: false,
-        nats_port: 0,
-        nats_dir: tmp.path().join("unused"),
-        cp_port: free_port(),
-        db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
-        key_file,
-        openai_url: sim.openai_base_url(),
-        gemini_url: sim.base_url(),
-    };
-    let _control = cluster.start_control();
-    let org_id = cluster.admin(&["org", "create", "acme"], None)["org_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let api_key = cluster.admin(&["key", "create", "--org", &org_id, "--name", "k"], None)
-        ["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cluster.admin(
-        &[
-            "provider-key",
-            "set",
-            "--org",
-            &org_id,
-            "--provider",
-            "openai",
-        ],
-        Some(OPENAI_KEY),
-    );
+    let SqliteSetup {
+        sim: _sim,
+        cluster,
+        control: _control,
+        org_id: _,
+        api_key,
+    } = sqlite_setup(tmp.path(), 2).await;
     let port = free_port();
     let state_dir = tmp.path().join("proxy");
     let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 200);
