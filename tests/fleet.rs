@@ -816,6 +816,17 @@ async fn a_proxy_whose_snapshot_lags_its_nats_position_replays_what_it_lost() {
     fleet.finish().await;
 }
 
+/// Makes `node` diverge from the control plane: the same version with `key` missing (a valid
+/// snapshot, wrong content).
+async fn diverge(node: &ProxyNode, key: &str) {
+    let mut wrong = node.store.load().unwrap().to_proto();
+    let hash = flex_shared::keys::hash(key);
+    wrong.api_keys.retain(|k| k.key_hash != hash);
+    wrong.content_hash = flex_shared::snapshot::content_hash(&wrong);
+    node.store.apply_full(wrong).unwrap();
+    assert_eq!(status_of(&node.base, key).await, 401);
+}
+
 /// A NATS proxy whose state diverged (a delta's content hash does not match what it built)
 /// while the newest full in the stream is older than its version rebuilds the chain from that
 /// full beside the snapshot it serves, and swaps it in once it passes its version.
@@ -827,13 +838,7 @@ async fn a_diverged_nats_proxy_resyncs_from_an_older_full_without_waiting_for_a_
     fleet.converge(Duration::from_secs(3)).await;
     let node = &fleet.proxies[0].3;
     assert_eq!(fleet.proxies[0].0, Transport::Nats);
-    // Diverge: the same version with one key missing (a valid snapshot, wrong content).
-    let mut wrong = node.store.load().unwrap().to_proto();
-    let kept_hash = flex_shared::keys::hash(&kept);
-    wrong.api_keys.retain(|k| k.key_hash != kept_hash);
-    wrong.content_hash = flex_shared::snapshot::content_hash(&wrong);
-    node.store.apply_full(wrong).unwrap();
-    assert_eq!(status_of(&node.base, &kept).await, 401);
+    diverge(node, &kept).await;
     let fulls = node.store.status().full_applied;
     // The next delta does not match; the proxy resyncs from the (older) newest full.
     fleet.revoke(&doomed_id).await;
@@ -863,12 +868,7 @@ async fn a_diverged_grpc_proxy_asks_for_a_full_snapshot() {
         .find(|p| p.0 == Transport::Grpc)
         .unwrap();
     assert_eq!(*transport, Transport::Grpc);
-    let mut wrong = node.store.load().unwrap().to_proto();
-    let kept_hash = flex_shared::keys::hash(&kept);
-    wrong.api_keys.retain(|k| k.key_hash != kept_hash);
-    wrong.content_hash = flex_shared::snapshot::content_hash(&wrong);
-    node.store.apply_full(wrong).unwrap();
-    assert_eq!(status_of(&node.base, &kept).await, 401);
+    diverge(node, &kept).await;
     fleet.revoke(&doomed_id).await;
     until_status(&node.base, &kept, 200, Duration::from_secs(5)).await;
     until_status(&node.base, &doomed, 401, Duration::from_secs(5)).await;
