@@ -33,10 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use infra::{free_port, nats_server_binary, Pg};
+use infra::{free_port, nats_server_binary, request, Pg};
 use serde_json::{json, Value};
 
 const OPENAI_KEY: &str = "sk-sim-deploy-0000000000";
@@ -988,41 +985,6 @@ fn admin(ca: &Path, port: u16, token: &str, args: &[&str], stdin: Option<&str>) 
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-async fn request(
-    method: http::Method,
-    url: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> Result<(u16, String), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = http::Request::builder().method(method).uri(url);
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(v.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(req.body(Full::new(body)).unwrap()),
-    )
-    .await
-    .map_err(|_| "timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).to_string()))
 }
 
 /// Polls `f` every 50 ms until it returns Some, at most `within`.

@@ -17,11 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use infra::{free_port, Nats, Pg, Pki};
+use infra::{free_port, request, Nats, Pg, Pki};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "fleet-admin-token";
@@ -483,41 +479,6 @@ impl Fleet {
             pg.drop_db().await;
         }
     }
-}
-
-async fn request(
-    method: http::Method,
-    url: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> Result<(u16, String), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = http::Request::builder().method(method).uri(url);
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(v.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(req.body(Full::new(body)).unwrap()),
-    )
-    .await
-    .map_err(|_| "timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).to_string()))
 }
 
 async fn get(url: &str, key: Option<&str>) -> Result<(u16, String), String> {

@@ -593,6 +593,26 @@ async fn sqlite_setup(tmp: &Path, sim_delay_ms: u64) -> SqliteSetup {
     }
 }
 
+/// Waits (at most 30 s) until the proxy on `port` answers a request whole: its snapshot has the
+/// key and the provider key.
+async fn until_served(client: &HttpClient, port: u16, api_key: &str) {
+    let t0 = Instant::now();
+    while !matches!(
+        attempt(
+            client,
+            port,
+            Kind::ResponsesBody,
+            &Kind::ResponsesBody.body(0),
+            api_key
+        )
+        .await,
+        Attempt::Complete { status: 200, .. }
+    ) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 // ----- the test -------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1103,21 +1123,7 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
     wait_ready(port, Duration::from_secs(30)).await;
     // Served once (the snapshot has the provider key), then the control plane goes down.
     let probe: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let t0 = Instant::now();
-    while !matches!(
-        attempt(
-            &probe,
-            port,
-            Kind::ResponsesBody,
-            &Kind::ResponsesBody.body(0),
-            &api_key
-        )
-        .await,
-        Attempt::Complete { status: 200, .. }
-    ) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_served(&probe, port, &api_key).await;
     control.kill();
     eprintln!("fault: control plane SIGKILLed (usage waits in the proxy's log)");
 
@@ -1252,21 +1258,7 @@ async fn sigterm_lets_the_answers_in_flight_finish() {
     let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 200);
     wait_ready(port, Duration::from_secs(30)).await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let t0 = Instant::now();
-    while !matches!(
-        attempt(
-            &client,
-            port,
-            Kind::ResponsesBody,
-            &Kind::ResponsesBody.body(0),
-            &api_key
-        )
-        .await,
-        Attempt::Complete { status: 200, .. }
-    ) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_served(&client, port, &api_key).await;
 
     // 200 tokens at 100 per second: a two-second stream.
     let slow = json!({"model": "gpt-5.5", "start_within": "00h-00m-10s", "stream": true,

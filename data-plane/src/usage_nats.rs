@@ -496,33 +496,7 @@ pub fn spawn_nats_delivery(
 mod tests {
     use super::*;
 
-    fn event(i: usize) -> UsageEvent {
-        UsageEvent {
-            schema_version: 1,
-            request_id: format!("req_{i}"),
-            org_id: "org_1".into(),
-            key_id: "key_1".into(),
-            model: "gpt-5.5".into(),
-            provider: "openai".into(),
-            caller_format: "responses".into(),
-            start_within: "default".into(),
-            served_tier: "standard".into(),
-            reason: "direct".into(),
-            flex_wait_ms: 0,
-            start_latency_ms: 1,
-            duration_ms: 2,
-            input_tokens: 3,
-            cached_input_tokens: 0,
-            output_tokens: 4,
-            reasoning_tokens: 0,
-            status: 200,
-            outcome: "ok".into(),
-            tiers_started: vec!["standard".into()],
-            cost_micros: 5,
-            standard_cost_micros: 5,
-            received_at: "2026-01-01T00:00:00Z".into(),
-        }
-    }
+    use crate::usage_wal::tests::event;
 
     #[test]
     fn the_queue_removes_only_what_it_is_told() {

@@ -1241,9 +1241,10 @@ pub async fn deliver_grpc(wal: Arc<UsageWal>, endpoint: tonic::transport::Endpoi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A usage event with request id `req_{i}` (shared by the usage modules' tests).
     pub(crate) fn event(i: usize) -> UsageEvent {
         UsageEvent {
             schema_version: 1,

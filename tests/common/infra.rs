@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
 use sqlx::{Connection, Executor, PgConnection};
 
 pub fn free_port() -> u16 {
@@ -252,4 +257,41 @@ impl Pki {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         )
     }
+}
+
+/// One HTTP/1.1 request (JSON body when given, bearer key when given), bounded to 10 s: the
+/// status and the body as text.
+pub async fn request(
+    method: http::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, String), String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(v.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(req.body(Full::new(body)).unwrap()),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).to_string()))
 }
