@@ -187,9 +187,10 @@ impl Fleet {
             while node.store.version() < want {
                 assert!(
                     t0.elapsed() < within,
-                    "proxy {id} is at version {} after {within:?}, wanted {want} ({:?})",
+                    "proxy {id} is at version {} after {within:?}, wanted {want} ({:?}; publisher: {:?})",
                     node.store.version(),
-                    node.store.status()
+                    node.store.status(),
+                    self.publisher.as_ref().map(|p| p.last_error())
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -495,6 +496,14 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
         keys.push(flex_shared::keys::hash(
             k.secret.as_ref().unwrap().expose_secret(),
         ));
+        // One version per key on the stream: the publisher coalesces versions it has not sent
+        // yet into one delta, which would leave fewer than the 50 that make a periodic full.
+        let version = cp.snapshot().version;
+        let t0 = Instant::now();
+        while publisher.published_version() < version {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not published");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     let want = cp.snapshot().version;
     let t0 = Instant::now();
@@ -540,10 +549,11 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(publisher.fulls_published() >= 5, "a full every 50 versions");
+    // The first full, then a delta and a full of the same version after every 50 deltas.
+    assert_eq!(publisher.fulls_published(), 1 + 250 / 51, "a full every 50 deltas");
     let st = early.status();
     assert_eq!(st.full_applied, 1, "the periodic fulls are skipped: {st:?}");
-    assert!(st.deltas_applied >= 250, "{st:?}");
+    assert_eq!(st.deltas_applied, 250, "{st:?}");
     assert_eq!(st.rejected_updates, 0, "{st:?}");
     early_follower.abort();
     drop(publisher);
@@ -922,8 +932,9 @@ async fn an_idle_stream_keeps_a_full_snapshot_for_joiners() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         publisher.fulls_published() >= 3,
-        "a full every second while idle: {}",
-        publisher.fulls_published()
+        "a full every second while idle: {} ({:?})",
+        publisher.fulls_published(),
+        publisher.last_error()
     );
     let store = Arc::new(SnapshotStore::new(Some(keyring), None));
     let follower = tokio::spawn(snapshot::follow_nats(
@@ -946,6 +957,42 @@ async fn an_idle_stream_keeps_a_full_snapshot_for_joiners() {
         .keys
         .contains_key(&flex_shared::keys::hash(&key)));
     follower.abort();
+    drop(publisher);
+    pg.drop_db().await;
+}
+
+/// A nats-server whose file store cannot hold the stream's `max_bytes` refuses to create it; the
+/// publisher keeps retrying and says what to change, rather than only "stream not found" on the
+/// proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_server_without_room_for_the_stream_gets_a_clear_error() {
+    let pg = Pg::new().await;
+    let nats = Nats::start_with_file_store("64MB").await;
+    let keyring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+    let cp = Arc::new(ControlPlane::open(&pg.url(), keyring).await.unwrap());
+    let publisher = cp
+        .start_nats_snapshots(
+            &nats.url(),
+            flex_control_plane::snapshot_nats::ConnectOptions::new(),
+            NatsSnapshotConfig::default(),
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let error = loop {
+        if let Some(e) = publisher.last_error() {
+            if e.contains("create stream") {
+                break e;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no error reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.contains("insufficient storage"), "{error}");
+    assert!(error.contains("1024 MiB"), "{error}");
+    assert!(error.contains("max_file_store"), "{error}");
+    assert_eq!(publisher.published_version(), 0);
     drop(publisher);
     pg.drop_db().await;
 }

@@ -77,6 +77,7 @@ pub struct NatsPublisher {
     published: Arc<AtomicU64>,
     fulls: Arc<AtomicU64>,
     chunked: Arc<AtomicU64>,
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -95,6 +96,14 @@ impl NatsPublisher {
     pub fn chunked_published(&self) -> u64 {
         self.chunked.load(Ordering::Relaxed)
     }
+
+    /// Why the last attempt to create the stream or publish failed, until the next success.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for NatsPublisher {
@@ -109,6 +118,7 @@ impl std::fmt::Debug for NatsPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsPublisher")
             .field("published_version", &self.published_version())
+            .field("last_error", &self.last_error())
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +155,7 @@ impl ControlPlane {
         let published = Arc::new(AtomicU64::new(0));
         let fulls = Arc::new(AtomicU64::new(0));
         let chunked = Arc::new(AtomicU64::new(0));
+        let last_error = Arc::new(std::sync::Mutex::new(None));
         let publisher = tokio::spawn(publish_loop(
             self.clone(),
             client.clone(),
@@ -153,6 +164,7 @@ impl ControlPlane {
                 published: published.clone(),
                 fulls: fulls.clone(),
                 chunked: chunked.clone(),
+                last_error: last_error.clone(),
             },
         ));
         let reports = tokio::spawn(report_loop(self.clone(), client));
@@ -160,10 +172,15 @@ impl ControlPlane {
             published,
             fulls,
             chunked,
+            last_error,
             tasks: vec![publisher, reports],
         }
     }
 }
+
+/// JetStream's "insufficient storage resources available" (a stream's `max_bytes` is more than
+/// the server's file store has left).
+const INSUFFICIENT_STORAGE: jetstream::ErrorCode = jetstream::ErrorCode(10047);
 
 /// Gets the stream, creating it when missing. Returns whether it had to be created.
 async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Result<bool, String> {
@@ -189,7 +206,26 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Res
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("create stream {}: {e}", cfg.stream))?;
+            .map_err(|e| {
+                let storage = matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::INSUFFICIENT_RESOURCES
+                            || j.error_code() == INSUFFICIENT_STORAGE
+                );
+                if storage {
+                    format!(
+                        "create stream {}: {e}: JetStream reserves the stream's max_bytes ({} MiB) \
+                         up front and has less file store left; give nats-server more \
+                         (`jetstream {{ max_file_store: 20GB }}` in its config; unset, it takes \
+                         75 % of the disk's free space at start) or free disk space",
+                        cfg.stream,
+                        cfg.max_bytes / (1024 * 1024)
+                    )
+                } else {
+                    format!("create stream {}: {e}", cfg.stream)
+                }
+            })?;
             tracing::info!(stream = %cfg.stream, "created the NATS snapshot stream");
             Ok(true)
         }
@@ -364,6 +400,17 @@ struct Counters {
     published: Arc<AtomicU64>,
     fulls: Arc<AtomicU64>,
     chunked: Arc<AtomicU64>,
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Counters {
+    fn set_error(&self, e: Option<&str>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            if last.as_deref() != e {
+                *last = e.map(str::to_string);
+            }
+        }
+    }
 }
 
 async fn publish_loop(
@@ -410,6 +457,7 @@ async fn publish_loop(
                                 counters.chunked.fetch_add(1, Ordering::Relaxed);
                             }
                             counters.published.store(out.version, Ordering::Relaxed);
+                            counters.set_error(None);
                             tracing::debug!(
                                 version = out.version,
                                 full = out.full,
@@ -449,6 +497,7 @@ async fn publish_loop(
                     // lost but which was stored is not stored twice (and a proxy skips a copy
                     // older than what it has); the chain of deltas stays unbroken.
                     Err(e) => {
+                        counters.set_error(Some(&e));
                         // A periodic full after its version's delta is for joiners only: when
                         // it fails, drop it rather than hold the next deltas back (the policy
                         // asks for one again).
@@ -464,7 +513,10 @@ async fn publish_loop(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "NATS snapshot stream unavailable; retrying"),
+            Err(e) => {
+                counters.set_error(Some(&e));
+                tracing::warn!(error = %e, "NATS snapshot stream unavailable; retrying");
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

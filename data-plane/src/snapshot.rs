@@ -1016,10 +1016,23 @@ async fn follow_nats_once(
         .statistics()
         .connects
         .load(std::sync::atomic::Ordering::Relaxed);
-    let stream = js
-        .get_stream(nats::STREAM)
-        .await
-        .map_err(|e| format!("snapshot stream {}: {e}", nats::STREAM))?;
+    let stream = js.get_stream(nats::STREAM).await.map_err(|e| {
+        let missing = matches!(
+            e.kind(),
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+        );
+        if missing {
+            format!(
+                "snapshot stream {}: {e}: the control plane creates it when it starts \
+                     publishing; check that `flex control` runs with --nats-url pointing at this \
+                     server and what its log says",
+                nats::STREAM
+            )
+        } else {
+            format!("snapshot stream {}: {e}", nats::STREAM)
+        }
+    })?;
     let state = &stream.cached_info().state;
     let (first, last) = (state.first_sequence, state.last_sequence);
     if let Some(seq) = *resume {

@@ -52,6 +52,8 @@ pub struct Nats {
     pub dir: tempfile::TempDir,
     /// Extra server configuration (e.g. `max_payload: 16384`).
     config: String,
+    /// JetStream's `max_file_store`.
+    file_store: String,
     child: Option<Child>,
 }
 
@@ -61,10 +63,20 @@ impl Nats {
     }
 
     pub async fn start_with(config: &str) -> Self {
+        Self::start_full(config, "16GB").await
+    }
+
+    /// A server whose JetStream file store holds at most `limit` (e.g. `64MB`).
+    pub async fn start_with_file_store(limit: &str) -> Self {
+        Self::start_full("", limit).await
+    }
+
+    async fn start_full(config: &str, file_store: &str) -> Self {
         let mut n = Self {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             config: config.to_string(),
+            file_store: file_store.to_string(),
             child: None,
         };
         n.restart().await;
@@ -84,17 +96,21 @@ impl Nats {
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
         let conf = self.dir.path().join("nats.conf");
-        std::fs::write(&conf, &self.config).unwrap();
+        // An explicit file-store limit: left unset, nats-server takes 75 % of the disk's free
+        // space at start, and a machine with little free disk then refuses the snapshot stream
+        // (its `max_bytes` is reserved up front) with "insufficient storage resources".
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{\n  store_dir: {:?}\n  max_file_store: {}\n}}\n{}",
+                self.dir.path().join("store").display().to_string(),
+                self.file_store,
+                self.config
+            ),
+        )
+        .unwrap();
         let child = Command::new(nats_server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path().join("store"))
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
