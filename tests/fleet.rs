@@ -550,7 +550,11 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The first full, then a delta and a full of the same version after every 50 deltas.
-    assert_eq!(publisher.fulls_published(), 1 + 250 / 51, "a full every 50 deltas");
+    assert_eq!(
+        publisher.fulls_published(),
+        1 + 250 / 51,
+        "a full every 50 deltas"
+    );
     let st = early.status();
     assert_eq!(st.full_applied, 1, "the periodic fulls are skipped: {st:?}");
     assert_eq!(st.deltas_applied, 250, "{st:?}");
