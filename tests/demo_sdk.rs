@@ -1,16 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `flex up --demo` as a user runs it (the real binary), driven by the official `openai` SDK.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+#[path = "common/infra.rs"]
+mod infra;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use infra::FlexUp;
 
 /// The venv `.ci/run` creates with the official SDKs.
 pub fn python() -> String {
@@ -19,42 +16,13 @@ pub fn python() -> String {
     py.to_string()
 }
 
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn openai_sdk_against_flex_up_demo() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, admin) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_flex"))
-        .args(["up", "--demo", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Kill(child);
-    let demo = dir.path().join("demo.json");
-    let t0 = Instant::now();
-    while !demo.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "flex up --demo wrote no demo.json"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    let up = FlexUp::start(&["--demo"], |cmd| {
+        cmd.stdout(Stdio::piped());
+    });
+    up.wait_for_file("demo.json", Duration::from_secs(20));
+    let dir = &up.dir;
     let out = Command::new(python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

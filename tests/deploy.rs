@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
-use infra::{free_port, nats_server_binary, request, Pg};
+use infra::{admin_json_of, free_port, nats_server_binary, output_with_stdin, request, Pg, Proc};
 use serde_json::{json, Value};
 
 const OPENAI_KEY: &str = "sk-sim-deploy-0000000000";
@@ -822,39 +822,6 @@ fn make_secrets_and_the_nats_configuration_are_valid() {
 // ---------------------------------------------------------------------------------------------
 // A fleet from the deploy files.
 
-/// A process started like systemd starts a unit, under a temp root standing in for `/`.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(30);
-        format!("--- {} log ---\n{}", self.name, lines[from..].join("\n"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A host's root: the files deploy/README.md installs, in place.
 struct Host {
     root: PathBuf,
@@ -881,7 +848,7 @@ impl Host {
     /// to /run/credentials/UNIT/ (0400), its StateDirectory made (0700), its ExecStart with
     /// /usr/local/bin/flex → the built binary, every path under this root. `set` replaces
     /// deployment-specific values (addresses, the database); each must be a variable the env
-    /// files set, except those in `add`.
+    /// files set, except those in `add`. Its output goes to `log` (a new file).
     fn start(
         &self,
         unit: &Unit,
@@ -928,22 +895,12 @@ impl Host {
         }
         let exec: Vec<&str> = unit.one("ExecStart").split_whitespace().collect();
         assert_eq!(exec[0], "/usr/local/bin/flex");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(flex())
-            .env_clear()
+        let mut cmd = Command::new(flex());
+        cmd.env_clear()
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("CREDENTIALS_DIRECTORY", &creds)
-            .args(&exec[1..])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc {
-            name: unit.name.clone(),
-            child: Some(child),
-            log,
-        }
+            .args(&exec[1..]);
+        Proc::spawn(&unit.name, cmd, log)
     }
 }
 
@@ -959,32 +916,17 @@ impl Drop for NatsProc {
 }
 
 fn admin(ca: &Path, port: u16, token: &str, args: &[&str], stdin: Option<&str>) -> Value {
-    use std::io::Write;
-    let mut child = Command::new(flex())
-        .env_clear()
-        .arg("admin")
-        .args(["--endpoint", &format!("https://localhost:{port}"), "--ca"])
-        .arg(ca)
-        .args(["--token", token, "--json"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut input = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).unwrap();
-        }
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "flex admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_with_stdin(
+        Command::new(flex())
+            .env_clear()
+            .arg("admin")
+            .args(["--endpoint", &format!("https://localhost:{port}"), "--ca"])
+            .arg(ca)
+            .args(["--token", token, "--json"])
+            .args(args),
+        stdin,
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    admin_json_of(&out, args)
 }
 
 /// Polls `f` every 50 ms until it returns Some, at most `within`.

@@ -12,67 +12,23 @@
 mod infra;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use infra::{free_port, request, Nats, Pg, Pki};
+use infra::{free_port, output_with_stdin, request, Nats, Pg, Pki, Proc};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "fleet-admin-token";
 const OPENAI_KEY: &str = "sk-sim-fleet-processes-0000";
 
-/// A child process whose stdout and stderr go to a log file; killed on drop.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[String], log: PathBuf) -> Self {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flex"))
-            .env_clear()
-            .env("FLEX_LOG", "warn,flex=info,flex_data_plane=info")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// SIGKILL: no graceful shutdown.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(30);
-        format!("--- {} log ---\n{}", self.name, lines[from..].join("\n"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `flex ARGS` with only `FLEX_LOG` in its environment, its output in `log`.
+fn spawn_flex(name: &str, args: &[String], log: PathBuf) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
+    cmd.env_clear()
+        .env("FLEX_LOG", "warn,flex=info,flex_data_plane=info")
+        .args(args);
+    Proc::spawn(name, cmd, log)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -120,14 +76,7 @@ impl Fleet {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&dir.path().join("pki"), "fleet");
-        let (nats_cert, nats_key) = pki.server("nats");
-        let nats = Nats::start_with(&format!(
-            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 5\n}}\n",
-            s(&nats_cert),
-            s(&nats_key),
-            s(&pki.ca_path()),
-        ))
-        .await;
+        let nats = Nats::start_tls(&pki).await;
         let pg = Pg::new().await;
         let sim = flex::sim::spawn(flex::sim::SimConfig {
             openai_key: Some(OPENAI_KEY.into()),
@@ -228,7 +177,7 @@ impl Fleet {
             s(&self.pki.ca_path()),
         ];
         self.stop_control();
-        self.control = Some(Proc::spawn(
+        self.control = Some(spawn_flex(
             "control",
             &args,
             self.dir.path().join("control.log"),
@@ -264,25 +213,16 @@ impl Fleet {
     }
 
     fn admin_raw(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flex"))
-            .env_clear()
-            .arg("admin")
-            .args(["--endpoint", &self.control_url(), "--ca"])
-            .arg(self.pki.ca_path())
-            .args(["--token", TOKEN, "--json"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            let mut input = child.stdin.take().unwrap();
-            if let Some(text) = stdin {
-                input.write_all(text.as_bytes()).unwrap();
-            }
-        }
-        child.wait_with_output().unwrap()
+        output_with_stdin(
+            Command::new(env!("CARGO_BIN_EXE_flex"))
+                .env_clear()
+                .arg("admin")
+                .args(["--endpoint", &self.control_url(), "--ca"])
+                .arg(self.pki.ca_path())
+                .args(["--token", TOKEN, "--json"])
+                .args(args),
+            stdin,
+        )
     }
 
     /// `flex admin … --json ARGS`, which must succeed.
@@ -335,7 +275,7 @@ impl Fleet {
         if let Some((c, k)) = &spec.identity {
             args.extend([cert.into(), s(c), key.into(), s(k)]);
         }
-        Proc::spawn(
+        spawn_flex(
             &spec.id,
             &args,
             self.dir.path().join(format!("{}.log", spec.id)),

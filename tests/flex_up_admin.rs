@@ -3,41 +3,18 @@
 //! endpoint and token come from the data dir, subcommand flags from `FLEX_*` variables, the
 //! embedded proxy is listed, and the state files are owner-only.
 
+#[path = "common/infra.rs"]
+mod infra;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use infra::{flex_admin_in, FlexUp};
 
 /// `flex admin --data-dir DIR ARGS…` with `env`, and no `FLEX_*` variable of the test's own.
 fn admin(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLEX_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(["admin", "--data-dir"])
-        .arg(dir)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    flex_admin_in(dir, args, env, None)
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
@@ -66,34 +43,11 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn flex_admin_reads_a_plain_flex_up_data_dir() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, admin_port) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_flex"))
-        .args(["up", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Kill(child);
+    let up = FlexUp::start(&[], |_| {});
+    let (dir, admin_port) = (&up.dir, up.admin);
 
     // `flex up` writes where its admin API listens, owner-only like the token.
-    let endpoint_file = dir.path().join("admin-endpoint");
-    let t0 = Instant::now();
-    while !endpoint_file.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "flex up wrote no admin-endpoint"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    let endpoint_file = up.wait_for_file("admin-endpoint", Duration::from_secs(20));
     assert!(!dir.path().join("demo.json").exists());
     assert_eq!(
         std::fs::read_to_string(&endpoint_file).unwrap().trim(),

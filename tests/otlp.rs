@@ -7,9 +7,11 @@
 //! their method, status and ids, without the admin token or a provider key set through them; and
 //! an https:// collector signed by a private CA is reached with `--otlp-ca`.
 
-use std::io::Write;
+#[path = "common/infra.rs"]
+mod infra;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use infra::{flex_admin_in, FlexUp};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -91,22 +94,6 @@ fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Reply {
     status: u16,
     headers: http::HeaderMap,
@@ -172,69 +159,45 @@ async fn start_collector(identity: Option<(String, String)>) -> (Collector, u16)
 
 /// A running `flex up --demo`, exporting to a collector.
 struct Up {
-    guard: Kill,
-    dir: tempfile::TempDir,
-    api: u16,
+    flex: FlexUp,
     demo: Value,
 }
 
 /// `flex up --demo` with `otlp_args` (the endpoint, …). The batch processor's delay is a
 /// minute, so whatever arrives was sent by the flush at exit.
 async fn start_up(otlp_args: &[&str]) -> Up {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, admin) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_flex"))
-        .args(["up", "--demo", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .args(otlp_args)
-        .env("FLEX_OTLP_SERVICE_NAME", "flex-otlp-test")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
-        .env_remove("FLEX_LOG")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("OTEL_TRACES_SAMPLER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = Kill(child);
-    let demo_path = dir.path().join("demo.json");
-    let t0 = Instant::now();
-    while !demo_path.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "flex up --demo wrote no demo.json"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let flex = FlexUp::start(&["--demo"], |cmd| {
+        cmd.args(otlp_args)
+            .env("FLEX_OTLP_SERVICE_NAME", "flex-otlp-test")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
+            .env_remove("FLEX_LOG")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("OTEL_TRACES_SAMPLER")
+            .stdin(Stdio::null());
+    });
+    let demo_path = flex
+        .wait_for_file_async("demo.json", Duration::from_secs(30))
+        .await;
     let demo: Value = serde_json::from_slice(&std::fs::read(&demo_path).unwrap()).unwrap();
-    Up {
-        guard,
-        dir,
-        api,
-        demo,
-    }
+    Up { flex, demo }
 }
 
 impl Up {
+    fn dir(&self) -> &Path {
+        self.flex.dir.path()
+    }
+
     fn api_key(&self) -> String {
         self.demo["api_key"].as_str().unwrap().to_string()
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.api)
+        format!("http://127.0.0.1:{}/v1", self.flex.api)
     }
 
     /// SIGTERM (a planned stop flushes the spans), then a clean exit.
     async fn stop(&mut self) {
-        let pid = self.guard.0.id().to_string();
+        let pid = self.flex.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
@@ -242,7 +205,7 @@ impl Up {
             .success());
         let t0 = Instant::now();
         let status = loop {
-            if let Some(s) = self.guard.0.try_wait().unwrap() {
+            if let Some(s) = self.flex.child.try_wait().unwrap() {
                 break s;
             }
             assert!(
@@ -278,7 +241,7 @@ fn contains(wire: &[u8], needle: &str) -> bool {
 async fn request_spans_reach_an_otlp_collector_without_secrets() {
     let (collector, otlp_port) = start_collector(None).await;
     let mut up = start_up(&["--otlp-endpoint", &format!("http://127.0.0.1:{otlp_port}")]).await;
-    let dir = up.dir.path().to_path_buf();
+    let dir = up.dir().to_path_buf();
     let demo = up.demo.clone();
     let api_key = up.api_key();
     assert!(api_key.starts_with("flex_live_"), "{api_key}");
@@ -384,28 +347,7 @@ async fn request_spans_reach_an_otlp_collector_without_secrets() {
 /// `flex admin --data-dir DIR ARGS…`, with `stdin` piped in, and no `FLEX_*` variable of the
 /// test's own.
 fn admin(dir: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLEX_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .args(["admin", "--data-dir"])
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    flex_admin_in(dir, args, &[], Some(stdin))
 }
 
 fn admin_json(dir: &Path, args: &[&str], stdin: &str) -> Value {
@@ -437,7 +379,7 @@ fn span_named<'a>(spans: &'a [(String, Span)], name: &str, key: &str, value: &st
 async fn caller_trace_context_and_admin_rpcs_are_exported_without_secrets() {
     let (collector, otlp_port) = start_collector(None).await;
     let mut up = start_up(&["--otlp-endpoint", &format!("http://127.0.0.1:{otlp_port}")]).await;
-    let dir = up.dir.path().to_path_buf();
+    let dir = up.dir().to_path_buf();
     let api_key = up.api_key();
     let body = json!({"model": "gpt-5.5", "input": "hi", "start_within": "default"});
 

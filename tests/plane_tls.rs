@@ -271,18 +271,6 @@ async fn with_a_client_ca_only_enrolled_proxies_can_watch() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("edge-1"));
 }
 
-/// A nats-server that speaks only TLS and requires client certificates from `pki`.
-async fn tls_nats(pki: &Pki) -> Nats {
-    let (cert, key) = pki.server("nats");
-    Nats::start_with(&format!(
-        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 5\n}}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        pki.ca_path().display().to_string(),
-    ))
-    .await
-}
-
 fn nats_auth(ca: &Path, identity: Option<&(PathBuf, PathBuf)>) -> NatsAuthArgs {
     NatsAuthArgs {
         nats_ca: Some(ca.to_path_buf()),
@@ -296,7 +284,7 @@ fn nats_auth(ca: &Path, identity: Option<&(PathBuf, PathBuf)>) -> NatsAuthArgs {
 async fn snapshots_over_nats_with_tls_and_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "nats");
-    let nats = tls_nats(&pki).await;
+    let nats = Nats::start_tls(&pki).await;
     let cp = control_plane(None).await;
 
     // Both planes connect the way `flex control` / `flex proxy` do (--nats-ca/-cert/-key).

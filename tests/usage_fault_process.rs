@@ -17,9 +17,12 @@
 //! Needs `nats-server` (PATH, /usr/sbin, or `FLEX_TEST_NATS_SERVER`) and Postgres
 //! (`FLEX_TEST_POSTGRES_URL`, default postgres://postgres@127.0.0.1:5432); never skips.
 
+#[path = "common/infra.rs"]
+mod infra;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,8 +33,11 @@ use flex_shared::usage::{UsageEvent, NATS_STREAM};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use infra::{
+    admin_json_of, free_port, nats_server_binary, output_with_stdin, wait_listening, Pg, Proc,
+};
 use serde_json::{json, Value};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 
 const OPENAI_KEY: &str = "sk-sim-openai-fault-000000";
 const GEMINI_KEY: &str = "AIza-sim-fault-000000";
@@ -42,173 +48,12 @@ const WORKERS: usize = 6;
 
 // ----- fixtures -------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/local/bin"])
-    {
-        let p = Path::new(dir).join("nats-server");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "nats-server not found (PATH, /usr/sbin, FLEX_TEST_NATS_SERVER): this test needs a real \
-         NATS server with JetStream; it never skips"
-    )
-}
-
-fn wait_listening(port: u16, what: &str, within: Duration) {
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < within,
-            "{what} did not listen on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A child process, SIGKILLed when dropped; its output goes to a log file (printed on failure).
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Self {
-        let log = logs.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(program)
-            .args(args)
-            .env("FLEX_LOG", "warn,flex=info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// SIGSTOP: the process hangs with its connections open (nothing is answered or closed).
-    fn freeze(&self) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot SIGSTOP {}", self.name);
-    }
-
-    /// SIGTERM, then waits (bounded) for the process to exit on its own.
-    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot SIGTERM {}", self.name);
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return status;
-            }
-            if t0.elapsed() > within {
-                c.kill().ok();
-                c.wait().ok();
-                panic!("{} did not exit within {within:?} of SIGTERM", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs, like a crash.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("----- {} ({}) -----", self.name, self.log.display());
-            let out = self.output();
-            let tail: Vec<&str> = out.lines().rev().take(60).collect();
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-/// A fresh Postgres database, dropped at the end.
-struct Pg {
-    base: String,
-    name: String,
-}
-
-impl Pg {
-    async fn new() -> Self {
-        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
-            .trim_end_matches('/')
-            .to_string();
-        let mut conn = PgConnection::connect(&format!("{base}/postgres"))
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Postgres is unreachable at {base}: {e}. This test needs a real Postgres \
-                     (set FLEX_TEST_POSTGRES_URL); it never skips"
-                )
-            });
-        let name = format!("flex_fault_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        conn.close().await.ok();
-        Self { base, name }
-    }
-
-    fn url(&self) -> String {
-        format!("{}/{}", self.base, self.name)
-    }
-
-    async fn drop_db(self) {
-        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
-            conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await
-                .ok();
-        }
-    }
+/// `program ARGS` with `FLEX_LOG` set, its output in `LOGS/NAME.log` (the log's tail is printed
+/// if the test panics).
+fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Proc {
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("FLEX_LOG", "warn,flex=info");
+    Proc::spawn(name, cmd, logs.join(format!("{name}.log"))).tail_on_panic(60)
 }
 
 /// Everything the processes need to be started (and started again).
@@ -236,7 +81,7 @@ impl Cluster {
     }
 
     fn start_nats(&self) -> Proc {
-        let p = Proc::spawn(
+        let p = spawn(
             "nats-server",
             &nats_server_binary(),
             &[
@@ -275,7 +120,7 @@ impl Cluster {
             format!("127.0.0.1:{}", self.cp_port),
         ];
         args.extend(self.nats_args());
-        let p = Proc::spawn("flex-control", &self.flex, &args, &self.logs);
+        let p = spawn("flex-control", &self.flex, &args, &self.logs);
         wait_listening(self.cp_port, "flex control", Duration::from_secs(60));
         p
     }
@@ -314,39 +159,25 @@ impl Cluster {
             durable_wait_ms.to_string(),
         ];
         args.extend(self.nats_args());
-        Proc::spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
+        spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
     }
 
     /// `flex admin --json …` against the control plane process.
     fn admin(&self, args: &[&str], stdin: Option<&str>) -> Value {
-        use std::io::Write;
-        let mut cmd = Command::new(&self.flex);
-        cmd.args([
-            "admin",
-            "--endpoint",
-            &self.control_url(),
-            "--token",
-            ADMIN_TOKEN,
-            "--json",
-        ])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        {
-            let mut input = child.stdin.take().unwrap();
-            if let Some(s) = stdin {
-                input.write_all(s.as_bytes()).unwrap();
-            }
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "flex admin {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_with_stdin(
+            Command::new(&self.flex)
+                .args([
+                    "admin",
+                    "--endpoint",
+                    &self.control_url(),
+                    "--token",
+                    ADMIN_TOKEN,
+                    "--json",
+                ])
+                .args(args),
+            stdin,
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        admin_json_of(&out, args)
     }
 }
 
@@ -828,7 +659,7 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
     );
     assert!(
         proxies[0]
-            .output()
+            .log_text()
             .contains("usage log holds undelivered events"),
         "the restarted proxy had nothing to replay: the fault was not real"
     );
@@ -1051,7 +882,7 @@ async fn grpc_usage_from_the_log_survives_control_plane_and_proxy_kills() {
     wait_ready(port, Duration::from_secs(30)).await;
     assert!(
         proxy
-            .output()
+            .log_text()
             .contains("usage log holds undelivered events"),
         "the restarted proxy had nothing to replay"
     );
@@ -1175,7 +1006,7 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
             .unwrap();
     }
     assert!(status.success(), "a clean exit on SIGTERM: {status}");
-    let out = proxy.output();
+    let out = proxy.log_text();
     assert!(out.contains("SIGTERM"), "{out}");
     assert!(out.contains("usage log flushed"), "{out}");
     let (completed, cut_off) = {
@@ -1273,7 +1104,7 @@ async fn sigterm_lets_the_answers_in_flight_finish() {
     let sent = Instant::now();
     let exited = tokio::task::spawn_blocking(move || {
         let status = proxy.terminate(Duration::from_secs(20));
-        (status, proxy.output())
+        (status, proxy.log_text())
     });
     // Draining: new connections are refused while the stream goes on.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -14,16 +14,17 @@
 //! (`FLEX_TEST_POSTGRES_URL`, default postgres://postgres@127.0.0.1:5432); never skips.
 
 mod common;
+#[path = "common/infra.rs"]
+mod infra;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flex::sim::{self, SimConfig};
-use flex_control_plane::sqlx::{self, Connection, Executor, PgConnection, PgPool};
+use flex_control_plane::sqlx::{self, PgPool};
 use flex_control_plane::usage_consumer::{UsageConsumer, UsageConsumerConfig};
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
@@ -37,6 +38,7 @@ use flex_data_plane::usage_nats::{
 use flex_data_plane::usage_wal::{UsageWal, WalConfig};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::{nats_subject, UsageEvent};
+use infra::{free_port, nats_server_binary, wait_listening, Pg};
 use rand::{Rng, SeedableRng};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -51,33 +53,10 @@ struct NatsServer {
     child: Option<Child>,
 }
 
-fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEX_TEST_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = PathBuf::from(dir).join("nats-server");
-        if p.is_file() {
-            return p;
-        }
-    }
-    let p = PathBuf::from("/usr/sbin/nats-server");
-    assert!(
-        p.is_file(),
-        "nats-server not found (PATH, /usr/sbin, FLEX_TEST_NATS_SERVER): these tests need a real NATS server with JetStream; they never skip"
-    );
-    p
-}
-
 impl NatsServer {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut s = Self {
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -91,7 +70,7 @@ impl NatsServer {
 
     fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(nats_server_binary())
             .args([
                 "-a",
                 "127.0.0.1",
@@ -106,15 +85,7 @@ impl NatsServer {
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "nats-server did not listen on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(self.port, "nats-server", Duration::from_secs(10));
     }
 
     /// SIGKILL, like a crash.
@@ -138,44 +109,6 @@ async fn nats_client(url: &str) -> async_nats::Client {
         .connect(url)
         .await
         .unwrap()
-}
-
-/// A fresh Postgres database, dropped at the end of the test.
-struct PgDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    async fn new() -> Self {
-        let base = std::env::var("FLEX_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
-            .trim_end_matches('/')
-            .to_string();
-        let admin = format!("{base}/postgres");
-        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-            panic!("Postgres is unreachable at {admin}: {e}. These tests need a real Postgres (set FLEX_TEST_POSTGRES_URL); they never skip")
-        });
-        let name = format!("flex_test_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        conn.close().await.ok();
-        Self {
-            url: format!("{base}/{name}"),
-            admin,
-            name,
-        }
-    }
-
-    async fn drop_db(self) {
-        if let Ok(mut conn) = PgConnection::connect(&self.admin).await {
-            conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await
-                .ok();
-        }
-    }
 }
 
 fn keyring() -> Arc<MasterKeyring> {
@@ -298,11 +231,11 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     const N: usize = 300;
     const WORKERS: usize = 4;
     let mut nats = NatsServer::start();
-    let db = PgDb::new().await;
+    let db = Pg::new().await;
     let keys = keyring();
 
     // Control plane: org, key, provider key.
-    let cp = Arc::new(ControlPlane::open(&db.url, keys.clone()).await.unwrap());
+    let cp = Arc::new(ControlPlane::open(&db.url(), keys.clone()).await.unwrap());
     let meta = Metadata::new("test");
     let org = cp.create_org(&meta, "acme", None).await.unwrap().org;
     let key = cp
@@ -418,7 +351,7 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     drop(cp.take());
     eprintln!("fault: control plane dropped");
     sleep(800).await;
-    let cp2 = Arc::new(ControlPlane::open(&db.url, keys.clone()).await.unwrap());
+    let cp2 = Arc::new(ControlPlane::open(&db.url(), keys.clone()).await.unwrap());
     consumer = Some(cp2.spawn_usage_consumer(cp_client.clone(), consumer_config()));
     eprintln!("fault: control plane reopened");
     sleep(400).await;
@@ -439,7 +372,7 @@ async fn every_request_is_counted_once_through_nats_pg_and_proxy_restarts() {
     let expected = totals_of(&seen);
     assert!(expected.cost > 0 && expected.input > 0);
 
-    let pool = PgPool::connect(&db.url).await.unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
     let got = wait_for_rows(&pool, N as i64, Duration::from_secs(120), "fault test").await;
     // Past the consumer's ack wait: anything still to be redelivered has been.
     sleep(3000).await;
@@ -532,8 +465,8 @@ fn event(request_id: &str, org_id: &str, cost: i64) -> UsageEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_publishes_count_once_and_malformed_messages_are_terminated() {
     let nats = NatsServer::start();
-    let db = PgDb::new().await;
-    let cp = Arc::new(ControlPlane::open(&db.url, keyring()).await.unwrap());
+    let db = Pg::new().await;
+    let cp = Arc::new(ControlPlane::open(&db.url(), keyring()).await.unwrap());
     let client = nats_client(&nats.url()).await;
     let js = async_nats::jetstream::new(client.clone());
     js.get_or_create_stream(usage_stream_config())
@@ -587,7 +520,7 @@ async fn duplicate_publishes_count_once_and_malformed_messages_are_terminated() 
     )
     .await;
 
-    let pool = PgPool::connect(&db.url).await.unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
     let stats = consumer.stats().clone();
     let t0 = Instant::now();
     while stats.received.load(Ordering::Relaxed) < 4 || stats.malformed.load(Ordering::Relaxed) < 2
@@ -622,15 +555,15 @@ async fn duplicate_publishes_count_once_and_malformed_messages_are_terminated() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_org_rollups_equal_the_ledger_sum_over_random_events() {
     let nats = NatsServer::start();
-    let db = PgDb::new().await;
-    let cp = Arc::new(ControlPlane::open(&db.url, keyring()).await.unwrap());
+    let db = Pg::new().await;
+    let cp = Arc::new(ControlPlane::open(&db.url(), keyring()).await.unwrap());
     let client = nats_client(&nats.url()).await;
     let consumer = cp.spawn_usage_consumer(client.clone(), consumer_config());
     // Delivery from memory (a proxy without a state dir).
     let queue = UsageQueue::new();
     let dstats = Arc::new(NatsDeliveryStats::default());
     let delivery = spawn_queue_delivery(&client, &dstats, &queue);
-    let pool = PgPool::connect(&db.url).await.unwrap();
+    let pool = PgPool::connect(&db.url()).await.unwrap();
     let meta = Metadata::new("test");
 
     let mut all: Vec<UsageEvent> = Vec::new();

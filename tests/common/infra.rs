@@ -1,13 +1,15 @@
-//! Test infrastructure shared by the fleet and TLS tests (`#[path = "common/infra.rs"] mod
-//! infra;`): free ports, a private `nats-server` (JetStream, optional extra configuration such as
-//! a `tls { … }` block), a fresh Postgres database, and a throwaway PKI made with rcgen. Postgres
+//! Test infrastructure shared by the process, fleet and TLS tests (`#[path = "common/infra.rs"]
+//! mod infra;`): free ports, a private `nats-server` (JetStream, optional extra configuration such
+//! as a `tls { … }` block), a fresh Postgres database, a throwaway PKI made with rcgen, child
+//! processes logging to a file, a `flex up` process, and an HTTP request helper. Postgres
 //! comes from `FLEX_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`) and
 //! `nats-server` from `FLEX_TEST_NATS_SERVER` (default: `nats-server` on the PATH, then
 //! /usr/sbin); if either is missing the tests fail, never skip.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -64,6 +66,19 @@ impl Nats {
 
     pub async fn start_with(config: &str) -> Self {
         Self::start_full(config, "16GB").await
+    }
+
+    /// A server that speaks only TLS and requires client certificates signed by `pki`'s CA (its
+    /// own certificate is `pki.server("nats")`).
+    pub async fn start_tls(pki: &Pki) -> Self {
+        let (cert, key) = pki.server("nats");
+        Self::start_with(&format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 5\n}}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            pki.ca_path().display().to_string(),
+        ))
+        .await
     }
 
     /// A server whose JetStream file store holds at most `limit` (e.g. `64MB`).
@@ -148,6 +163,263 @@ impl Nats {
 impl Drop for Nats {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Waits (blocking, polling every 20 ms) until something listens on `port` of 127.0.0.1.
+pub fn wait_listening(port: u16, what: &str, within: Duration) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < within,
+            "{what} did not listen on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process whose stdout and stderr go to a log file; SIGKILLed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    /// Lines of the log printed to stderr when dropped during a panic (0: none).
+    panic_tail: usize,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdin from /dev/null and stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+            panic_tail: 0,
+        }
+    }
+
+    /// When dropped during a panic, prints the last `lines` lines of the log.
+    pub fn tail_on_panic(mut self, lines: usize) -> Self {
+        self.panic_tail = lines;
+        self
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGSTOP: the process hangs with its connections open (nothing is answered or closed).
+    pub fn freeze(&self) {
+        let ok = Command::new("kill")
+            .args(["-STOP", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot SIGSTOP {}", self.name);
+    }
+
+    /// SIGTERM, then waits (bounded) for the process to exit on its own.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot SIGTERM {}", self.name);
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if t0.elapsed() > within {
+                c.kill().ok();
+                c.wait().ok();
+                panic!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// The whole log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last 30 lines of the log, under a header with the process's name.
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(30);
+        format!("--- {} log ---\n{}", self.name, lines[from..].join("\n"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if self.panic_tail > 0 && std::thread::panicking() {
+            eprintln!("----- {} ({}) -----", self.name, self.log.display());
+            let out = self.log_text();
+            let tail: Vec<&str> = out.lines().rev().take(self.panic_tail).collect();
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Runs `cmd` to the end with `stdin` written to its standard input (closed at once when None),
+/// and collects its stdout and stderr.
+pub fn output_with_stdin(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The output of `flex admin … ARGS`, which must have succeeded: its stdout as JSON.
+pub fn admin_json_of(out: &Output, args: &[&str]) -> Value {
+    assert!(
+        out.status.success(),
+        "flex admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A `flex up` process (the real binary) on free ports, with its data dir in a temp dir; killed
+/// when dropped.
+pub struct FlexUp {
+    pub dir: tempfile::TempDir,
+    /// The port of the proxy API (`--listen`).
+    pub api: u16,
+    /// The port of the admin API (`--admin-listen`).
+    pub admin: u16,
+    pub child: Child,
+    /// `flex up ARGS`, for messages.
+    what: String,
+}
+
+impl FlexUp {
+    /// Starts `flex up ARGS --data-dir DIR --listen 127.0.0.1:API --admin-listen
+    /// 127.0.0.1:ADMIN`, stdout and stderr to /dev/null; `configure` changes the command (more
+    /// arguments, environment, stdio) before it is spawned.
+    pub fn start(args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (api, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
+        cmd.arg("up")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        configure(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let what = std::iter::once("flex up")
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Self {
+            dir,
+            api,
+            admin,
+            child,
+            what,
+        }
+    }
+
+    /// Waits (blocking, polling every 50 ms, at most `within`) until `flex up` has written `file`
+    /// into its data dir, then 200 ms more; returns the file's path.
+    pub fn wait_for_file(&self, file: &str, within: Duration) -> PathBuf {
+        let path = self.dir.path().join(file);
+        let t0 = Instant::now();
+        while !path.exists() {
+            self.assert_within(t0, within, file);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        path
+    }
+
+    /// [`FlexUp::wait_for_file`] without blocking the runtime's thread.
+    pub async fn wait_for_file_async(&self, file: &str, within: Duration) -> PathBuf {
+        let path = self.dir.path().join(file);
+        let t0 = Instant::now();
+        while !path.exists() {
+            self.assert_within(t0, within, file);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        path
+    }
+
+    fn assert_within(&self, t0: Instant, within: Duration, file: &str) {
+        assert!(t0.elapsed() < within, "{} wrote no {file}", self.what);
+    }
+}
+
+impl Drop for FlexUp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `flex admin --data-dir DIR ARGS…` with `env`, and no `FLEX_*` variable of the test's own;
+/// `stdin` is written to its standard input (None: no standard input).
+pub fn flex_admin_in(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FLEX_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["admin", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .envs(env.iter().copied());
+    match stdin {
+        None => cmd.stdin(Stdio::null()).output().unwrap(),
+        Some(text) => output_with_stdin(&mut cmd, Some(text)),
     }
 }
 
