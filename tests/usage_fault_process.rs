@@ -9,10 +9,13 @@
 //! restarted. A request whose proxy died is retried on the other one (a new request id).
 //!
 //! Then: every answer the client received completely has its row in the ledger (no loss), with
-//! the tokens the client saw; no request id is counted twice; the only other rows are of answers
-//! that were cut off by the kill after their event was durable (served, and billed, but not
-//! received whole); and the ledger totals (tokens, cost, standard cost) equal the sum of the
-//! events the proxies published to `FLEX_USAGE`.
+//! the tokens the client saw; no request id is counted twice; every answer cut off by the kill
+//! after its headers came (a provider had started it) has exactly one row too: its complete event
+//! if that was durable before the kill, else an `interrupted` one (no tokens) that the restarted
+//! proxy recorded from its in-flight journal; the only other rows are of attempts cut off before
+//! their headers came (no more than the attempts that failed); and the ledger totals
+//! (tokens, cost, standard cost) equal the sum of the events the proxies published to
+//! `FLEX_USAGE`.
 //!
 //! Needs `nats-server` (PATH, /usr/sbin, or `FLEX_TEST_NATS_SERVER`) and Postgres
 //! (`FLEX_TEST_POSTGRES_URL`, default postgres://postgres@127.0.0.1:5432); never skips.
@@ -598,8 +601,9 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
     nats.freeze();
     eprintln!("fault: nats-server hung (SIGSTOP)");
     sleep(1000).await;
-    // A long stream in flight on proxy 0 when it dies: cut off before its end, so it has no
-    // usage event (the event is written when the answer ends).
+    // A long stream in flight on proxy 0 when it dies: cut off before its end, so its complete
+    // event is never written; the in-flight journal has it, and the restarted proxy records it
+    // as `interrupted`.
     let long = {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         let body = json!({"model": "gpt-5.5", "start_within": "default", "stream": true,
@@ -706,11 +710,11 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
         );
     }
     let pool = PgPool::connect(&pg.url()).await.unwrap();
-    type Row = (String, i64, i64, i64, i64);
+    type Row = (String, i64, i64, i64, i64, String);
     let ledger = |pool: PgPool| async move {
         sqlx::query_as::<_, Row>(
             "SELECT request_id, input_tokens::BIGINT, output_tokens::BIGINT, cost_micros, \
-             standard_cost_micros FROM usage_ledger",
+             standard_cost_micros, outcome FROM usage_ledger",
         )
         .fetch_all(&pool)
         .await
@@ -720,18 +724,30 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
     let rows = loop {
         let rows = ledger(pool.clone()).await;
         let ids: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        if completed.keys().all(|id| ids.contains(id.as_str())) {
+        let started = completed
+            .keys()
+            .chain(&cut_off)
+            .chain([&long_id])
+            .filter(|id| ids.contains(id.as_str()))
+            .count();
+        if started == completed.len() + cut_off.len() + 1 {
             break rows;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "ledger: {} rows, {} of {} completed answers",
+            "ledger: {} rows, {} of {} completed answers, {} of {} cut off, long stream: {}",
             rows.len(),
             completed
                 .keys()
                 .filter(|id| ids.contains(id.as_str()))
                 .count(),
-            completed.len()
+            completed.len(),
+            cut_off
+                .iter()
+                .filter(|id| ids.contains(id.as_str()))
+                .count(),
+            cut_off.len(),
+            ids.contains(long_id.as_str()),
         );
         sleep(200).await;
     };
@@ -751,21 +767,46 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
         let r = by_id[id.as_str()];
         assert_eq!((r.1, r.2), (*input, *output), "tokens of {id}");
     }
-    // No double count: the only other rows are answers cut off after their event was durable.
+    // No double count: the only other rows are of answers cut off by the kill (the headers
+    // came, so a provider had started): each has exactly one row, either its complete event
+    // (durable before the kill) or, recorded from the in-flight journal when the proxy came
+    // back, an `interrupted` one with no tokens.
     let extra: Vec<&str> = by_id
         .keys()
         .copied()
         .filter(|id| !completed.contains_key(*id))
         .collect();
-    for id in &extra {
-        assert!(
-            cut_off.contains(*id),
-            "ledger row {id} belongs to no answer the client saw"
-        );
-    }
+    // Rows of attempts cut off before their headers came (a non-streaming answer is sent whole
+    // at its end): the client never saw their ids, but each is one of its failed attempts.
+    let unseen: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|id| !cut_off.contains(*id) && *id != long_id)
+        .collect();
     assert!(
-        !by_id.contains_key(long_id.as_str()),
-        "a stream cut off mid-answer has no usage event"
+        unseen.len() <= retries,
+        "{} ledger rows belong to no answer the client saw, but only {retries} attempts failed: {unseen:?}",
+        unseen.len()
+    );
+    let interrupted = extra
+        .iter()
+        .filter(|id| by_id[**id].5 == "interrupted")
+        .count();
+    for id in &extra {
+        let r = by_id[*id];
+        if r.5 == "interrupted" {
+            assert_eq!(
+                (r.1, r.2, r.3, r.4),
+                (0, 0, 0, 0),
+                "an interrupted row: {r:?}"
+            );
+        }
+    }
+    let long_row = by_id[long_id.as_str()];
+    assert_eq!(
+        (long_row.5.as_str(), long_row.2),
+        ("interrupted", 0),
+        "the stream cut off mid-answer is recorded as interrupted: {long_row:?}"
     );
 
     // The totals are the sum of the events the proxies published.
@@ -805,13 +846,14 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
     assert!(ledger_totals.2 > 0, "costs were counted");
     eprintln!(
         "{N} answers completed, plus {} probes ({retries} attempts retried, {} cut off, and the \
-         long stream {long_id}, not in the ledger); ledger {} rows ({} cut off after their event \
-         was durable); {} events in {NATS_STREAM} ({} messages); totals (input, output, cost µ$, \
-         standard µ$) = {ledger_totals:?}",
+         long stream {long_id}); ledger {} rows ({} of answers cut off: {} complete events \
+         durable before the kill, {interrupted} interrupted); {} events in {NATS_STREAM} ({} \
+         messages); totals (input, output, cost µ$, standard µ$) = {ledger_totals:?}",
         answered - N,
         cut_off.len(),
         rows.len(),
         extra.len(),
+        extra.len() - interrupted,
         events.len(),
         info.messages,
     );

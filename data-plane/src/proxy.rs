@@ -293,6 +293,7 @@ impl Proxy {
                             self.latency.record(model, o.winner.start_latency);
                         }
                         record_outcome(o.winner.tier, e);
+                        self.opened(e, o.winner.tier);
                         tracing::info!(
                             winner = o.winner.tier.as_str(),
                             reason = e.reason,
@@ -328,9 +329,17 @@ impl Proxy {
                     self.latency.record(model, started.start_latency);
                 }
                 record_outcome(tier, e);
+                self.opened(e, tier);
                 Ok(started)
             }
         }
+    }
+
+    /// Tells the usage sink that `e`'s upstream started on `tier` (see [`UsageSink::opened`]).
+    fn opened(&self, e: &UsageEvent, tier: AskTier) {
+        let mut open = e.clone();
+        open.served_tier = tier.assumed_served().as_str().to_string();
+        self.usage.opened(&open);
     }
 
     /// Serves one API request in `format`.

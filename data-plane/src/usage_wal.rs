@@ -763,6 +763,11 @@ pub struct WalStats {
     pub stalled_reads: AtomicU64,
     /// The bounded wait of responses for durability.
     pub durable: Arc<DurableStats>,
+    /// Answers whose upstream started and whose event is not in the log yet (the in-flight
+    /// journal's open requests).
+    pub inflight: AtomicU64,
+    /// Failed writes of the in-flight journal.
+    pub inflight_errors: AtomicU64,
 }
 
 type Entry = (UsageEvent, Option<oneshot::Sender<bool>>);
@@ -780,6 +785,8 @@ type IoJob = Box<dyn FnOnce(&Log) + Send>;
 
 struct Shared {
     log: Arc<Log>,
+    /// Answers whose upstream started and whose event is not in the log yet.
+    journal: Mutex<crate::usage_inflight::Journal>,
     /// Woken after every group written, for the delivery task.
     appended: Notify,
     stats: WalStats,
@@ -820,8 +827,21 @@ impl UsageWal {
     /// dropped or [closed](Self::close)) and its I/O thread for delivery.
     pub fn open(config: WalConfig) -> std::io::Result<Arc<Self>> {
         let spool = Spool::open_with(&config.dir, config.max_bytes, config.segment_bytes)?;
-        let Spool { log, appender } = spool;
+        let Spool { log, mut appender } = spool;
+        // Answers the last run was still giving when it stopped: into the log before the journal
+        // starts again (a crash in between records them twice, which the ledger absorbs).
+        let interrupted = crate::usage_inflight::recover(&config.dir)?;
+        if !interrupted.is_empty() {
+            let written = appender.append(&log, &interrupted)?;
+            tracing::warn!(
+                interrupted = interrupted.len(),
+                written,
+                "answers were in flight when the proxy last stopped; recorded as `interrupted` (tokens and cost unknown)"
+            );
+        }
+        let journal = crate::usage_inflight::Journal::create(&config.dir)?;
         let shared = Arc::new(Shared {
+            journal: Mutex::new(journal),
             log: log.clone(),
             appended: Notify::new(),
             stats: WalStats::default(),
@@ -1033,6 +1053,19 @@ impl UsageSink for UsageWal {
         let _ = self.send(event, None);
     }
 
+    fn opened(&self, event: &UsageEvent) {
+        // In the kernel before the answer's first byte leaves: a kill cannot lose it.
+        let mut journal = lock(&self.shared.journal);
+        match journal.open(event.clone()) {
+            Ok(()) => self
+                .shared
+                .stats
+                .inflight
+                .store(journal.open_count() as u64, Ordering::Relaxed),
+            Err(e) => journal_error(&self.shared.stats, &e),
+        }
+    }
+
     fn emit_durable(&self, event: UsageEvent) -> Durable {
         let stats = self.shared.stats.durable.clone();
         if self.durable_wait.is_zero() {
@@ -1067,7 +1100,9 @@ impl UsageSink for UsageWal {
              # TYPE usage_log_stalled_reads_total counter\nusage_log_stalled_reads_total {}\n\
              # TYPE usage_durable_waits_total counter\nusage_durable_waits_total {}\n\
              # TYPE usage_durable_wait_timeouts_total counter\nusage_durable_wait_timeouts_total {}\n\
-             # TYPE usage_not_durable_total counter\nusage_not_durable_total {}\n",
+             # TYPE usage_not_durable_total counter\nusage_not_durable_total {}\n\
+             # TYPE usage_inflight_answers gauge\nusage_inflight_answers {}\n\
+             # TYPE usage_inflight_errors_total counter\nusage_inflight_errors_total {}\n",
             g(&s.appended),
             g(&s.commits),
             g(&s.delivered),
@@ -1080,6 +1115,8 @@ impl UsageSink for UsageWal {
             g(&s.durable.waits),
             g(&s.durable.timeouts),
             g(&s.durable.not_durable),
+            g(&s.inflight),
+            g(&s.inflight_errors),
         ));
     }
 }
@@ -1092,17 +1129,28 @@ fn writer(rx: Receiver<Msg>, mut appender: Appender, shared: Arc<Shared>) {
     let mut group: Vec<Entry> = Vec::new();
     let mut closing = false;
     let mut backoff = Duration::from_millis(50);
+    let stats = &shared.stats;
     loop {
         if group.is_empty() {
             let next = if closing {
                 match rx.try_recv() {
                     Ok(m) => m,
-                    Err(_) => return,
+                    Err(_) => {
+                        sync_journal(&shared, true);
+                        return;
+                    }
                 }
             } else {
-                match rx.recv() {
+                match rx.recv_timeout(crate::usage_inflight::SYNC_EVERY) {
                     Ok(m) => m,
-                    Err(_) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        sync_journal(&shared, false);
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        sync_journal(&shared, true);
+                        return;
+                    }
                 }
             };
             match next {
@@ -1121,7 +1169,6 @@ fn writer(rx: Receiver<Msg>, mut appender: Appender, shared: Arc<Shared>) {
             }
         }
         let result = appender.append(&shared.log, group.iter().map(|(e, _)| e));
-        let stats = &shared.stats;
         match result {
             Ok(written) => {
                 stats.appended.fetch_add(written as u64, Ordering::Relaxed);
@@ -1132,11 +1179,24 @@ fn writer(rx: Receiver<Msg>, mut appender: Appender, shared: Arc<Shared>) {
                         .dropped_full
                         .fetch_add(refused as u64, Ordering::Relaxed);
                 }
+                {
+                    // In the log (or refused by its bound, and then not to come back either).
+                    let mut journal = lock(&shared.journal);
+                    for (event, _) in &group {
+                        if let Err(e) = journal.done(&event.request_id) {
+                            journal_error(stats, &e);
+                        }
+                    }
+                    stats
+                        .inflight
+                        .store(journal.open_count() as u64, Ordering::Relaxed);
+                }
                 for (i, (_, waiter)) in group.drain(..).enumerate() {
                     if let Some(w) = waiter {
                         let _ = w.send(i < written);
                     }
                 }
+                sync_journal(&shared, false);
                 shared.appended.notify_one();
                 backoff = Duration::from_millis(50);
             }
@@ -1151,6 +1211,23 @@ fn writer(rx: Receiver<Msg>, mut appender: Appender, shared: Arc<Shared>) {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+fn journal_error(stats: &WalStats, e: &std::io::Error) {
+    let n = stats.inflight_errors.fetch_add(1, Ordering::Relaxed) + 1;
+    if n == 1 || n.is_power_of_two() {
+        tracing::error!(error = %e, inflight_errors_total = n, "cannot write the in-flight usage journal (an answer cut off by a crash may then have no event)");
+    }
+}
+
+/// Fsyncs the in-flight journal when due (or `now`), without holding its lock.
+fn sync_journal(shared: &Shared, now: bool) {
+    let due = lock(&shared.journal).due_for_sync(now);
+    if let Some(file) = due {
+        if let Err(e) = file.and_then(|f| f.sync_data()) {
+            journal_error(&shared.stats, &e);
         }
     }
 }
@@ -1663,6 +1740,43 @@ pub(crate) mod tests {
             ids(&rest),
             (50..201).map(|i| format!("req_{i}")).collect::<Vec<_>>()
         );
+    }
+
+    #[tokio::test]
+    async fn answers_in_flight_at_a_stop_come_back_as_interrupted_after_the_complete_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = UsageWal::open(WalConfig::new(dir.path())).unwrap();
+        // Three answers start; only req_2 completes before the proxy stops.
+        for i in 1..=3 {
+            wal.opened(&event(i));
+        }
+        assert!(wal.emit_durable(event(2)).wait().await);
+        // An error event whose upstream never started is not in the journal.
+        assert!(wal.emit_durable(event(9)).wait().await);
+        let mut m = String::new();
+        wal.write_metrics(&mut m);
+        assert!(m.contains("usage_inflight_answers 2"), "{m}");
+        // A stop that loses the queue and the writer's memory (what a kill leaves is the files).
+        drop(wal);
+        let again = UsageWal::open(WalConfig::new(dir.path())).unwrap();
+        let chunk = again.read(100).unwrap();
+        assert_eq!(ids(&chunk), ["req_2", "req_9", "req_1", "req_3"]);
+        let outcomes: Vec<_> = chunk
+            .events
+            .iter()
+            .map(|e| e.event.outcome.as_str())
+            .collect();
+        assert_eq!(outcomes, ["ok", "ok", "interrupted", "interrupted"]);
+        let cut = &chunk.events[2].event;
+        assert_eq!(
+            (cut.org_id.as_str(), cut.served_tier.as_str()),
+            ("org_1", "standard")
+        );
+        assert_eq!((cut.output_tokens, cut.cost_micros, cut.status), (0, 0, 0));
+        // Recorded once: a second restart finds nothing new in flight.
+        drop(again);
+        let third = UsageWal::open(WalConfig::new(dir.path())).unwrap();
+        assert_eq!(third.read(100).unwrap().events.len(), 4);
     }
 
     #[tokio::test]

@@ -39,7 +39,7 @@ pub fn nats_subject(org_id: &str) -> String {
     format!("flex.usage.{token}")
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
     pub schema_version: u32,
     /// Unique per request; the ledger's idempotency key and the JetStream `Nats-Msg-Id`.
@@ -67,7 +67,9 @@ pub struct UsageEvent {
     pub reasoning_tokens: u64,
     /// HTTP status returned to the caller.
     pub status: u16,
-    /// `ok`, `error`, `cancelled` (client went away) or `incomplete` (stream cut).
+    /// `ok`, `error`, `cancelled` (client went away), `incomplete` (stream cut) or
+    /// `interrupted` (the proxy stopped, e.g. was killed, after the provider had started
+    /// answering: recorded on its next start with tokens and cost unknown, so 0, and status 0).
     pub outcome: String,
     /// Tiers that were started upstream (normally one; never two billed).
     pub tiers_started: Vec<String>,
