@@ -14,7 +14,7 @@
 //!
 //! With export on, a request that carries a W3C `traceparent` (and `tracestate`) gets its
 //! `request` span as a child of the caller's span ([`caller_trace`]); those headers are never
-//! sent on to a provider.
+//! sent on to a provider. The control plane's gRPC calls do the same with that metadata.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -153,6 +153,7 @@ pub fn init(command: &Command) -> Result<Telemetry> {
         .context("cannot install the trace exporter: logging was already set up")?;
     // Only now: linking a span to its caller needs the OpenTelemetry layer installed.
     let _ = CALLER_TRACE.set(CallerTrace::new(link_to_caller));
+    flex_control_plane::grpc_trace::link_callers_with(link_to_caller);
     tracing::info!(
         endpoint = %export.endpoint,
         service_name = %export.service_name,

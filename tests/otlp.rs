@@ -448,6 +448,30 @@ async fn caller_trace_context_and_admin_rpcs_are_exported_without_secrets() {
     const WRONG_TOKEN: &str = "wrong-admin-token-canary-42";
     let out = admin(&dir, &["--token", WRONG_TOKEN, "org", "list"], "");
     assert!(!out.status.success());
+    // A gRPC caller with W3C trace context metadata (as grpcurl -H traceparent:… sends it).
+    const ADMIN_TRACE: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
+    const ADMIN_PARENT: &str = "051581bf3cb55c13";
+    {
+        use flex_shared::proto::admin::admin_service_client::AdminServiceClient;
+        use flex_shared::proto::admin::ListOrgsRequest;
+        let mut client = AdminServiceClient::connect(format!("http://127.0.0.1:{}", up.flex.admin))
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(ListOrgsRequest {});
+        let md = req.metadata_mut();
+        md.insert(
+            "authorization",
+            format!("Bearer {admin_token}").parse().unwrap(),
+        );
+        md.insert(
+            "traceparent",
+            format!("00-{ADMIN_TRACE}-{ADMIN_PARENT}-01")
+                .parse()
+                .unwrap(),
+        );
+        let orgs = client.list_orgs(req).await.unwrap().into_inner().orgs;
+        assert!(orgs.iter().any(|o| o.org_id == org_id));
+    }
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     up.stop().await;
@@ -511,6 +535,24 @@ async fn caller_trace_context_and_admin_rpcs_are_exported_without_secrets() {
         "16",
     );
     assert_eq!(a(s, "org_id"), None);
+    // The call with trace context: a child of the caller's span; the others are roots.
+    let traced: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| {
+            s.name == "flex.admin.v1.AdminService/ListOrgs" && hex(&s.trace_id) == ADMIN_TRACE
+        })
+        .collect();
+    assert_eq!(traced.len(), 1, "one ListOrgs call carried trace context");
+    assert_eq!(hex(&traced[0].parent_span_id), ADMIN_PARENT);
+    assert_eq!(a(traced[0], "rpc.grpc.status_code").as_deref(), Some("0"));
+    let s = span_named(
+        &spans,
+        "flex.admin.v1.AdminService/CreateOrg",
+        "org_id",
+        &org_id,
+    );
+    assert!(s.parent_span_id.is_empty(), "{s:?}");
 
     // No token, no key: neither the admin token, the wrong one, the provider key set through
     // the API nor the API key it created.

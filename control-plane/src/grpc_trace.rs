@@ -8,7 +8,9 @@
 //! [`record_id`]: `org_id`, `key_id`, `proxy_id`, `provider`, `request_id`.
 //!
 //! The span covers the whole call: for a stream (Watch) until its last message and status, or
-//! until the client goes away (recorded as CANCELLED).
+//! until the client goes away (recorded as CANCELLED). With trace export on, a call that carries
+//! W3C `traceparent` (and `tracestate`) metadata gets its span as a child of that caller's span
+//! ([`link_callers_with`]); those two values are the only metadata read.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +30,20 @@ const SERVICES: [&str; 4] = [
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 ];
+
+/// Makes a call's span (not yet entered) a child of its caller's trace, from the request's
+/// metadata (W3C `traceparent` / `tracestate`). Set once by the binary when it exports traces
+/// ([`link_callers_with`]); without it no metadata is looked at. It must never fail a call: a
+/// value it cannot use is ignored.
+pub type CallerLink = dyn Fn(&http::HeaderMap, &tracing::Span) + Send + Sync;
+
+static CALLER_LINK: std::sync::OnceLock<Box<CallerLink>> = std::sync::OnceLock::new();
+
+/// Links every call span of this process to its caller's trace with `link` (see [`CallerLink`]).
+/// The first call wins; later ones are ignored.
+pub fn link_callers_with(link: impl Fn(&http::HeaderMap, &tracing::Span) + Send + Sync + 'static) {
+    let _ = CALLER_LINK.set(Box::new(link));
+}
 
 /// gRPC's CANCELLED: the client went away before the status was sent.
 const CANCELLED: i32 = 1;
@@ -137,6 +153,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let span = call_span(req.uri().path());
+        if let Some(link) = CALLER_LINK.get() {
+            // Before the span is first entered: the parent of a started span is fixed.
+            link(req.headers(), &span);
+        }
         let call = {
             let _entered = span.enter();
             self.inner.call(req)
