@@ -112,6 +112,17 @@ async fn start_proxy(
     }
 }
 
+/// The control plane `cp` publishing its snapshots to `nats` with `cfg`.
+async fn publish(cp: &Arc<ControlPlane>, nats: &Nats, cfg: NatsSnapshotConfig) -> NatsPublisher {
+    cp.start_nats_snapshots(
+        &nats.url(),
+        flex_control_plane::snapshot_nats::ConnectOptions::new(),
+        cfg,
+    )
+    .await
+    .unwrap()
+}
+
 impl Fleet {
     async fn start() -> Self {
         let pg = Pg::new().await;
@@ -142,14 +153,7 @@ impl Fleet {
                     .await;
             })
         };
-        let publisher = cp
-            .start_nats_snapshots(
-                &nats.url(),
-                flex_control_plane::snapshot_nats::ConnectOptions::new(),
-                NatsSnapshotConfig::default(),
-            )
-            .await
-            .unwrap();
+        let publisher = publish(&cp, &nats, NatsSnapshotConfig::default()).await;
         let dirs = tempfile::tempdir().unwrap();
         let mut proxies = Vec::new();
         for (transport, id) in [
@@ -456,17 +460,15 @@ async fn snapshots_larger_than_max_payload_go_in_chunks() {
     );
     let meta = Metadata::new("test");
     let org_id = cp.create_org(&meta, "big", None).await.unwrap().org.org_id;
-    let publisher = cp
-        .start_nats_snapshots(
-            &nats.url(),
-            flex_control_plane::snapshot_nats::ConnectOptions::new(),
-            NatsSnapshotConfig {
-                full_every: 50,
-                ..NatsSnapshotConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    let publisher = publish(
+        &cp,
+        &nats,
+        NatsSnapshotConfig {
+            full_every: 50,
+            ..NatsSnapshotConfig::default()
+        },
+    )
+    .await;
     // A proxy following from the start: it gets one full, then only deltas, even though the
     // publisher sends a full every 50 versions (it skips those as already applied).
     let early_dir = tempfile::tempdir().unwrap();
@@ -628,14 +630,7 @@ async fn a_snapshot_of_40k_keys_reaches_grpc_and_nats_proxies_and_revocations_fo
                 .await;
         });
     }
-    let publisher = cp
-        .start_nats_snapshots(
-            &nats.url(),
-            flex_control_plane::snapshot_nats::ConnectOptions::new(),
-            NatsSnapshotConfig::default(),
-        )
-        .await
-        .unwrap();
+    let publisher = publish(&cp, &nats, NatsSnapshotConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let nodes = [
         start_proxy(
@@ -920,18 +915,16 @@ async fn an_idle_stream_keeps_a_full_snapshot_for_joiners() {
         .await
         .unwrap();
     let key = key.secret.as_ref().unwrap().expose_secret().to_string();
-    let publisher = cp
-        .start_nats_snapshots(
-            &nats.url(),
-            flex_control_plane::snapshot_nats::ConnectOptions::new(),
-            NatsSnapshotConfig {
-                // Messages older than 2 s are discarded by the stream.
-                max_age: Duration::from_secs(2),
-                ..NatsSnapshotConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    let publisher = publish(
+        &cp,
+        &nats,
+        NatsSnapshotConfig {
+            // Messages older than 2 s are discarded by the stream.
+            max_age: Duration::from_secs(2),
+            ..NatsSnapshotConfig::default()
+        },
+    )
+    .await;
     // Idle for twice max_age: every message published at the start has aged out by now.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
@@ -975,14 +968,7 @@ async fn a_nats_server_without_room_for_the_stream_gets_a_clear_error() {
     let keyring =
         Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
     let cp = Arc::new(ControlPlane::open(&pg.url(), keyring).await.unwrap());
-    let publisher = cp
-        .start_nats_snapshots(
-            &nats.url(),
-            flex_control_plane::snapshot_nats::ConnectOptions::new(),
-            NatsSnapshotConfig::default(),
-        )
-        .await
-        .unwrap();
+    let publisher = publish(&cp, &nats, NatsSnapshotConfig::default()).await;
     let t0 = Instant::now();
     let error = loop {
         if let Some(e) = publisher.last_error() {
