@@ -92,9 +92,15 @@ impl Cluster {
                 "127.0.0.1".into(),
                 "-p".into(),
                 self.nats_port.to_string(),
-                "-js".into(),
-                "-sd".into(),
-                self.nats_dir.display().to_string(),
+                "-c".into(),
+                infra::write_nats_config(
+                    &self.nats_dir.with_extension("conf"),
+                    &self.nats_dir,
+                    "16GB",
+                    "",
+                )
+                .display()
+                .to_string(),
             ],
             &self.logs,
         );

@@ -70,16 +70,15 @@ impl NatsServer {
 
     fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let conf = infra::write_nats_config(
+            &self.dir.path().join("nats.conf"),
+            &self.dir.path().join("store"),
+            "16GB",
+            "",
+        );
         let child = Command::new(nats_server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-c"])
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -59,6 +59,22 @@ pub struct Nats {
     child: Option<Child>,
 }
 
+/// Writes a nats-server configuration to `path`: JetStream stored in `store` with an explicit
+/// file-store limit, then `extra`. Returns `path`. Left unset, nats-server takes 75 % of the
+/// disk's free space at start as its limit, and a machine with little free disk then refuses the
+/// snapshot stream (its `max_bytes` is reserved up front) with "insufficient storage resources".
+pub fn write_nats_config(path: &Path, store: &Path, file_store: &str, extra: &str) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "jetstream {{\n  store_dir: {:?}\n  max_file_store: {file_store}\n}}\n{extra}",
+            store.display().to_string(),
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
+}
+
 impl Nats {
     pub async fn start() -> Self {
         Self::start_with("").await
@@ -110,20 +126,12 @@ impl Nats {
 
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
-        let conf = self.dir.path().join("nats.conf");
-        // An explicit file-store limit: left unset, nats-server takes 75 % of the disk's free
-        // space at start, and a machine with little free disk then refuses the snapshot stream
-        // (its `max_bytes` is reserved up front) with "insufficient storage resources".
-        std::fs::write(
-            &conf,
-            format!(
-                "jetstream {{\n  store_dir: {:?}\n  max_file_store: {}\n}}\n{}",
-                self.dir.path().join("store").display().to_string(),
-                self.file_store,
-                self.config
-            ),
-        )
-        .unwrap();
+        let conf = write_nats_config(
+            &self.dir.path().join("nats.conf"),
+            &self.dir.path().join("store"),
+            &self.file_store,
+            &self.config,
+        );
         let child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-c")
