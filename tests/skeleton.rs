@@ -688,3 +688,72 @@ async fn an_operator_adds_a_flex_model_without_redeploying_proxies() {
     assert!(e.to_string().contains("openai|anthropic|gemini"), "{e}");
     assert_eq!(s.cp.list_models().len(), 1);
 }
+
+/// A caller that goes away before its answer is complete still leaves one usage event,
+/// `cancelled`: while a non-streaming body is being read from the provider, while one is being
+/// assembled from a raced stream, and during the race itself (no tier started yet).
+#[tokio::test]
+async fn a_caller_that_leaves_mid_answer_is_recorded_as_cancelled() {
+    let s = stack().await;
+    let slow = "slow #sim output_tokens=400 tokens_per_sec=40"; // 10 s of tokens
+    let cases = [
+        // Passthrough, no race: the provider's body is read whole.
+        ("responses", responses("gpt-5.5", slow, "default")),
+        // Raced (flex starts at once), the body assembled from the stream.
+        ("responses", responses("gpt-5.5", slow, "00h-00m-10s")),
+        // Translated and raced, assembled.
+        (
+            "chat/completions",
+            json!({"model": "gemini-3-flash-preview", "start_within": "00h-00m-10s",
+                   "messages": [{"role": "user", "content": slow}]}),
+        ),
+        // In the race: flex will not start for a minute, standard is launched near the end.
+        (
+            "responses",
+            responses("gpt-5.5", "wait #sim flex_delay_ms=60000", "00h-00m-30s"),
+        ),
+    ];
+    for (path, body) in &cases {
+        let url = format!("{}/{path}", s.base);
+        let left = tokio::time::timeout(
+            Duration::from_millis(500),
+            post(&url, Some(&s.api_key), body),
+        )
+        .await;
+        assert!(left.is_err(), "{path} {body} answered within 0.5 s");
+    }
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        s.dir.path().join("flex.db").display()
+    ))
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let rows = loop {
+        let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
+            "SELECT outcome, status, served_tier, model FROM usage_ledger ORDER BY received_at",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if rows.len() >= cases.len() {
+            break rows;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} of {} cancelled requests in the ledger: {rows:?}",
+            rows.len(),
+            cases.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len(), cases.len(), "{rows:?}");
+    for r in &rows {
+        assert_eq!((r.0.as_str(), r.1), ("cancelled", 499), "{rows:?}");
+    }
+    // The two assembled from a started flex stream name their tier; the direct one (the
+    // simulator sends a non-streaming head with the whole body) and the racing one had none yet.
+    let mut served: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    served.sort_unstable();
+    assert_eq!(served, ["", "", "flex", "flex"], "{rows:?}");
+}

@@ -197,6 +197,11 @@ impl NativeCall<'_> {
             false,
             &self.headers,
         )?;
+        // A non-streaming answer shows no sign of its start before its head, which comes with
+        // the whole body: the request counts as in flight at the provider from here.
+        if let Some(d) = slot.as_ref() {
+            self.proxy.opened(&d.event, tier);
+        }
         let resp = self.proxy.upstream.send(req).await.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -214,9 +219,13 @@ impl NativeCall<'_> {
                 read_body(body, MAX_ERROR_BODY).await,
             ));
         }
+        let guard = {
+            let mut draft = take(slot)?;
+            draft.event.start_latency_ms = ms(draft.t0.elapsed());
+            UsageGuard::new(draft, self.proxy.usage.clone(), tier)
+        };
         let bytes = read_body(body, self.proxy.cfg.max_response_bytes).await;
-        let mut draft = take(slot)?;
-        draft.event.start_latency_ms = ms(draft.t0.elapsed());
+        let mut draft = guard.into_draft().ok_or_else(lost_draft)?;
         let mut served = tier.assumed_served();
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
             if let Some(t) = self.api.served_in(&v) {
@@ -269,6 +278,7 @@ impl NativeCall<'_> {
                     draft: Some(draft),
                     sink: self.proxy.usage.clone(),
                     ask,
+                    head_sent: true,
                 }),
             };
             let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -345,7 +355,9 @@ impl NativeCall<'_> {
             outcome_headers(h, served, &reason, flex_wait);
             return resp;
         }
-        // Non-streaming caller: read the whole upstream stream and assemble the body.
+        // Non-streaming caller: read the whole upstream stream and assemble the body. The guard
+        // reports the request as cancelled if the caller leaves meanwhile.
+        let mut guard = UsageGuard::new(draft, self.proxy.usage.clone(), ask);
         let mut rest = started.rest;
         let mut assembler = chat::Assembler::default();
         let mut final_response: Option<Value> = None;
@@ -366,7 +378,9 @@ impl NativeCall<'_> {
                     None => break,
                 },
             };
-            tap.observe(&ev, &mut draft.event);
+            if let Some(e) = guard.event_mut() {
+                tap.observe(&ev, e);
+            }
             if self.api == Native::Messages {
                 decoded.clear();
                 decoder.decode(&ev, &mut decoded);
@@ -389,6 +403,9 @@ impl NativeCall<'_> {
                 Native::Messages => {}
             }
         }
+        let Some(mut draft) = guard.into_draft() else {
+            return lost_draft().into_response_for(self.api.format());
+        };
         let served = tap.served.unwrap_or(ask.assumed_served());
         draft.event.served_tier = served.as_str().to_string();
         let body = match self.api {

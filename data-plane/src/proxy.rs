@@ -336,7 +336,7 @@ impl Proxy {
     }
 
     /// Tells the usage sink that `e`'s upstream started on `tier` (see [`UsageSink::opened`]).
-    fn opened(&self, e: &UsageEvent, tier: AskTier) {
+    pub(crate) fn opened(&self, e: &UsageEvent, tier: AskTier) {
         let mut open = e.clone();
         open.served_tier = tier.assumed_served().as_str().to_string();
         self.usage.opened(&open);
@@ -351,7 +351,12 @@ impl Proxy {
     ) -> Response {
         let t0 = Instant::now();
         let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
-        let mut draft: Option<Draft> = None;
+        // Reports the request as `cancelled` if the caller goes away (this future is dropped)
+        // while the draft is still here: during the race, or before a tier answered.
+        let mut slot = CancelledIfDropped {
+            draft: None,
+            sink: self.usage.clone(),
+        };
         // One span per request; the race fields are recorded on it as they become known. With
         // `--otlp-endpoint` it is exported as an OTLP server span (`otel.*` fields), so its
         // fields are ids, names and numbers only: never a key, a secret or prompt content.
@@ -378,10 +383,12 @@ impl Proxy {
             (link.0)(&headers, &span);
         }
         let result = self
-            .serve(format, &headers, body, &request_id, t0, &mut draft)
+            .serve(format, &headers, body, &request_id, t0, &mut slot.draft)
             .instrument(span.clone())
             .await;
+        let draft = slot.draft.take();
         let mut resp = match result {
+            // The answer reports its own event (a successful call took the draft).
             Ok(r) => r,
             Err(e) => {
                 let status = e.status.as_u16();
@@ -577,6 +584,22 @@ pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, fle
     h.insert("x-flex-wait-ms", HeaderValue::from(flex_wait_ms));
 }
 
+/// The draft of a request whose answer has not started yet: emitted as `cancelled` (status 499,
+/// nginx's "client closed request") when dropped while still holding it, which happens only when
+/// the caller went away and hyper dropped the request's future.
+struct CancelledIfDropped {
+    draft: Option<Draft>,
+    sink: Arc<dyn UsageSink>,
+}
+
+impl Drop for CancelledIfDropped {
+    fn drop(&mut self) {
+        if let Some(draft) = self.draft.take() {
+            draft.emit_detached(self.sink.as_ref(), 499, "cancelled");
+        }
+    }
+}
+
 /// Emits the usage event when a forwarded stream ends (the caller's stream holds its final bytes
 /// on the returned [`Durable`]), or as `cancelled` when the caller left.
 pub(crate) struct UsageGuard {
@@ -584,11 +607,28 @@ pub(crate) struct UsageGuard {
     pub(crate) draft: Option<Draft>,
     pub(crate) sink: Arc<dyn UsageSink>,
     pub(crate) ask: AskTier,
+    /// The response's head went out (a stream): a cancelled request then reports 200, else 499.
+    pub(crate) head_sent: bool,
 }
 
 impl UsageGuard {
+    /// A guard for an answer whose head has not been sent (a body being assembled).
+    pub(crate) fn new(draft: Draft, sink: Arc<dyn UsageSink>, ask: AskTier) -> Self {
+        Self {
+            draft: Some(draft),
+            sink,
+            ask,
+            head_sent: false,
+        }
+    }
+
     pub(crate) fn event_mut(&mut self) -> Option<&mut UsageEvent> {
         self.draft.as_mut().map(|d| &mut d.event)
+    }
+
+    /// Takes the draft back to report it otherwise (the answer is complete): disarms the guard.
+    pub(crate) fn into_draft(mut self) -> Option<Draft> {
+        self.draft.take()
     }
 
     pub(crate) fn finish(mut self, served: Option<Tier>, outcome: &str) -> Durable {
@@ -610,7 +650,8 @@ impl Drop for UsageGuard {
         if let Some(mut draft) = self.draft.take() {
             draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
             // The caller is gone: nothing to hold, but the event still reaches the log.
-            draft.emit_detached(self.sink.as_ref(), 200, "cancelled");
+            let status = if self.head_sent { 200 } else { 499 };
+            draft.emit_detached(self.sink.as_ref(), status, "cancelled");
         }
     }
 }

@@ -186,6 +186,7 @@ impl TranslatedCall<'_> {
                 draft: Some(draft),
                 sink: self.proxy.usage.clone(),
                 ask: started.tier,
+                head_sent: true,
             }),
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -246,7 +247,9 @@ impl TranslatedCall<'_> {
         resp
     }
 
-    async fn assemble(self, started: Started, mut draft: Draft) -> Response {
+    async fn assemble(self, started: Started, draft: Draft) -> Response {
+        // Reports the request as cancelled if the caller leaves while the body is assembled.
+        let guard = UsageGuard::new(draft, self.proxy.usage.clone(), started.tier);
         let mut dec = decoder(self.provider);
         let mut acc = Accumulator::default();
         let mut pending: VecDeque<Event> = started.buffered.into();
@@ -269,6 +272,9 @@ impl TranslatedCall<'_> {
             dec.decode(&ev, &mut events);
             events.iter().for_each(|e| acc.push(e));
         }
+        let Some(mut draft) = guard.into_draft() else {
+            return lost_draft().into_response_for(self.format);
+        };
         let served = dec.served_tier().unwrap_or(started.tier.assumed_served());
         draft.event.served_tier = served.as_str().to_string();
         let reason = draft.event.reason.clone();

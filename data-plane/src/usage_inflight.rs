@@ -13,8 +13,9 @@
 //! The open line is written by the request itself, before its answer's first byte leaves the
 //! proxy (one `write` to the kernel, no fsync: a killed process loses nothing the kernel has);
 //! the done line by the usage log's writer thread after the group holding the event is fsynced.
-//! The journal is fsynced at most every [`SYNC_EVERY`], off its lock (a machine crash can lose
-//! the opens of that last interval). A request id may be recorded twice (a crash between writing the interrupted
+//! The journal is fsynced at most every [`SYNC_EVERY`], off its lock (a machine crash, not a
+//! killed process, can lose the opens of that last interval). It holds at most [`MAX_OPEN`]
+//! requests. A request id may be recorded twice (a crash between writing the interrupted
 //! events and emptying the journal, or a done line lost with the machine): the ledger keeps the
 //! first event of a request id, and the complete event always comes first in the log.
 
@@ -36,6 +37,9 @@ pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// The journal is rewritten with only the open requests once it is this large and mostly done
 /// lines.
 const COMPACT_BYTES: u64 = 4 << 20;
+/// Most requests the journal holds open. Past it (events dropped for a full queue leave their
+/// requests open until the next start) new ones are not recorded, and counted as errors.
+pub const MAX_OPEN: usize = 100_000;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -102,7 +106,7 @@ pub fn recover(dir: &Path) -> std::io::Result<Vec<UsageEvent>> {
 }
 
 /// The open journal (shared by the requests and the usage log's writer thread under a lock;
-/// every call is one small `write`).
+/// every call is one small `write`, never an fsync).
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
@@ -110,8 +114,31 @@ pub struct Journal {
     /// Requests opened and not done, with their open line's event.
     open: HashMap<String, UsageEvent>,
     bytes: u64,
+    /// Written since the last fsync was handed out.
     dirty: bool,
+    /// A write failed part-way: the next one starts on a new line, so the fragment stays one
+    /// unreadable line (skipped by [`recover`]) instead of spoiling the line after it.
+    torn: bool,
+    /// Compacted (renamed) since the last fsync: the directory needs one too.
+    renamed: bool,
     last_sync: Instant,
+}
+
+/// An fsync the journal's lock holder hands out, to run without the lock ([`Journal::due_for_sync`]).
+#[derive(Debug)]
+pub struct SyncJob {
+    file: std::io::Result<File>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncJob {
+    pub fn run(self) -> std::io::Result<()> {
+        self.file?.sync_data()?;
+        if let Some(dir) = self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl Journal {
@@ -125,6 +152,8 @@ impl Journal {
             open: HashMap::new(),
             bytes: 0,
             dirty: false,
+            torn: false,
+            renamed: false,
             last_sync: Instant::now(),
         })
     }
@@ -134,27 +163,47 @@ impl Journal {
         self.open.len()
     }
 
-    /// Records that `event`'s upstream started answering.
-    pub fn open(&mut self, event: UsageEvent) -> std::io::Result<()> {
+    /// Records that `event`'s upstream started answering. `Ok(false)`: not recorded, the journal
+    /// holds [`MAX_OPEN`] requests already.
+    pub fn open(&mut self, event: UsageEvent) -> std::io::Result<bool> {
+        if self.open.len() >= MAX_OPEN {
+            return Ok(false);
+        }
         let line = Line::Open {
             event: Box::new(event),
         };
-        self.write(&line)?;
+        let mut buf = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+        self.write(&buf)?;
         if let Line::Open { event } = line {
             self.open.insert(event.request_id.clone(), *event);
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Records that `request_id`'s complete event is in the usage log (nothing when it was never
-    /// opened: an answer that failed before any tier started).
-    pub fn done(&mut self, request_id: &str) -> std::io::Result<()> {
-        if self.open.remove(request_id).is_none() {
+    /// Records that these requests' complete events are in the usage log, in one write (ids
+    /// never opened are skipped: answers that failed before any tier started).
+    pub fn done<'a>(
+        &mut self,
+        request_ids: impl IntoIterator<Item = &'a str>,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for id in request_ids {
+            if self.open.remove(id).is_some() {
+                serde_json::to_writer(
+                    &mut buf,
+                    &Line::Done {
+                        request_id: id.to_string(),
+                    },
+                )
+                .map_err(std::io::Error::other)?;
+                buf.push(b'\n');
+            }
+        }
+        if buf.is_empty() {
             return Ok(());
         }
-        self.write(&Line::Done {
-            request_id: request_id.to_string(),
-        })?;
+        self.write(&buf)?;
         if self.bytes >= COMPACT_BYTES && (self.open.len() as u64) * 1024 < self.bytes / 4 {
             self.compact()?;
         }
@@ -162,49 +211,72 @@ impl Journal {
     }
 
     /// When what was written is due for an fsync (at most every [`SYNC_EVERY`], unless `now`):
-    /// a handle of the file to fsync without holding the journal's lock.
-    pub fn due_for_sync(&mut self, now: bool) -> Option<std::io::Result<File>> {
+    /// the fsync to run without holding the journal's lock. If it fails, call
+    /// [`Journal::sync_failed`].
+    pub fn due_for_sync(&mut self, now: bool) -> Option<SyncJob> {
         if self.dirty && (now || self.last_sync.elapsed() >= SYNC_EVERY) {
             self.dirty = false;
             self.last_sync = Instant::now();
-            return Some(self.file.try_clone());
+            let dir = std::mem::take(&mut self.renamed)
+                .then(|| self.path.parent().map(Path::to_path_buf))
+                .flatten();
+            return Some(SyncJob {
+                file: self.file.try_clone(),
+                dir,
+            });
         }
         None
     }
 
-    fn write(&mut self, line: &Line) -> std::io::Result<()> {
-        let mut buf = serde_json::to_vec(line).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
-        // One write per line: a process killed mid-way leaves at most a torn last line.
-        self.file.write_all(&buf)?;
-        self.bytes += buf.len() as u64;
+    /// The fsync handed out failed: the next one is due again.
+    pub fn sync_failed(&mut self) {
         self.dirty = true;
+        self.renamed = true;
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.torn {
+            self.file.write_all(b"\n")?;
+            self.torn = false;
+        }
+        // One write per call: a process killed mid-way leaves at most a torn last line.
+        self.dirty = true;
+        if let Err(e) = self.file.write_all(buf) {
+            self.torn = true;
+            return Err(e);
+        }
+        self.bytes += buf.len() as u64;
         Ok(())
     }
 
-    /// Rewrites the journal with only the open requests (temp file, fsync, rename).
+    /// Rewrites the journal with only the open requests (temp file, rename). Its fsyncs are left
+    /// to the next [`Journal::due_for_sync`], made due at once: the lock is never held over one.
     fn compact(&mut self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let mut file = create_synced(&tmp)?;
-        let mut bytes = 0u64;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let mut buf = Vec::new();
         for event in self.open.values() {
-            let mut buf = serde_json::to_vec(&Line::Open {
-                event: Box::new(event.clone()),
-            })
+            serde_json::to_writer(
+                &mut buf,
+                &Line::Open {
+                    event: Box::new(event.clone()),
+                },
+            )
             .map_err(std::io::Error::other)?;
             buf.push(b'\n');
-            file.write_all(&buf)?;
-            bytes += buf.len() as u64;
         }
-        file.sync_all()?;
+        file.write_all(&buf)?;
         std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
         self.file = file;
-        self.bytes = bytes;
-        self.dirty = false;
-        self.last_sync = Instant::now();
+        self.bytes = buf.len() as u64;
+        self.torn = false;
+        self.dirty = true;
+        self.renamed = true;
+        self.last_sync = Instant::now() - SYNC_EVERY;
         Ok(())
     }
 }
@@ -250,9 +322,9 @@ mod tests {
         for id in ["a", "b", "c", "d"] {
             j.open(event(id)).unwrap();
         }
-        j.done("b").unwrap();
-        j.done("never-opened").unwrap();
-        j.done("d").unwrap();
+        j.done(["b"]).unwrap();
+        j.done(["never-opened"]).unwrap();
+        j.done(["d"]).unwrap();
         assert_eq!(j.open_count(), 2);
         drop(j); // a kill: no sync, nothing else
         let back = recover(dir.path()).unwrap();
@@ -298,7 +370,7 @@ mod tests {
         loop {
             let id = format!("r{i}");
             j.open(event(&id)).unwrap();
-            j.done(&id).unwrap();
+            j.done([id.as_str()]).unwrap();
             i += 1;
             if j.bytes < largest {
                 break; // the done that crossed the size compacted it

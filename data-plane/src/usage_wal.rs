@@ -1057,11 +1057,18 @@ impl UsageSink for UsageWal {
         // In the kernel before the answer's first byte leaves: a kill cannot lose it.
         let mut journal = lock(&self.shared.journal);
         match journal.open(event.clone()) {
-            Ok(()) => self
+            Ok(true) => self
                 .shared
                 .stats
                 .inflight
                 .store(journal.open_count() as u64, Ordering::Relaxed),
+            Ok(false) => journal_error(
+                &self.shared.stats,
+                &std::io::Error::other(format!(
+                    "{} answers are open (events dropped for a full queue stay open until the next start); not recording more",
+                    crate::usage_inflight::MAX_OPEN
+                )),
+            ),
             Err(e) => journal_error(&self.shared.stats, &e),
         }
     }
@@ -1179,25 +1186,26 @@ fn writer(rx: Receiver<Msg>, mut appender: Appender, shared: Arc<Shared>) {
                         .dropped_full
                         .fetch_add(refused as u64, Ordering::Relaxed);
                 }
+                let mut ids = Vec::with_capacity(group.len());
+                for (i, (event, waiter)) in group.drain(..).enumerate() {
+                    if let Some(w) = waiter {
+                        let _ = w.send(i < written);
+                    }
+                    ids.push(event.request_id);
+                }
+                shared.appended.notify_one();
                 {
-                    // In the log (or refused by its bound, and then not to come back either).
+                    // In the log (or refused by its bound, and then not to come back either):
+                    // one write, after the answers were released.
                     let mut journal = lock(&shared.journal);
-                    for (event, _) in &group {
-                        if let Err(e) = journal.done(&event.request_id) {
-                            journal_error(stats, &e);
-                        }
+                    if let Err(e) = journal.done(ids.iter().map(String::as_str)) {
+                        journal_error(stats, &e);
                     }
                     stats
                         .inflight
                         .store(journal.open_count() as u64, Ordering::Relaxed);
                 }
-                for (i, (_, waiter)) in group.drain(..).enumerate() {
-                    if let Some(w) = waiter {
-                        let _ = w.send(i < written);
-                    }
-                }
                 sync_journal(&shared, false);
-                shared.appended.notify_one();
                 backoff = Duration::from_millis(50);
             }
             Err(e) => {
@@ -1225,8 +1233,9 @@ fn journal_error(stats: &WalStats, e: &std::io::Error) {
 /// Fsyncs the in-flight journal when due (or `now`), without holding its lock.
 fn sync_journal(shared: &Shared, now: bool) {
     let due = lock(&shared.journal).due_for_sync(now);
-    if let Some(file) = due {
-        if let Err(e) = file.and_then(|f| f.sync_data()) {
+    if let Some(job) = due {
+        if let Err(e) = job.run() {
+            lock(&shared.journal).sync_failed();
             journal_error(&shared.stats, &e);
         }
     }
