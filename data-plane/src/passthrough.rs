@@ -751,28 +751,7 @@ mod tests {
     fn trap_6_anthropic_usage_counts_cache_in_input() {
         let mut e = UsageEvent {
             schema_version: 1,
-            request_id: String::new(),
-            org_id: String::new(),
-            key_id: String::new(),
-            model: String::new(),
-            provider: String::new(),
-            caller_format: String::new(),
-            start_within: String::new(),
-            served_tier: String::new(),
-            reason: String::new(),
-            flex_wait_ms: 0,
-            start_latency_ms: 0,
-            duration_ms: 0,
-            input_tokens: 0,
-            cached_input_tokens: 0,
-            output_tokens: 0,
-            reasoning_tokens: 0,
-            status: 0,
-            outcome: String::new(),
-            tiers_started: vec![],
-            cost_micros: 0,
-            standard_cost_micros: 0,
-            received_at: String::new(),
+            ..UsageEvent::default()
         };
         apply_usage(
             Native::Messages,

@@ -441,28 +441,14 @@ impl Proxy {
                 org_id: key.org_id.clone(),
                 key_id: key.key_id.clone(),
                 model: model.clone(),
-                provider: String::new(),
                 caller_format: format.as_str().to_string(),
                 start_within: sw_value
                     .as_ref()
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string(),
-                served_tier: String::new(),
-                reason: String::new(),
-                flex_wait_ms: 0,
-                start_latency_ms: 0,
-                duration_ms: 0,
-                input_tokens: 0,
-                cached_input_tokens: 0,
-                output_tokens: 0,
-                reasoning_tokens: 0,
-                status: 0,
-                outcome: String::new(),
-                tiers_started: Vec::new(),
-                cost_micros: 0,
-                standard_cost_micros: 0,
                 received_at: rfc3339_now(),
+                ..UsageEvent::default()
             },
             t0,
             model: entry.clone(),
