@@ -695,7 +695,8 @@ async fn an_operator_adds_a_flex_model_without_redeploying_proxies() {
 #[tokio::test]
 async fn a_caller_that_leaves_mid_answer_is_recorded_as_cancelled() {
     let s = stack().await;
-    let slow = "slow #sim output_tokens=400 tokens_per_sec=40"; // 10 s of tokens
+    // Flex starts at once, then 10 s of tokens.
+    let slow = "slow #sim flex_delay_ms=0 output_tokens=400 tokens_per_sec=40";
     let cases = [
         // Passthrough, no race: the provider's body is read whole.
         ("responses", responses("gpt-5.5", slow, "default")),
@@ -715,12 +716,9 @@ async fn a_caller_that_leaves_mid_answer_is_recorded_as_cancelled() {
     ];
     for (path, body) in &cases {
         let url = format!("{}/{path}", s.base);
-        let left = tokio::time::timeout(
-            Duration::from_millis(500),
-            post(&url, Some(&s.api_key), body),
-        )
-        .await;
-        assert!(left.is_err(), "{path} {body} answered within 0.5 s");
+        let left =
+            tokio::time::timeout(Duration::from_secs(1), post(&url, Some(&s.api_key), body)).await;
+        assert!(left.is_err(), "{path} {body} answered within 1 s");
     }
     let pool = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",
