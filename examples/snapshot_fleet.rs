@@ -124,9 +124,20 @@ async fn start_nats(bin: &str) -> (NatsServer, String) {
     };
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
+    // An explicit file-store limit: the snapshot stream reserves its 1 GiB cap, which an unset
+    // limit (75 % of the free disk) may not have room for.
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "jetstream {{\n  store_dir: {:?}\n  max_file_store: 16GB\n}}\n",
+            dir.path().join("store").display().to_string()
+        ),
+    )
+    .unwrap();
     let child = Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir.path())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-c"])
+        .arg(&conf)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
