@@ -207,7 +207,9 @@ pub struct ProxyArgs {
     /// Master key file to decrypt provider keys.
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// This proxy's id as the control plane lists it (default: proxy-<hostname>-<pid>).
+    /// This proxy's id as the control plane lists it (default: the common name of
+    /// --control-cert, else proxy-<hostname>-<pid>). With mutual TLS it must be the
+    /// certificate's common name: the control plane refuses another.
     #[arg(long, env = "FLEX_PROXY_ID")]
     pub proxy_id: Option<String>,
     #[command(flatten)]

@@ -692,9 +692,17 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         }
         None => None,
     };
+    // With a client certificate, its common name is the proxy's id between the planes
+    // (flex_shared::identity): the control plane refuses another one.
+    let certified = args
+        .control_cert
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|pem| flex_shared::identity::pem_common_name(&pem));
     let proxy_id = args
         .proxy_id
         .clone()
+        .or(certified)
         .unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
     // Snapshots: gRPC Watch and/or the JetStream stream (both feed the same store).
     if let Some(endpoint) = &endpoint {

@@ -213,6 +213,14 @@ async fn with_a_client_ca_only_enrolled_proxies_can_watch() {
         err.starts_with("watch: ") || err.starts_with("connect: "),
         "{err}"
     );
+    // An enrolled proxy calling itself by another proxy's id: refused, with the fix.
+    let impostor = grpc_proxy(&cp, "edge-2", &tls_files(&pki.ca_path(), Some(&enrolled)));
+    let err = wait_error(&impostor.store, "impostor").await;
+    assert!(
+        err.contains("certificate is for proxy `edge-1`") && err.contains("--proxy-id edge-1"),
+        "{err}"
+    );
+    impostor.task.abort();
     // The enrolled proxy gets the snapshot and then the deltas.
     let good = grpc_proxy(&cp, "edge-1", &tls_files(&pki.ca_path(), Some(&enrolled)));
     wait_version(&good.store, want, "enrolled proxy").await;

@@ -463,20 +463,54 @@ async fn send_update(
     true
 }
 
+/// The proxy id a verified client certificate names (its common name), when the call came with
+/// one (mutual TLS: `flex control --client-ca`); see `flex_shared::identity`.
+fn certified_proxy_id<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    flex_shared::identity::certificate_common_name(certs.first()?.as_ref())
+}
+
+/// With a certificate's id: the id the call may use (the certificate's), or PERMISSION_DENIED
+/// when the call names another one. Without one: `None` (the claimed id stands, validated).
+fn bound_proxy_id(
+    claimed: &str,
+    certified: Option<String>,
+) -> std::result::Result<Option<String>, Status> {
+    let Some(cn) = certified else {
+        return Ok(None);
+    };
+    let claimed = claimed.trim();
+    if claimed.is_empty() || claimed == cn {
+        let id = domain::validate_id(
+            "proxy_id",
+            &cn,
+            "the common name of the proxy's client certificate",
+        )?;
+        return Ok(Some(id));
+    }
+    Err(Status::permission_denied(format!(
+        "this connection's client certificate is for proxy `{cn}` (its common name), but the call \
+         names proxy `{claimed}`: with mutual TLS a proxy's id is its certificate's. Fix: start \
+         the proxy with --proxy-id {cn}, or without --proxy-id (it then takes the certificate's), \
+         or give it a certificate issued for `{claimed}` (deploy/make-secrets.sh {claimed})"
+    )))
+}
+
 #[tonic::async_trait]
 impl ControlService for ControlApi {
     type WatchStream = ReceiverStream<std::result::Result<pb::SnapshotUpdate, Status>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
         let peer = req.remote_addr();
+        let certified = certified_proxy_id(&req);
         let r = req.into_inner();
-        let proxy_id = if r.proxy_id.trim().is_empty() {
-            match peer {
+        let proxy_id = match bound_proxy_id(&r.proxy_id, certified)? {
+            Some(id) => id,
+            None if r.proxy_id.trim().is_empty() => match peer {
                 Some(addr) => format!("anonymous@{addr}"),
                 None => format!("anonymous-{}", uuid::Uuid::new_v4().simple()),
-            }
-        } else {
-            domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?
+            },
+            None => domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?,
         };
         record_id("proxy_id", &proxy_id);
         let mut rx = self.cp.subscribe();
@@ -526,8 +560,12 @@ impl ControlService for ControlApi {
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let certified = certified_proxy_id(&req);
         let r = req.into_inner();
-        let proxy_id = domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?;
+        let proxy_id = match bound_proxy_id(&r.proxy_id, certified)? {
+            Some(id) => id,
+            None => domain::validate_id("proxy_id", &r.proxy_id, "the proxy's hostname")?,
+        };
         record_id("proxy_id", &proxy_id);
         let error: String = r.error.chars().take(1000).collect();
         self.cp.ack(&proxy_id, r.version, r.accepted, &error);

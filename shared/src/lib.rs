@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod crypto;
+pub mod identity;
 pub mod keys;
 pub mod proto;
 pub mod snapshot;
