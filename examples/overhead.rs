@@ -67,13 +67,7 @@ async fn run(url: &str, auth: &str, body: &Bytes, n: usize, conc: usize) -> Vec<
 /// Delivery from the usage log into the ledger (what NATS and the consumer do, in process).
 async fn deliver_log(wal: Arc<UsageWal>, cp: Arc<ControlPlane>) {
     loop {
-        if wal.pending_bytes() == 0 {
-            tokio::select! {
-                () = wal.wait_appended() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        }
+        wal.until_pending().await;
         // Errors only when the benchmark ends (its temp dir is gone): stop.
         let Ok(chunk) = wal.read(1000) else { return };
         let end = chunk.end;

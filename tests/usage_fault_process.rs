@@ -171,6 +171,28 @@ impl Cluster {
         spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
     }
 
+    /// Waits (60 s at most) until `flex admin usage --org ORG` shows `expected` (requests,
+    /// input tokens, output tokens), never more requests than that on the way.
+    async fn until_usage(&self, org_id: &str, expected: (usize, i64, i64), what: &str) {
+        let t0 = Instant::now();
+        loop {
+            let u = self.admin(&["usage", "--org", org_id], None);
+            let got = (
+                u["requests"].as_u64().unwrap() as usize,
+                u["input_tokens"].as_i64().unwrap(),
+                u["output_tokens"].as_i64().unwrap(),
+            );
+            if got == expected {
+                return;
+            }
+            assert!(
+                got.0 <= expected.0 && t0.elapsed() < Duration::from_secs(60),
+                "ledger {got:?}, {what} {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// `flex admin --json …` against the control plane process.
     fn admin(&self, args: &[&str], stdin: Option<&str>) -> Value {
         let out = output_with_stdin(
@@ -936,23 +958,7 @@ async fn grpc_usage_from_the_log_survives_control_plane_and_proxy_kills() {
     );
     expected = add(expected, send(10).await);
 
-    let t0 = Instant::now();
-    loop {
-        let u = cluster.admin(&["usage", "--org", &org_id], None);
-        let got = (
-            u["requests"].as_u64().unwrap() as usize,
-            u["input_tokens"].as_i64().unwrap(),
-            u["output_tokens"].as_i64().unwrap(),
-        );
-        if got == expected {
-            break;
-        }
-        assert!(
-            got.0 <= expected.0 && t0.elapsed() < Duration::from_secs(60),
-            "ledger {got:?}, answers {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster.until_usage(&org_id, expected, "answers").await;
     drop(proxy);
     drop(control);
 }
@@ -1092,23 +1098,9 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
             a.2 + e.output_tokens as i64,
         )
     });
-    let t0 = Instant::now();
-    loop {
-        let u = cluster.admin(&["usage", "--org", &org_id], None);
-        let got = (
-            u["requests"].as_u64().unwrap() as usize,
-            u["input_tokens"].as_i64().unwrap(),
-            u["output_tokens"].as_i64().unwrap(),
-        );
-        if got == expected {
-            break;
-        }
-        assert!(
-            got.0 <= expected.0 && t0.elapsed() < Duration::from_secs(60),
-            "ledger {got:?}, events in the log {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster
+        .until_usage(&org_id, expected, "events in the log")
+        .await;
     eprintln!(
         "{} answers received whole, {} cut off by the stop; {} events in the log, all in the ledger",
         completed.len(),

@@ -339,7 +339,7 @@ impl Proxy {
     pub(crate) fn opened(&self, e: &UsageEvent, tier: AskTier) {
         let mut open = e.clone();
         open.served_tier = tier.assumed_served().as_str().to_string();
-        self.usage.opened(&open);
+        self.usage.opened(open);
     }
 
     /// Serves one API request in `format`.

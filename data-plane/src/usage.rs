@@ -35,7 +35,7 @@ pub trait UsageSink: Send + Sync {
     /// The upstream of `event`'s request started answering (its tier is set): a sink that
     /// survives a crash records it, so that an answer cut off by the proxy stopping still gets an
     /// event (`interrupted`) on the next start. The default has nothing to record.
-    fn opened(&self, _event: &UsageEvent) {}
+    fn opened(&self, _event: UsageEvent) {}
 
     /// Appends the sink's Prometheus text lines to the proxy's `/metrics`.
     fn write_metrics(&self, _out: &mut String) {}

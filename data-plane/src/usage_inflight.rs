@@ -41,11 +41,27 @@ const COMPACT_BYTES: u64 = 4 << 20;
 /// requests open until the next start) new ones are not recorded, and counted as errors.
 pub const MAX_OPEN: usize = 100_000;
 
-#[derive(Serialize, Deserialize)]
+/// A journal line, as read back.
+#[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Line {
     Open { event: Box<UsageEvent> },
     Done { request_id: String },
+}
+
+/// A journal line, as written (borrowing what it writes; the same encoding as [`Line`]).
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum LineRef<'a> {
+    Open { event: &'a UsageEvent },
+    Done { request_id: &'a str },
+}
+
+/// Appends `line` and its newline to `buf`.
+fn encode(buf: &mut Vec<u8>, line: &LineRef<'_>) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *buf, line).map_err(std::io::Error::other)?;
+    buf.push(b'\n');
+    Ok(())
 }
 
 /// The event recorded for `opened` when its answer never completed.
@@ -169,15 +185,10 @@ impl Journal {
         if self.open.len() >= MAX_OPEN {
             return Ok(false);
         }
-        let line = Line::Open {
-            event: Box::new(event),
-        };
-        let mut buf = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
+        let mut buf = Vec::new();
+        encode(&mut buf, &LineRef::Open { event: &event })?;
         self.write(&buf)?;
-        if let Line::Open { event } = line {
-            self.open.insert(event.request_id.clone(), *event);
-        }
+        self.open.insert(event.request_id.clone(), event);
         Ok(true)
     }
 
@@ -190,14 +201,7 @@ impl Journal {
         let mut buf = Vec::new();
         for id in request_ids {
             if self.open.remove(id).is_some() {
-                serde_json::to_writer(
-                    &mut buf,
-                    &Line::Done {
-                        request_id: id.to_string(),
-                    },
-                )
-                .map_err(std::io::Error::other)?;
-                buf.push(b'\n');
+                encode(&mut buf, &LineRef::Done { request_id: id })?;
             }
         }
         if buf.is_empty() {
@@ -260,14 +264,7 @@ impl Journal {
             .open(&tmp)?;
         let mut buf = Vec::new();
         for event in self.open.values() {
-            serde_json::to_writer(
-                &mut buf,
-                &Line::Open {
-                    event: Box::new(event.clone()),
-                },
-            )
-            .map_err(std::io::Error::other)?;
-            buf.push(b'\n');
+            encode(&mut buf, &LineRef::Open { event })?;
         }
         file.write_all(&buf)?;
         std::fs::rename(&tmp, &self.path)?;

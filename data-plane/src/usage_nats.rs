@@ -384,13 +384,7 @@ impl NatsDelivery {
         let mut unreachable_said = false;
         let mut stalled = MIN_BACKOFF;
         loop {
-            if wal.pending_bytes() == 0 {
-                tokio::select! {
-                    () = wal.wait_appended() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
+            wal.until_pending().await;
             if !self.connected() {
                 if !unreachable_said {
                     tracing::warn!("NATS unreachable; usage events wait in the usage log");
@@ -406,18 +400,7 @@ impl NatsDelivery {
                     retry.ok();
                     stalled = MIN_BACKOFF;
                 }
-                Ok(false) => {
-                    // Bytes counted as undelivered, yet nothing to read: wait, do not spin.
-                    let n = wal.record_stalled_read();
-                    if n == 1 || n.is_power_of_two() {
-                        tracing::warn!(stalled_reads_total = n, position = ?wal.position(), pending_bytes = wal.pending_bytes(), "the usage log has undelivered bytes but nothing could be read; waiting");
-                    }
-                    tokio::select! {
-                        () = wal.wait_appended() => {}
-                        () = tokio::time::sleep(stalled) => {}
-                    }
-                    stalled = (stalled * 2).min(MAX_BACKOFF);
-                }
+                Ok(false) => wal.wait_after_stalled_read(&mut stalled, MAX_BACKOFF).await,
                 Err(e) => {
                     let wait = retry.failed(&e, &self.stats, "usage log");
                     tokio::time::sleep(wait).await;

@@ -926,20 +926,41 @@ impl UsageWal {
         self.shared.appended.notified().await;
     }
 
+    /// Resolves once the log holds undelivered bytes (looking at least once a second).
+    pub async fn until_pending(&self) {
+        while self.pending_bytes() == 0 {
+            tokio::select! {
+                () = self.wait_appended() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// A delivery round found undelivered bytes but could read nothing: counts it, warns (the
+    /// 1st, 2nd, 4th, … time), and waits for the next append or `stalled`, which then doubles up
+    /// to `max`, so delivery waits instead of spinning.
+    pub async fn wait_after_stalled_read(&self, stalled: &mut Duration, max: Duration) {
+        let n = self
+            .shared
+            .stats
+            .stalled_reads
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if n == 1 || n.is_power_of_two() {
+            tracing::warn!(stalled_reads_total = n, position = ?self.position(), pending_bytes = self.pending_bytes(), "the usage log has undelivered bytes but nothing could be read; waiting");
+        }
+        tokio::select! {
+            () = self.wait_appended() => {}
+            () = tokio::time::sleep(*stalled) => {}
+        }
+        *stalled = (*stalled * 2).min(max);
+    }
+
     /// Records a delivered chunk: `delivered` events acknowledged, `corrupt` lines passed over.
     pub fn record_delivered(&self, delivered: usize, corrupt: usize) {
         let s = &self.shared.stats;
         s.delivered.fetch_add(delivered as u64, Ordering::Relaxed);
         s.corrupt.fetch_add(corrupt as u64, Ordering::Relaxed);
-    }
-
-    /// Records a delivery round that found undelivered bytes it could not read.
-    pub fn record_stalled_read(&self) -> u64 {
-        self.shared
-            .stats
-            .stalled_reads
-            .fetch_add(1, Ordering::Relaxed)
-            + 1
     }
 
     /// For a planned stop (blocking; call it off the runtime): refuses new events, lets the
@@ -1053,10 +1074,10 @@ impl UsageSink for UsageWal {
         let _ = self.send(event, None);
     }
 
-    fn opened(&self, event: &UsageEvent) {
+    fn opened(&self, event: UsageEvent) {
         // In the kernel before the answer's first byte leaves: a kill cannot lose it.
         let mut journal = lock(&self.shared.journal);
-        match journal.open(event.clone()) {
+        match journal.open(event) {
             Ok(true) => self
                 .shared
                 .stats
@@ -1255,13 +1276,7 @@ pub async fn deliver_grpc(wal: Arc<UsageWal>, endpoint: tonic::transport::Endpoi
     let mut backoff = MIN_BACKOFF;
     let mut stalled = MIN_BACKOFF;
     loop {
-        if wal.pending_bytes() == 0 {
-            tokio::select! {
-                () = wal.wait_appended() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        }
+        wal.until_pending().await;
         let chunk = match wal.read_async(500).await {
             Ok(c) => c,
             Err(e) => {
@@ -1272,16 +1287,7 @@ pub async fn deliver_grpc(wal: Arc<UsageWal>, endpoint: tonic::transport::Endpoi
             }
         };
         if !chunk.moved() {
-            // Bytes counted as undelivered, yet nothing to read: wait instead of spinning.
-            let n = wal.record_stalled_read();
-            if n == 1 || n.is_power_of_two() {
-                tracing::warn!(stalled_reads_total = n, position = ?chunk.start, pending_bytes = wal.pending_bytes(), "the usage log has undelivered bytes but nothing could be read; waiting");
-            }
-            tokio::select! {
-                () = wal.wait_appended() => {}
-                () = tokio::time::sleep(stalled) => {}
-            }
-            stalled = (stalled * 2).min(MAX_BACKOFF);
+            wal.wait_after_stalled_read(&mut stalled, MAX_BACKOFF).await;
             continue;
         }
         stalled = MIN_BACKOFF;
@@ -1757,7 +1763,7 @@ pub(crate) mod tests {
         let wal = UsageWal::open(WalConfig::new(dir.path())).unwrap();
         // Three answers start; only req_2 completes before the proxy stops.
         for i in 1..=3 {
-            wal.opened(&event(i));
+            wal.opened(event(i));
         }
         assert!(wal.emit_durable(event(2)).wait().await);
         // An error event whose upstream never started is not in the journal.
