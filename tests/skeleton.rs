@@ -515,7 +515,7 @@ async fn upstream_https_with_a_private_ca() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert!(
-        client.send(req).await.is_err(),
+        client.send(req, None).await.is_err(),
         "untrusted certificate must fail"
     );
     drop(s2);
