@@ -59,6 +59,36 @@ pub struct UpstreamArgs {
     /// Largest request body accepted, in MiB.
     #[arg(long, env = "FLEX_MAX_BODY_MIB", default_value_t = 32)]
     pub max_body_mib: usize,
+    /// Longest wait for a provider's response headers, in seconds (a flex attempt in a race is
+    /// also bounded by the deadline).
+    #[arg(long, env = "FLEX_UPSTREAM_HEADER_TIMEOUT_SECS", default_value_t = 120)]
+    pub upstream_header_timeout_secs: u64,
+    /// Longest silence between two events of a provider's stream (or two body frames), in
+    /// seconds; past it the answer is cut off and reported `upstream_incomplete`.
+    #[arg(long, env = "FLEX_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub upstream_idle_timeout_secs: u64,
+    /// Longest time for a whole upstream answer, in seconds.
+    #[arg(long, env = "FLEX_UPSTREAM_TOTAL_TIMEOUT_SECS", default_value_t = 3600)]
+    pub upstream_total_timeout_secs: u64,
+    /// Longest wait to connect to a provider, in seconds.
+    #[arg(long, env = "FLEX_UPSTREAM_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub upstream_connect_timeout_secs: u64,
+    /// Interval of HTTP/2 keep-alive pings to providers, in seconds (a ping unanswered for 10 s
+    /// closes the connection).
+    #[arg(long, env = "FLEX_UPSTREAM_KEEPALIVE_SECS", default_value_t = 20)]
+    pub upstream_keepalive_secs: u64,
+    /// Requests carried by one HTTP/2 connection to a provider at a time before another
+    /// connection is opened (match the provider's SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(
+        long,
+        env = "FLEX_UPSTREAM_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub upstream_streams_per_connection: usize,
+    /// Largest non-streaming provider body read, in MiB; a longer one is cut off and reported
+    /// `upstream_incomplete`.
+    #[arg(long, env = "FLEX_MAX_RESPONSE_MIB", default_value_t = 64)]
+    pub max_response_mib: usize,
 }
 
 /// NATS credentials (give at most one kind) and TLS, shared by `control` and `proxy`.

@@ -68,6 +68,7 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
     ProxyConfig {
         base_urls,
         max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024),
+        max_response_bytes: u.max_response_mib.saturating_mul(1024 * 1024),
         // Set only when traces are exported.
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()
@@ -212,8 +213,26 @@ pub async fn follow_in_process(cp: Arc<ControlPlane>, store: Arc<SnapshotStore>)
 
 /// The upstream client settings and listener TLS given on the command line.
 fn upstream_and_tls(u: &UpstreamArgs) -> Result<(UpstreamConfig, Option<TlsAcceptor>)> {
+    let secs = |n: u64, flag: &str| -> Result<Duration> {
+        if n == 0 {
+            anyhow::bail!("--{flag} must be at least 1 second (got 0); e.g. --{flag} 30");
+        }
+        Ok(Duration::from_secs(n))
+    };
     let upstream = UpstreamConfig {
         extra_ca_file: u.upstream_ca_file.clone(),
+        connect_timeout: secs(
+            u.upstream_connect_timeout_secs,
+            "upstream-connect-timeout-secs",
+        )?,
+        header_timeout: secs(
+            u.upstream_header_timeout_secs,
+            "upstream-header-timeout-secs",
+        )?,
+        idle_timeout: secs(u.upstream_idle_timeout_secs, "upstream-idle-timeout-secs")?,
+        total_timeout: secs(u.upstream_total_timeout_secs, "upstream-total-timeout-secs")?,
+        keepalive_interval: secs(u.upstream_keepalive_secs, "upstream-keepalive-secs")?,
+        streams_per_connection: u.upstream_streams_per_connection.max(1),
         ..UpstreamConfig::default()
     };
     let tls = match (&u.tls_cert, &u.tls_key) {

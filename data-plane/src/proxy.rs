@@ -339,7 +339,6 @@ impl Proxy {
         let schedule = Schedule {
             deadline,
             hedge_at,
-            standard_expected: expected,
             backoff: self.cfg.backoff,
         };
         let outcome = race::run(
