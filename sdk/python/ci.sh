@@ -19,10 +19,11 @@ fi
 
 rm -rf "$venv" "$dist"
 python3 -m venv "$venv"
-"$venv/bin/pip" install "${pip_q[@]}" build pytest mypy ruff
+# The build backend goes in the venv too, so the build needs no isolated environments.
+"$venv/bin/pip" install "${pip_q[@]}" build hatchling pytest mypy ruff
 
 echo "building the wheel and the sdist"
-"$venv/bin/python" -m build --outdir "$dist" sdk/python >target/sdk-build.log 2>&1 \
+"$venv/bin/python" -m build --no-isolation --outdir "$dist" sdk/python >target/sdk-build.log 2>&1 \
   || { cat target/sdk-build.log >&2; echo "python -m build failed" >&2; exit 1; }
 version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' sdk/python/src/flexinference/_version.py)
 wheel="$dist/flexinference-$version-py3-none-any.whl"
