@@ -36,7 +36,7 @@ use crate::request::{ms, rfc3339_now, take, CancelledIfDropped, Draft, Outcome, 
 use crate::snapshot::{ProviderSecret, SnapshotStore};
 use crate::start_within::{self, StartWithin};
 use crate::translate::{self, TranslatedTranscoder};
-use crate::upstream::{replay, UpstreamClient, MAX_ERROR_BODY};
+use crate::upstream::{UpstreamClient, MAX_ERROR_BODY};
 use crate::usage::{hold_end, Durable, UsageSink};
 
 /// Limits and knobs of the request path.
@@ -621,7 +621,7 @@ impl Proxy {
         let e = &mut slot.as_mut().ok_or_else(crate::request::lost_draft)?.event;
         let started = self
             .start_upstream(plan, t0, &call.model, call.floor, e, |tier, left| {
-                let req = prepared.get(tier).map(replay);
+                let req = prepared.get(tier);
                 async move {
                     race::attempt(&self.upstream, call.provider, req?, tier, left, |ev| {
                         call.classify(ev)
@@ -658,7 +658,7 @@ impl Proxy {
         self.opened(&d.event, tier);
         let resp = self
             .upstream
-            .send(replay(&req), None)
+            .send(&req, None)
             .await
             .map_err(|e| AttemptError::transport(&e).error)?;
         if !resp.status.is_success() {

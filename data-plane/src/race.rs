@@ -21,7 +21,6 @@ use bytes::Bytes;
 use flex_shared::catalog::Provider;
 use futures_util::FutureExt;
 use http::{HeaderMap, StatusCode};
-use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -112,7 +111,7 @@ impl AttemptError {
 pub async fn attempt(
     client: &UpstreamClient,
     provider: Provider,
-    req: http::Request<Full<Bytes>>,
+    req: &http::Request<Bytes>,
     tier: AskTier,
     header_timeout: Option<Duration>,
     classify: impl Fn(&Event) -> EventClass,
