@@ -91,6 +91,17 @@ pub struct UpstreamArgs {
     pub max_response_mib: usize,
 }
 
+/// Where Prometheus metrics are served, shared by every process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (`flex_*`, OpenMetrics text) at http://ADDR/metrics, never on
+    /// the public API port. `flex up` uses 127.0.0.1:9090 when not given (and goes on without
+    /// metrics, with a warning, if that port is busy); `flex proxy` and `flex control` serve
+    /// none unless given.
+    #[arg(long, env = "FLEX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
 /// How a planned stop (SIGTERM, Ctrl-C) drains the proxy, shared by `up` and `proxy`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DrainArgs {
@@ -160,6 +171,8 @@ pub struct UpArgs {
     pub upstream: UpstreamArgs,
     #[command(flatten)]
     pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
 }
@@ -241,6 +254,8 @@ pub struct ProxyArgs {
     pub usage_durable_wait_ms: u64,
     #[command(flatten)]
     pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:

@@ -127,6 +127,7 @@ pub fn spawn_proxy(
         usage,
         std::future::pending(),
         Duration::ZERO,
+        None,
     )
 }
 
@@ -142,6 +143,7 @@ pub fn spawn_proxy_until(
     usage: Arc<dyn UsageSink>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    metrics: Option<TcpListener>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let proxy = Arc::new(Proxy::new(
         store,
@@ -149,6 +151,14 @@ pub fn spawn_proxy_until(
         cfg,
         usage,
     ));
+    if let Some(listener) = metrics {
+        let router = flex_data_plane::server::metrics_router(proxy.clone());
+        tokio::spawn(async move {
+            if let Err(e) = flex_data_plane::server::serve(listener, router, None).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let router = flex_data_plane::server::router(proxy);
     Ok(tokio::spawn(async move {
         if let Err(e) =
@@ -178,6 +188,7 @@ pub fn embedded_proxy(
         tls,
         std::future::pending(),
         Duration::ZERO,
+        None,
     )?;
     Ok(store)
 }
@@ -194,6 +205,7 @@ pub fn embedded_proxy_until(
     tls: Option<TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    metrics: Option<TcpListener>,
 ) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>)> {
     let store = Arc::new(store);
     tokio::spawn(follow_in_process(cp.clone(), store.clone()));
@@ -208,8 +220,37 @@ pub fn embedded_proxy_until(
         sink,
         shutdown,
         grace,
+        metrics,
     )?;
     Ok((store, task))
+}
+
+/// The default metrics address of `flex up` (one process on a laptop).
+pub const DEFAULT_UP_METRICS: &str = "127.0.0.1:9090";
+
+/// The listener of `--metrics-listen`: the address given (an error when it cannot be bound), or
+/// for `flex up` (`fallback`) the default address, where a busy port only costs a warning.
+/// Returns it with its URL.
+async fn metrics_listener(
+    given: Option<std::net::SocketAddr>,
+    fallback: bool,
+) -> Result<(Option<TcpListener>, Option<String>)> {
+    let listener = match (given, fallback) {
+        (Some(addr), _) => Some(bind(addr, "the metrics (--metrics-listen)").await?),
+        (None, true) => match TcpListener::bind(DEFAULT_UP_METRICS).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, address = DEFAULT_UP_METRICS, "metrics are off: the default metrics address is busy; give --metrics-listen ADDR (e.g. 127.0.0.1:0)");
+                None
+            }
+        },
+        (None, false) => None,
+    };
+    let url = match &listener {
+        Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
+        None => None,
+    };
+    Ok((listener, url))
 }
 
 /// A planned stop of a proxy: `/readyz` says draining at once, connections are still accepted
@@ -507,6 +548,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics_listener, metrics_url) =
+        metrics_listener(args.metrics.metrics_listen, true).await?;
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
@@ -523,16 +566,26 @@ pub async fn up(args: UpArgs) -> Result<()> {
             let _ = drained.await;
         },
         Duration::from_secs(args.drain.shutdown_grace_secs),
+        metrics_listener,
     )?;
 
     println!("FlexInference is up.");
     println!("  API:       {base_url}");
+    if let Some(url) = &metrics_url {
+        println!("  metrics:   {url}");
+    }
     println!(
         "  admin:     {admin_endpoint}  (token in {})",
         dir.join("admin-token").display()
     );
     if let (true, Some(keys)) = (args.demo, &sim_keys) {
-        let demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        let mut demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        // Where this start serves its metrics (null when the default port was busy).
+        demo["metrics_url"] = json!(metrics_url);
+        write_private(
+            &dir.join("demo.json"),
+            &serde_json::to_string_pretty(&demo)?,
+        )?;
         if let Some(s) = &sim {
             println!(
                 "  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)",
@@ -808,6 +861,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics, _) = metrics_listener(args.metrics.metrics_listen, false).await?;
     let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
@@ -824,6 +878,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
             let _ = drained.await;
         },
         grace,
+        metrics,
     )?;
     stop.await;
     // A planned stop: not ready at once, no new connections after --drain-delay-secs, requests
