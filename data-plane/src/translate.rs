@@ -373,4 +373,120 @@ mod tests {
         let whole: Value = serde_json::from_str(&format!("{before}{after}")).unwrap();
         assert_eq!(whole["usage"]["completion_tokens"], 2);
     }
+
+    fn call_to(provider: Provider, model: &str, base: String, stream: bool) -> Call {
+        let mut c = call(base, stream);
+        c.provider = provider;
+        c.model = model.into();
+        if let Pair::Translated { req, .. } = &mut c.pair {
+            req.model = model.into();
+            req.max_output_tokens = Some(64);
+        }
+        c
+    }
+
+    async fn response(proxy: &Proxy, call: Call, ask: AskTier) -> axum::response::Response {
+        let mut slot = Some(draft());
+        proxy
+            .run(&call, Plan::Direct(ask), Instant::now(), &mut slot)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// An Anthropic `auto` request served on priority says so (header, body, usage event),
+    /// although the tier asked for assumes standard.
+    #[tokio::test]
+    async fn the_served_tier_is_the_providers_report() {
+        let events = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-8","content":[],"stop_reason":null,"usage":{"input_tokens":3,"output_tokens":1,"service_tier":"priority"}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            ),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":2}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ];
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&events)).await;
+            let resp = response(
+                &proxy,
+                call_to(Provider::Anthropic, "claude-opus-4-8", base, stream),
+                AskTier::Auto,
+            )
+            .await;
+            assert_eq!(
+                resp.headers()["x-flex-served-tier"],
+                "priority",
+                "stream={stream}"
+            );
+            let mut body = resp.into_body();
+            sink.release();
+            let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+            sink.release();
+            let rest = if ended {
+                String::new()
+            } else {
+                read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+            };
+            let all = format!("{text}{rest}");
+            assert!(
+                all.contains(r#""service_tier":"priority""#),
+                "stream={stream}: {all}"
+            );
+            assert!(
+                !all.contains(r#""service_tier":"default""#),
+                "stream={stream}: {all}"
+            );
+            assert_eq!(sink.emitted()[0].served_tier, "priority");
+        }
+    }
+
+    /// Gemini's `MALFORMED_FUNCTION_CALL` ends the answer without one: an error, not "stop".
+    #[tokio::test]
+    async fn a_malformed_function_call_is_an_error_not_a_stop() {
+        const MALFORMED: &str = r#"{"candidates":[{"content":{"role":"model","parts":[]},"finishReason":"MALFORMED_FUNCTION_CALL"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":0,"totalTokenCount":3},"modelVersion":"gemini-3.5-flash","responseId":"r2"}"#;
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&[("", MALFORMED)])).await;
+            let resp = response(&proxy, call(base, stream), AskTier::Standard).await;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            sink.release();
+            let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+            sink.release();
+            let rest = if ended {
+                String::new()
+            } else {
+                read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+            };
+            let all = format!("{text}{rest}");
+            if stream {
+                assert_eq!(status, 200);
+                assert!(all.contains(r#""error""#), "{all}");
+                assert!(!all.contains(r#""finish_reason":"stop""#), "{all}");
+                assert!(!all.contains("[DONE]"), "{all}");
+            } else {
+                assert_eq!(status, 502, "{all}");
+                assert!(all.contains("upstream_incomplete"), "{all}");
+            }
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
+    }
 }

@@ -330,10 +330,13 @@ impl UpstreamClient {
     }
 
     /// Sends `req` and waits for the response head, at most `header_timeout` (or less when
-    /// given, e.g. the time left to a race's deadline).
+    /// given, e.g. the time left to a race's deadline). A stream the server refused before
+    /// processing it (HTTP/2 `REFUSED_STREAM`, e.g. a burst on a new connection before its
+    /// stream limit was known) is sent again, at most twice: the server guarantees it did
+    /// nothing with it.
     pub async fn send(
         &self,
-        req: http::Request<Full<Bytes>>,
+        req: &http::Request<Bytes>,
         header_timeout: Option<Duration>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let cfg = &self.inner.cfg;
@@ -342,25 +345,41 @@ impl UpstreamClient {
             req.uri().scheme_str().unwrap_or("http"),
             req.uri().authority().map_or("", |a| a.as_str())
         );
-        let (client, slot) = self.pick(origin);
         let wait = header_timeout.map_or(cfg.header_timeout, |t| t.min(cfg.header_timeout));
         let sent = Instant::now();
-        let resp = match tokio::time::timeout(wait, client.request(req)).await {
-            Err(_) => return Err(UpstreamError::HeaderTimeout(wait)),
-            Ok(r) => r.map_err(|e| UpstreamError::Connect(error_chain(&e)))?,
-        };
-        let (parts, incoming) = resp.into_parts();
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body: UpstreamBody {
-                incoming,
-                deadline: sent + cfg.total_timeout,
-                total: cfg.total_timeout,
-                idle: cfg.idle_timeout,
-                _slot: slot,
-            },
-        })
+        let mut refused = 0;
+        loop {
+            let (client, slot) = self.pick(origin.clone());
+            let left = wait.saturating_sub(sent.elapsed());
+            let resp = match tokio::time::timeout(left, client.request(replay(req))).await {
+                Err(_) => return Err(UpstreamError::HeaderTimeout(wait)),
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let chain = error_chain(&e);
+                    if refused < 2 && chain.contains("refused stream") {
+                        refused += 1;
+                        tracing::debug!(
+                            error = chain,
+                            "upstream refused a stream unprocessed; sending it again"
+                        );
+                        continue;
+                    }
+                    return Err(UpstreamError::Connect(chain));
+                }
+            };
+            let (parts, incoming) = resp.into_parts();
+            return Ok(UpstreamResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body: UpstreamBody {
+                    incoming,
+                    deadline: sent + cfg.total_timeout,
+                    total: cfg.total_timeout,
+                    idle: cfg.idle_timeout,
+                    _slot: slot,
+                },
+            });
+        }
     }
 }
 
@@ -458,4 +477,212 @@ pub fn provider_request_id(h: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty() && s.len() <= 200)
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use std::convert::Infallible;
+
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::TokioIo;
+
+    /// An HTTPS server speaking only HTTP/2 with a concurrent-stream limit of `limit`: every
+    /// answer's head goes at once, its body only after `hold` (a long stream).
+    async fn h2_server(limit: u32, hold: Duration) -> (String, tempfile::NamedTempFile) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let mut ca = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut ca, cert.cert.pem().as_bytes()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |_req| async move {
+                        let body = futures_util::stream::once(async move {
+                            tokio::time::sleep(hold).await;
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"data: {}\n\n")))
+                        });
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(StreamBody::new(body))
+                                .unwrap(),
+                        )
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(limit)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (format!("https://localhost:{port}"), ca)
+    }
+
+    /// Three times a host's concurrent-stream limit of simultaneous long streams: every one
+    /// gets its head at once, on as many connections as it takes; none queues behind another.
+    #[tokio::test]
+    async fn streams_beyond_a_connections_limit_open_another_connection() {
+        let limit = 4;
+        let hold = Duration::from_millis(1500);
+        let (origin, ca) = h2_server(limit, hold).await;
+        let client = UpstreamClient::new(&UpstreamConfig {
+            extra_ca_file: Some(ca.path().to_path_buf()),
+            streams_per_connection: limit as usize,
+            ..UpstreamConfig::default()
+        })
+        .unwrap();
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..3 * limit {
+            let client = client.clone();
+            let url = format!("{origin}/v1/responses");
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::post(url).body(Bytes::new()).unwrap();
+                let resp = client.send(&req, None).await.unwrap();
+                let head = t0.elapsed();
+                let events = resp.body.read(1024).await.unwrap();
+                (head, events)
+            }));
+        }
+        for task in tasks {
+            let (head, body) = task.await.unwrap();
+            assert!(
+                head < Duration::from_secs(1),
+                "a head after {head:?}: queued behind a stream"
+            );
+            assert_eq!(&body[..], b"data: {}\n\n");
+        }
+        assert_eq!(client.connections_to(&origin), 3);
+        // With one connection (the old behaviour) the second wave waits for the first's streams.
+        let single = UpstreamClient::new(&UpstreamConfig {
+            extra_ca_file: Some(ca.path().to_path_buf()),
+            streams_per_connection: usize::MAX,
+            max_connections_per_host: 1,
+            ..UpstreamConfig::default()
+        })
+        .unwrap();
+        // Its connection knows the server's limit (a burst on a new one races the settings).
+        let warm = http::Request::post(format!("{origin}/v1/responses"))
+            .body(Bytes::new())
+            .unwrap();
+        let _ = single
+            .send(&warm, None)
+            .await
+            .unwrap()
+            .body
+            .read(1024)
+            .await;
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..2 * limit {
+            let client = single.clone();
+            let url = format!("{origin}/v1/responses");
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::post(url).body(Bytes::new()).unwrap();
+                let resp = client.send(&req, None).await.unwrap();
+                let head = t0.elapsed();
+                let _ = resp.body.read(1024).await;
+                head
+            }));
+        }
+        let mut late = 0;
+        for task in tasks {
+            if task.await.unwrap() >= hold {
+                late += 1;
+            }
+        }
+        assert_eq!(
+            late, limit,
+            "the control: one connection queues the streams past its limit"
+        );
+    }
+
+    /// A body longer than the limit, or one that breaks, is an error (never a cut 200).
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_broken_is_an_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    // Promises 100 bytes, sends 10, closes.
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        let client = UpstreamClient::new(&UpstreamConfig::default()).unwrap();
+        let req = http::Request::post(format!("http://{addr}/x"))
+            .body(Bytes::new())
+            .unwrap();
+        let resp = client.send(&req, None).await.unwrap();
+        assert!(matches!(
+            resp.body.read(1 << 20).await,
+            Err(UpstreamError::Stream(_))
+        ));
+        let resp = client.send(&req, None).await.unwrap();
+        assert!(matches!(
+            resp.body.read(5).await,
+            Err(UpstreamError::TooLarge(5))
+        ));
+    }
+
+    #[test]
+    fn only_the_allow_listed_provider_headers_pass() {
+        let mut src = HeaderMap::new();
+        for (k, v) in [
+            ("retry-after", "3"),
+            ("x-ratelimit-remaining-requests", "9"),
+            ("anthropic-ratelimit-tokens-limit", "1000"),
+            ("request-id", "req_a"),
+            ("x-request-id", "req_o"),
+            ("set-cookie", "s=1"),
+            ("openai-organization", "org-secret"),
+            ("content-length", "10"),
+        ] {
+            src.insert(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let mut dst = HeaderMap::new();
+        forward_headers(&src, &mut dst);
+        let mut names: Vec<&str> = dst.keys().map(http::HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "anthropic-ratelimit-tokens-limit",
+                "request-id",
+                "retry-after",
+                "x-flex-provider-request-id",
+                "x-ratelimit-remaining-requests"
+            ]
+        );
+        assert_eq!(provider_request_id(&src).as_deref(), Some("req_o"));
+    }
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import pickle
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,32 @@ def test_a_body_that_is_not_json() -> None:
 def test_a_success_that_is_not_a_json_object() -> None:
     with pytest.raises(FlexInferenceError, match="The answer is not a JSON object"):
         answering(200, b"[1, 2]").responses.create(BODY)
+
+
+def test_errors_survive_pickling_without_the_response() -> None:
+    with pytest.raises(PaymentRequiredError) as info:
+        answering(
+            402, b'{"error":{"message":"m","type":"billing_error","code":"payment_required"}}'
+        ).responses.create(BODY)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is PaymentRequiredError
+    assert (copy.status, copy.type, copy.code, copy.message) == (
+        402,
+        "billing_error",
+        "payment_required",
+        "m",
+    )
+    assert copy.body == info.value.body
+    assert copy.response is None
+
+
+def test_a_router_that_is_not_listening_raises_httpx_errors() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        client = FlexInference(api_key="k", base_url=f"http://127.0.0.1:{port}/v1")
+        with client, pytest.raises(httpx.ConnectError):
+            client.responses.create(BODY)
 
 
 def test_errors_can_be_made_and_caught_by_callers() -> None:

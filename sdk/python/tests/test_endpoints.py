@@ -13,6 +13,7 @@ import pytest
 
 from flexinference import (
     FlexInference,
+    FlexInferenceError,
     Stream,
     interaction_output_text,
     message_output_text,
@@ -293,3 +294,55 @@ def test_a_stream_left_early_releases_its_connection(client: FlexInference) -> N
     # The pool still serves the next request.
     res = client.responses.create({"model": "gpt-5.5", "input": "Hi", "start_within": "auto"})
     assert output_text(res).startswith(SIMULATED)
+
+
+# --- a stream the provider breaks after it started ---------------------------------------------
+
+CUT = "Hi #sim cut_after=4"  # the simulator resets the connection after 4 events
+CUT_BODIES: dict[str, dict[str, Any]] = {
+    "responses": {"model": "gpt-5.5", "input": CUT, "start_within": "default"},
+    "responses-to-claude": {
+        "model": "claude-opus-4-8",
+        "max_output_tokens": 64,
+        "input": CUT,
+        "start_within": "default",
+    },
+    "chat": {"model": "gpt-5.5", "messages": user(CUT), "start_within": "default"},
+    "messages": {
+        "model": "claude-opus-4-8",
+        "max_tokens": 64,
+        "messages": user(CUT),
+        "start_within": "default",
+    },
+    "messages-to-openai": {
+        "model": "gpt-5.5",
+        "max_tokens": 64,
+        "messages": user(CUT),
+        "start_within": "default",
+    },
+    "interactions": {"model": "gemini-3.5-flash", "input": CUT, "start_within": "default"},
+}
+
+
+@pytest.mark.parametrize("case", list(CUT_BODIES))
+def test_a_stream_cut_off_raises_instead_of_ending(client: FlexInference, case: str) -> None:
+    resource: Any = {
+        "responses": client.responses,
+        "chat": client.chat.completions,
+        "messages": client.messages,
+        "interactions": client.interactions,
+    }[case.split("-")[0]]
+    stream = resource.create(CUT_BODIES[case], stream=True)
+    events: list[dict[str, Any]] = []
+
+    def read_all() -> None:
+        events.extend(stream)  # the events before the error arrive; then it raises
+
+    with pytest.raises(FlexInferenceError) as info:
+        read_all()
+    err = info.value
+    assert events, "the answer had started: its first events came through"
+    assert err.status == 200, "the error came inside the stream, after the 200 head"
+    assert "cut off" in err.message, err.message
+    assert err.request_id is not None
+    assert stream.response.is_closed

@@ -75,6 +75,11 @@ class FlexInferenceError(Exception):
         value = self.response.headers.get("x-request-id")
         return value if isinstance(value, str) else None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (e.g. across multiprocessing), without the httpx response.
+        state = {"type": self.type, "code": self.code, "param": self.param, "body": self.body}
+        return (_rebuild, (type(self), self.status, self.message, state))
+
     def __str__(self) -> str:
         label = self.code or self.type
         head = f"{self.status} {label}" if label else str(self.status)
@@ -93,6 +98,12 @@ class PaymentRequiredError(FlexInferenceError):
     ``"default"``, ``"priority"`` and ``"auto"`` keep working; update payment to resume flex.
     A subclass of `FlexInferenceError`, so existing handlers keep catching it.
     """
+
+
+def _rebuild(
+    cls: type[FlexInferenceError], status: int, message: str, state: dict[str, Any]
+) -> FlexInferenceError:
+    return cls(status, message, **state)
 
 
 def _str_or_none(value: object) -> str | None:
