@@ -14,11 +14,11 @@ use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::{ExtraMetrics, Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
-use flex_data_plane::usage::{ChannelSink, UsageSink};
-use flex_data_plane::usage_nats::{
+use flex_data_plane::usage::log::{UsageWal, WalConfig};
+use flex_data_plane::usage::nats::{
     spawn_nats_delivery, NatsDeliveryConfig, UsageQueue, UsageSource,
 };
-use flex_data_plane::usage_wal::{UsageWal, WalConfig};
+use flex_data_plane::usage::{ChannelSink, UsageSink};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
@@ -965,7 +965,7 @@ async fn usage_sink(
             bail!("flex proxy needs --control-url or --nats-url");
         };
         if let Some(wal) = wal {
-            tokio::spawn(flex_data_plane::usage_wal::deliver_grpc(
+            tokio::spawn(flex_data_plane::usage::log::deliver_grpc(
                 wal.clone(),
                 endpoint,
             ));
