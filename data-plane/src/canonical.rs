@@ -307,6 +307,9 @@ pub enum StreamEvent {
     /// The provider reported an error mid-stream.
     Error {
         message: String,
+        /// The error's code in the caller's format: `upstream_error` (the provider reported
+        /// it) or `upstream_incomplete` (the answer was cut off or failed after it started).
+        code: &'static str,
     },
 }
 
@@ -403,7 +406,7 @@ impl Accumulator {
                 self.response.usage = *usage;
                 self.finished = true;
             }
-            StreamEvent::Error { message } => self.error = Some(message.clone()),
+            StreamEvent::Error { message, .. } => self.error = Some(message.clone()),
         }
     }
 

@@ -192,7 +192,7 @@ impl Transcode for TranslatedTranscoder {
                 self.acc.push(e);
             }
             match e {
-                StreamEvent::Error { message } => {
+                StreamEvent::Error { message, .. } => {
                     self.failed = Some(message.clone());
                     fed = Fed::Failed {
                         final_from: out.len(),
@@ -212,7 +212,13 @@ impl Transcode for TranslatedTranscoder {
                         fed = Fed::Failed {
                             final_from: out.len(),
                         };
-                        self.encode(&StreamEvent::Error { message }, out);
+                        self.encode(
+                            &StreamEvent::Error {
+                                message,
+                                code: "upstream_incomplete",
+                            },
+                            out,
+                        );
                         break;
                     }
                     self.finished = true;
@@ -236,7 +242,13 @@ impl Transcode for TranslatedTranscoder {
         let message = format!(
             "The provider's answer was cut off before it was complete: {why}. Retry the request."
         );
-        self.encode(&StreamEvent::Error { message }, out);
+        self.encode(
+            &StreamEvent::Error {
+                message,
+                code: "upstream_incomplete",
+            },
+            out,
+        );
     }
 
     fn body(&mut self) -> Result<Value, String> {

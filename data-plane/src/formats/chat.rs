@@ -606,8 +606,8 @@ impl Encoder for StreamEncoder {
                 }
                 out.push(Event::new("", "[DONE]"));
             }
-            StreamEvent::Error { message } => {
-                out.push(Event::new("", json!({"error": {"message": message, "type": "api_error", "param": null, "code": "upstream_error"}}).to_string()));
+            StreamEvent::Error { message, code } => {
+                out.push(Event::new("", json!({"error": {"message": message, "type": "api_error", "param": null, "code": code}}).to_string()));
             }
         }
     }

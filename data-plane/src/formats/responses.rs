@@ -464,11 +464,11 @@ impl Encoder for StreamEncoder {
                 let body = render_response(&r, self.served);
                 self.emit(out, kind, json!({"response": body}));
             }
-            StreamEvent::Error { message } => {
+            StreamEvent::Error { message, code } => {
                 self.emit(
                     out,
                     "error",
-                    json!({"code": "upstream_error", "message": message, "param": null}),
+                    json!({"code": code, "message": message, "param": null}),
                 );
             }
         }

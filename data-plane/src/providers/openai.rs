@@ -376,6 +376,7 @@ impl Decoder for StreamDecoder {
                 };
                 if t == "response.failed" {
                     out.push(StreamEvent::Error {
+                        code: "upstream_error",
                         message: r["error"]["message"]
                             .as_str()
                             .unwrap_or("the provider failed")
@@ -388,6 +389,7 @@ impl Decoder for StreamDecoder {
                 });
             }
             "error" => out.push(StreamEvent::Error {
+                code: "upstream_error",
                 message: v["message"]
                     .as_str()
                     .unwrap_or("provider error")

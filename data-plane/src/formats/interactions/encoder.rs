@@ -226,14 +226,14 @@ impl Encoder for StreamEncoder {
                     json!({"event_type": "interaction.completed", "interaction": interaction}),
                 );
             }
-            StreamEvent::Error { message } => {
+            StreamEvent::Error { message, code } => {
                 self.ensure_started(out);
                 self.failed = true;
                 Self::emit(
                     out,
                     json!({
                         "event_type": "error",
-                        "error": {"code": "upstream_error", "message": message},
+                        "error": {"code": code, "message": message},
                     }),
                 );
             }

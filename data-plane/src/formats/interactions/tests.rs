@@ -495,6 +495,7 @@ fn stream_errors_and_fragments() {
             arguments: "1}".into(),
         },
         StreamEvent::Error {
+            code: "upstream_error",
             message: "boom".into(),
         },
         StreamEvent::Finish {

@@ -209,11 +209,11 @@ impl Encoder for StreamEncoder {
                 Self::emit(out, "message_stop", json!({}));
                 self.done = true;
             }
-            StreamEvent::Error { message } => {
+            StreamEvent::Error { message, code } => {
                 Self::emit(
                     out,
                     "error",
-                    json!({"error": {"type": "api_error", "message": message}}),
+                    json!({"error": {"type": "api_error", "message": message, "code": code}}),
                 );
                 self.done = true;
             }

@@ -602,12 +602,13 @@ fn errors_become_an_anthropic_error_event() {
     let evs = encode_all(
         &mut enc,
         &[StreamEvent::Error {
+            code: "upstream_error",
             message: "overloaded_error: Overloaded".into(),
         }],
     );
     assert_eq!(
         evs.last().unwrap().1,
-        json!({"type": "error", "error": {"type": "api_error", "message": "overloaded_error: Overloaded"}})
+        json!({"type": "error", "error": {"type": "api_error", "message": "overloaded_error: Overloaded", "code": "upstream_error"}})
     );
 }
 

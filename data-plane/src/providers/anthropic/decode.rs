@@ -289,6 +289,7 @@ impl Decoder for StreamDecoder {
             "error" => {
                 let e = &v["error"];
                 out.push(StreamEvent::Error {
+                    code: "upstream_error",
                     message: format!(
                         "{}: {}",
                         e["type"].as_str().unwrap_or("error"),

@@ -791,6 +791,7 @@ fn errors_classify_by_type_and_decode_to_error_events() {
     assert_eq!(
         out[1],
         StreamEvent::Error {
+            code: "upstream_error",
             message: "overloaded_error: Overloaded".into()
         }
     );

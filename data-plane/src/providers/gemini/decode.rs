@@ -201,6 +201,7 @@ impl Decoder for StreamDecoder {
             Ok(v) => v,
             Err(e) => {
                 out.push(StreamEvent::Error {
+                    code: "upstream_error",
                     message: format!("Gemini sent an event that is not JSON: {e}"),
                 });
                 return;
@@ -210,6 +211,7 @@ impl Decoder for StreamDecoder {
             let status = err["status"].as_str().unwrap_or("UNKNOWN");
             let message = err["message"].as_str().unwrap_or("no message");
             out.push(StreamEvent::Error {
+                code: "upstream_error",
                 message: format!("Gemini error {status}: {message}"),
             });
             return;

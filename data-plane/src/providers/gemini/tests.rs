@@ -731,7 +731,7 @@ fn in_stream_errors_and_classification() {
     let mut out = Vec::new();
     d.decode(&bad, &mut out);
     assert!(
-        matches!(&out[0], StreamEvent::Error { message } if message.contains("INVALID_ARGUMENT"))
+        matches!(&out[0], StreamEvent::Error { message, .. } if message.contains("INVALID_ARGUMENT"))
     );
 }
 
