@@ -286,7 +286,7 @@ async fn respond(port: u16, api_key: &str, i: usize) -> (u16, String) {
     let body = json!({
         "model": "gpt-5.5",
         "input": "word ".repeat(1 + i % 7),
-        "start_within": if i % 2 == 0 { "default" } else { "00h-00m-10s" },
+        "start_within": if i.is_multiple_of(2) { "default" } else { "00h-00m-10s" },
     });
     let req = http::Request::post(format!("http://127.0.0.1:{port}/v1/responses"))
         .header("content-type", "application/json")
