@@ -91,6 +91,31 @@ pub struct UpstreamArgs {
     pub max_response_mib: usize,
 }
 
+/// Where Prometheus metrics are served, shared by every process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (`flex_*`, OpenMetrics text) at http://ADDR/metrics, never on
+    /// the public API port. `flex up` uses 127.0.0.1:9090 when not given (and goes on without
+    /// metrics, with a warning, if that port is busy); `flex proxy` and `flex control` serve
+    /// none unless given.
+    #[arg(long, env = "FLEX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// How a planned stop (SIGTERM, Ctrl-C) drains the proxy, shared by `up` and `proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
+    /// On SIGTERM or Ctrl-C, `/readyz` answers 503 at once; the proxy keeps accepting
+    /// connections for this many seconds (so load balancers move on), then stops accepting.
+    #[arg(long, env = "FLEX_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+    /// Then, how long requests in flight (races and streams included) may take to finish, in
+    /// seconds, before they are cut off. The default covers a 10-minute `start_within` plus a
+    /// minute of answer.
+    #[arg(long, env = "FLEX_SHUTDOWN_GRACE_SECS", default_value_t = 660)]
+    pub shutdown_grace_secs: u64,
+}
+
 /// NATS credentials (give at most one kind) and TLS, shared by `control` and `proxy`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NatsAuthArgs {
@@ -144,6 +169,10 @@ pub struct UpArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
 }
@@ -224,10 +253,10 @@ pub struct ProxyArgs {
     /// never wait (events are still written, a crash may lose the last few).
     #[arg(long, env = "FLEX_USAGE_DURABLE_WAIT_MS", default_value_t = 200)]
     pub usage_durable_wait_ms: u64,
-    /// On SIGTERM or Ctrl-C: how long requests in flight (streams included) may take to finish
-    /// after the proxy stops accepting connections, in seconds; then they are cut off.
-    #[arg(long, env = "FLEX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:

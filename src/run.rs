@@ -128,6 +128,7 @@ pub fn spawn_proxy(
         usage,
         std::future::pending(),
         Duration::ZERO,
+        None,
     )
 }
 
@@ -143,6 +144,7 @@ pub fn spawn_proxy_until(
     usage: Arc<dyn UsageSink>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    metrics: Option<TcpListener>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let proxy = Arc::new(Proxy::new(
         store,
@@ -150,6 +152,14 @@ pub fn spawn_proxy_until(
         cfg,
         usage,
     ));
+    if let Some(listener) = metrics {
+        let router = flex_data_plane::server::metrics_router(proxy.clone());
+        tokio::spawn(async move {
+            if let Err(e) = flex_data_plane::server::serve(listener, router, None).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let router = flex_data_plane::server::router(proxy);
     Ok(tokio::spawn(async move {
         if let Err(e) =
@@ -170,12 +180,91 @@ pub fn embedded_proxy(
     cfg: ProxyConfig,
     tls: Option<TlsAcceptor>,
 ) -> Result<Arc<SnapshotStore>> {
+    let (store, _task) = embedded_proxy_until(
+        cp,
+        store,
+        listener,
+        upstream,
+        cfg,
+        tls,
+        std::future::pending(),
+        Duration::ZERO,
+        None,
+    )?;
+    Ok(store)
+}
+
+/// [`embedded_proxy`] that drains when `shutdown` resolves (see [`spawn_proxy_until`]); also
+/// returns the server task, which ends once drained.
+#[allow(clippy::too_many_arguments)]
+pub fn embedded_proxy_until(
+    cp: &Arc<ControlPlane>,
+    store: SnapshotStore,
+    listener: TcpListener,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    metrics: Option<TcpListener>,
+) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>)> {
     let store = Arc::new(store);
     tokio::spawn(follow_in_process(cp.clone(), store.clone()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(deliver_in_process(rx, cp.clone()));
-    serve_proxy(listener, store.clone(), upstream, cfg, tls, sink)?;
-    Ok(store)
+    let task = spawn_proxy_until(
+        listener,
+        store.clone(),
+        upstream,
+        cfg,
+        tls,
+        sink,
+        shutdown,
+        grace,
+        metrics,
+    )?;
+    Ok((store, task))
+}
+
+/// The default metrics address of `flex up` (one process on a laptop).
+pub const DEFAULT_UP_METRICS: &str = "127.0.0.1:9090";
+
+/// The listener of `--metrics-listen`: the address given (an error when it cannot be bound), or
+/// for `flex up` (`fallback`) the default address, where a busy port only costs a warning.
+/// Returns it with its URL.
+async fn metrics_listener(
+    given: Option<std::net::SocketAddr>,
+    fallback: bool,
+) -> Result<(Option<TcpListener>, Option<String>)> {
+    let listener = match (given, fallback) {
+        (Some(addr), _) => Some(bind(addr, "the metrics (--metrics-listen)").await?),
+        (None, true) => match TcpListener::bind(DEFAULT_UP_METRICS).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, address = DEFAULT_UP_METRICS, "metrics are off: the default metrics address is busy; give --metrics-listen ADDR (e.g. 127.0.0.1:0)");
+                None
+            }
+        },
+        (None, false) => None,
+    };
+    let url = match &listener {
+        Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
+        None => None,
+    };
+    Ok((listener, url))
+}
+
+/// A planned stop of a proxy: `/readyz` says draining at once, connections are still accepted
+/// for the drain delay (load balancers see the 503 and move on), then the listener stops and
+/// requests in flight get the grace (`serve_until`).
+async fn drain_proxy(store: &SnapshotStore, delay: Duration, stop_accepting: impl FnOnce()) {
+    store.start_draining();
+    tracing::info!(
+        drain_delay_secs = delay.as_secs(),
+        "draining: /readyz answers 503; the listener closes after the drain delay"
+    );
+    tokio::time::sleep(delay).await;
+    stop_accepting();
 }
 
 /// The embedded proxy's id in the control plane's proxy registry (`flex admin proxies`).
@@ -460,9 +549,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics_listener, metrics_url) =
+        metrics_listener(args.metrics.metrics_listen, true).await?;
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
-    let store = embedded_proxy(
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let (store, server) = embedded_proxy_until(
         &cp,
         // No state dir: the control plane runs in this process, so the proxy always starts from
         // it, never from a persisted snapshot (nothing to write on every update).
@@ -471,16 +563,30 @@ pub async fn up(args: UpArgs) -> Result<()> {
         &upstream,
         proxy_config(&args.upstream, urls),
         tls,
+        async {
+            let _ = drained.await;
+        },
+        Duration::from_secs(args.drain.shutdown_grace_secs),
+        metrics_listener,
     )?;
 
     println!("FlexInference is up.");
     println!("  API:       {base_url}");
+    if let Some(url) = &metrics_url {
+        println!("  metrics:   {url}");
+    }
     println!(
         "  admin:     {admin_endpoint}  (token in {})",
         dir.join("admin-token").display()
     );
     if let (true, Some(keys)) = (args.demo, &sim_keys) {
-        let demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        let mut demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        // Where this start serves its metrics (null when the default port was busy).
+        demo["metrics_url"] = json!(metrics_url);
+        write_private(
+            &dir.join("demo.json"),
+            &serde_json::to_string_pretty(&demo)?,
+        )?;
         if let Some(s) = &sim {
             println!(
                 "  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)",
@@ -500,6 +606,17 @@ pub async fn up(args: UpArgs) -> Result<()> {
         );
     }
     stop.await;
+    drain_proxy(
+        &store,
+        Duration::from_secs(args.drain.drain_delay_secs),
+        || {
+            let _ = drain.send(());
+        },
+    )
+    .await;
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "the proxy server task ended abnormally");
+    }
     flush_snapshot(store).await;
     Ok(())
 }
@@ -754,11 +871,12 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics, _) = metrics_listener(args.metrics.metrics_listen, false).await?;
     let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
-    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let grace = Duration::from_secs(args.drain.shutdown_grace_secs);
     let server = spawn_proxy_until(
         listener,
         store.clone(),
@@ -770,12 +888,20 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
             let _ = drained.await;
         },
         grace,
+        metrics,
     )?;
     stop.await;
-    // A planned stop: no new connections, requests in flight given --shutdown-grace-secs to
-    // finish (then cut off, like a kill), the usage log's queue written and fsynced, the newest
-    // snapshot persisted.
-    let _ = drain.send(());
+    // A planned stop: not ready at once, no new connections after --drain-delay-secs, requests
+    // in flight given --shutdown-grace-secs to finish (then cut off, like a kill), the usage
+    // log's queue written and fsynced, the newest snapshot persisted.
+    drain_proxy(
+        &store,
+        Duration::from_secs(args.drain.drain_delay_secs),
+        || {
+            let _ = drain.send(());
+        },
+    )
+    .await;
     if let Err(e) = server.await {
         tracing::warn!(error = %e, "the proxy server task ended abnormally");
     }

@@ -487,6 +487,7 @@ pub(crate) mod test_support {
             },
             t0: tokio::time::Instant::now(),
             model: None,
+            span: tracing::Span::none(),
         }
     }
 
