@@ -45,13 +45,11 @@ import yaml
 # newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
-# Variables the manifests set ahead of the binary (issue 16: the lead adds --metrics-listen to
-# every process and --drain-delay-secs to flex proxy). A name here that `flex CMD --help`
-# already lists is an error (remove it from here); any other unknown name is an error too.
+# Variables the manifests set ahead of the binary (issue 16: `flex control --metrics-listen`
+# comes with the control plane's metrics). A name here that `flex CMD --help` already lists is
+# an error (remove it from here); any other unknown name is an error too.
 PENDING = {
     ("control", "FLEX_METRICS_LISTEN"),
-    ("proxy", "FLEX_METRICS_LISTEN"),
-    ("proxy", "FLEX_DRAIN_DELAY_SECS"),
 }
 
 # FLEX_LOG is the log filter every command reads (src/telemetry.rs), not a flag.
