@@ -211,6 +211,8 @@ pub struct ControlArgs {
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub otlp: OtlpArgs,
 }
 

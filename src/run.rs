@@ -12,14 +12,14 @@ use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
 use flex_data_plane::providers::BaseUrls;
-use flex_data_plane::proxy::{Proxy, ProxyConfig};
+use flex_data_plane::proxy::{ExtraMetrics, Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
-use flex_data_plane::usage::{ChannelSink, UsageSink};
-use flex_data_plane::usage_nats::{
+use flex_data_plane::usage::log::{UsageWal, WalConfig};
+use flex_data_plane::usage::nats::{
     spawn_nats_delivery, NatsDeliveryConfig, UsageQueue, UsageSource,
 };
-use flex_data_plane::usage_wal::{UsageWal, WalConfig};
+use flex_data_plane::usage::{ChannelSink, UsageSink};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
@@ -561,7 +561,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
         SnapshotStore::new(Some(keyring), None).with_key_file(Some(key_path.clone())),
         listener,
         &upstream,
-        proxy_config(&args.upstream, urls),
+        ProxyConfig {
+            // One exposition for the whole process: the proxy's series and the control plane's.
+            extra_metrics: Some(ExtraMetrics(Arc::new({
+                let cp = cp.clone();
+                move |out: &mut String| {
+                    flex_control_plane::metrics::metrics().encode_into(out, &cp.proxies().list());
+                }
+            }))),
+            ..proxy_config(&args.upstream, urls)
+        },
         tls,
         async {
             let _ = drained.await;
@@ -751,6 +760,31 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     };
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     let addr = listener.local_addr()?;
+    if let (Some(metrics), Some(url)) = metrics_listener(args.metrics.metrics_listen, false).await?
+    {
+        println!("metrics on {url}");
+        let cp = cp.clone();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let cp = cp.clone();
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        flex_control_plane::metrics::metrics().encode(&cp.proxies().list()),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = flex_data_plane::server::serve(metrics, router, None).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     match &tls {
         Some(t) if t.client_ca() => println!(
             "control plane listening on https://{addr} (mTLS: only proxies with a client certificate from --client-ca can watch)"
@@ -941,7 +975,7 @@ async fn usage_sink(
             bail!("flex proxy needs --control-url or --nats-url");
         };
         if let Some(wal) = wal {
-            tokio::spawn(flex_data_plane::usage_wal::deliver_grpc(
+            tokio::spawn(flex_data_plane::usage::log::deliver_grpc(
                 wal.clone(),
                 endpoint,
             ));

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use infra::{free_port, request, FlexUp};
+use infra::{flex_admin_in, free_port, request, FlexUp};
 use serde_json::{json, Value};
 
 /// Parses an OpenMetrics exposition with `prometheus_client`'s strict parser: every sample as
@@ -151,10 +151,28 @@ async fn known_traffic_gives_exact_counters() {
         404
     );
 
+    // One admin call, for the control plane's series.
+    let out = flex_admin_in(up.dir.path(), &["org", "list"], &[], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let url = demo["metrics_url"].as_str().unwrap();
-    let (status, text) = request(http::Method::GET, url, None, None).await.unwrap();
-    assert_eq!(status, 200);
-    let s = parse(&text);
+    // The ledger is fed in the background: wait for the five usage events.
+    let t0 = std::time::Instant::now();
+    let (text, s) = loop {
+        let (status, text) = request(http::Method::GET, url, None, None).await.unwrap();
+        assert_eq!(status, 200);
+        let s = parse(&text);
+        if s.get("flex_ledger_inserts_total{}").copied().unwrap_or(0.0) >= 5.0
+            || t0.elapsed() > Duration::from_secs(10)
+        {
+            break (text, s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let req = |tier: &str, status: u16| {
         format!(
             r#"flex_requests_total{{format="chat_completions",model="gpt-5.5",provider="openai",status="{status}",tier="{tier}"}}"#
@@ -233,6 +251,32 @@ async fn known_traffic_gives_exact_counters() {
     );
     assert!(value(&s, "flex_snapshot_version{}") > 0.0);
     assert_eq!(value(&s, "flex_draining{}"), 0.0);
+    // The in-process control plane's series, in the same exposition.
+    assert_eq!(value(&s, "flex_ledger_inserts_total{}"), 5.0);
+    assert_eq!(
+        value(
+            &s,
+            r#"flex_admin_requests_total{code="OK",method="ListOrgs"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            r#"flex_admin_request_duration_seconds_count{method="ListOrgs"}"#
+        ),
+        1.0
+    );
+    assert!(
+        value(&s, "flex_event_log_appends_total{}") >= 5.0,
+        "the demo's org, key and provider keys"
+    );
+    let connected: f64 = s
+        .iter()
+        .filter(|(k, _)| k.starts_with(r#"flex_connected_proxies{transport="in-process""#))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(connected, 1.0);
     // No org or key label anywhere.
     assert!(!text.contains("org_"), "{text}");
     assert!(!text.contains("key_"), "{text}");

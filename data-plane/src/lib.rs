@@ -26,6 +26,3 @@ pub mod start_within;
 pub mod translate;
 pub mod upstream;
 pub mod usage;
-pub mod usage_inflight;
-pub mod usage_nats;
-pub mod usage_wal;

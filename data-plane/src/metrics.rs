@@ -285,12 +285,18 @@ impl ProxyMetrics {
         }
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text exposition, with `extra`'s families before its end.
+    pub fn encode(&self, extra: Option<&(dyn Fn(&mut String) + Send + Sync)>) -> String {
         let mut body = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+        if let Err(e) =
+            prometheus_client::encoding::text::encode_registry(&mut body, &self.registry)
+        {
             tracing::warn!(error = %e, "metrics: encoding failed");
         }
+        if let Some(extra) = extra {
+            extra(&mut body);
+        }
+        let _ = prometheus_client::encoding::text::encode_eof(&mut body);
         body
     }
 }

@@ -55,6 +55,18 @@ pub struct ProxyConfig {
     /// Makes each request span a child of the caller's trace (`traceparent`). Set by the binary
     /// only when it exports traces; `None` (the default) costs nothing.
     pub caller_trace: Option<CallerTrace>,
+    /// More series for the same exposition (e.g. `flex up`'s in-process control plane).
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+/// Appends OpenMetrics families (without the end marker) to the proxy's exposition.
+#[derive(Clone)]
+pub struct ExtraMetrics(pub Arc<dyn Fn(&mut String) + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 /// Links a request's span to the trace its caller is part of, from the request headers, before
@@ -101,6 +113,7 @@ impl Default for ProxyConfig {
             backoff: Backoff::default(),
             strategy: RaceStrategy::default(),
             caller_trace: None,
+            extra_metrics: None,
         }
     }
 }

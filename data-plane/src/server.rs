@@ -142,7 +142,9 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        proxy.metrics.encode(),
+        proxy
+            .metrics
+            .encode(proxy.cfg.extra_metrics.as_ref().map(|e| &*e.0)),
     )
         .into_response()
 }

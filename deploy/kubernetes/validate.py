@@ -45,12 +45,10 @@ import yaml
 # newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
-# Variables the manifests set ahead of the binary (issue 16: `flex control --metrics-listen`
-# comes with the control plane's metrics). A name here that `flex CMD --help` already lists is
-# an error (remove it from here); any other unknown name is an error too.
-PENDING = {
-    ("control", "FLEX_METRICS_LISTEN"),
-}
+# Variables the manifests may set ahead of the binary, as (command, name): none today. A name
+# here that `flex CMD --help` already lists is an error (remove it from here); any other
+# unknown name is an error too.
+PENDING: set[tuple[str, str]] = set()
 
 # FLEX_LOG is the log filter every command reads (src/telemetry.rs), not a flag.
 NOT_A_FLAG = {"FLEX_LOG"}
