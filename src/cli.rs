@@ -183,7 +183,8 @@ pub struct ControlArgs {
     #[arg(long, env = "FLEX_DATABASE_URL")]
     pub database_url: String,
     /// NATS URL: usage from the proxies is consumed from JetStream (stream FLEX_USAGE) into the
-    /// ledger, and every snapshot version is published to JetStream (stream FLEX_SNAPSHOTS).
+    /// ledger, every new ledger row is published once to JetStream (stream FLEX_LEDGER, for
+    /// analytics), and every snapshot version is published to JetStream (stream FLEX_SNAPSHOTS).
     #[arg(long, env = "FLEX_NATS_URL")]
     pub nats_url: Option<String>,
     #[command(flatten)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flex_control_plane::ledger_stream::LedgerPublisherConfig;
 use flex_control_plane::snapshot_nats::NatsSnapshotConfig;
 use flex_control_plane::tls::ServerTls;
 use flex_control_plane::usage_consumer::UsageConsumerConfig;
@@ -736,6 +737,15 @@ pub async fn control(args: ControlArgs) -> Result<()> {
             let client = nats_connect(url, &args.nats_auth, "flex-control").await?;
             println!("consuming usage from NATS at {url} (stream FLEX_USAGE)");
             Some(cp.spawn_usage_consumer(client, UsageConsumerConfig::default()))
+        }
+        None => None,
+    };
+    // The settled ledger for analytics: every new ledger row, once, to FLEX_LEDGER.
+    let _ledger_publisher = match &args.nats_url {
+        Some(url) => {
+            let client = nats_connect(url, &args.nats_auth, "flex-control-ledger").await?;
+            println!("publishing the settled ledger to NATS at {url} (stream FLEX_LEDGER)");
+            Some(cp.spawn_ledger_publisher(client, LedgerPublisherConfig::default()))
         }
         None => None,
     };

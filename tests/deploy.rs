@@ -788,10 +788,16 @@ fn make_secrets_and_the_nats_configuration_are_valid() {
             flex_control_plane::usage_consumer::DURABLE
         ),
         "\"flex.usage.*\"".to_string(),
+        format!(
+            "$JS.API.STREAM.CREATE.{}",
+            flex_control_plane::ledger_stream::LEDGER_STREAM
+        ),
+        format!("\"{}\"", flex_control_plane::ledger_stream::LEDGER_SUBJECTS),
         "verify_and_map: true".to_string(),
         "store_dir:".to_string(),
         "jetstream: enabled".to_string(),
         "\"CN=flex-control\"".to_string(),
+        "{ user: \"CN=analytics\", permissions: $ANALYTICS_PERMISSIONS }".to_string(),
     ] {
         assert!(text.contains(&needle), "nats-server.conf lacks {needle}");
     }
@@ -981,7 +987,7 @@ fn nats_options(
 async fn a_fleet_runs_from_the_deploy_files_and_nats_permissions_hold() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    make_secrets(&pki, &["edge-1", "edge-2", "edge-9"]);
+    make_secrets(&pki, &["edge-1", "edge-2", "edge-9", "analytics"]);
     let token = read(&pki.join("admin-token")).trim().to_string();
     let ca = pki.join("ca.pem");
 
@@ -1185,6 +1191,59 @@ async fn a_fleet_runs_from_the_deploy_files_and_nats_permissions_hold() {
         }
     })
     .await;
+    // The settled ledger reaches FLEX_LEDGER, and an analytics reader (its own identity and
+    // inbox) reads it with a durable consumer.
+    let analytics = nats_options(&pki, Some("analytics"), None)
+        .custom_inbox_prefix("_INBOX.flex-analytics")
+        .connect(&nats_url)
+        .await
+        .expect("analytics connects");
+    let ajs = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(analytics.clone());
+    let rows = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    until(Duration::from_secs(15), "rows on FLEX_LEDGER", || {
+        let (ajs, rows) = (ajs.clone(), rows.clone());
+        async move {
+            let stream = ajs
+                .get_stream("FLEX_LEDGER")
+                .await
+                .map_err(|e| e.to_string())?;
+            let consumer = stream
+                .get_or_create_consumer(
+                    "reports",
+                    async_nats::jetstream::consumer::pull::Config {
+                        durable_name: Some("reports".into()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(10)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(Ok(m)) = futures_util::StreamExt::next(&mut batch).await {
+                m.ack().await.map_err(|e| e.to_string())?;
+                let row: flex_control_plane::ledger_stream::LedgerRow =
+                    serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
+                rows.lock().unwrap().push(row);
+            }
+            match rows.lock().unwrap().len() {
+                2 => Ok(()),
+                n => Err(format!("{n} rows")),
+            }
+        }
+    })
+    .await;
+    assert!(rows
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| r.org_id == org && r.input_tokens > 0));
     // Nothing on the way was refused by a permission.
     for log in [control.log_text(), read(&nats_log)]
         .into_iter()
@@ -1237,6 +1296,33 @@ async fn a_fleet_runs_from_the_deploy_files_and_nats_permissions_hold() {
         read_usage.is_err(),
         "a proxy created a consumer on FLEX_USAGE"
     );
+    let ledger = js.get_stream("FLEX_LEDGER").await;
+    assert!(ledger.is_err(), "a proxy looked into FLEX_LEDGER");
+    let forged_row = match js
+        .publish("flex.ledger.org_x", Bytes::from_static(b"{}"))
+        .await
+    {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(forged_row, "a proxy stored a ledger row");
+    // The analytics reader cannot look into FLEX_USAGE or store a ledger row either.
+    assert!(
+        ajs.get_stream("FLEX_USAGE").await.is_err(),
+        "an analytics reader looked into FLEX_USAGE"
+    );
+    let forged_by_analytics = match ajs
+        .publish(format!("flex.ledger.{org}"), Bytes::from_static(b"{}"))
+        .await
+    {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(
+        forged_by_analytics,
+        "an analytics reader stored a ledger row"
+    );
+    drop(analytics);
     let _sub = edge.subscribe("flex.usage.>").await.unwrap();
     edge.flush().await.unwrap();
     let mut events = Vec::new();

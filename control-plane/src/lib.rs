@@ -14,6 +14,7 @@ pub mod billing;
 pub mod domain;
 pub mod error;
 pub mod grpc_trace;
+pub mod ledger_stream;
 pub mod metrics;
 pub mod projection;
 pub mod proxies;

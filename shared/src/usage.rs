@@ -18,9 +18,17 @@ pub const NATS_DUPLICATE_WINDOW_SECS: u64 = 600;
 /// How long the stream keeps events (for analytics consumers; the control plane acks much sooner).
 pub const NATS_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
 
-/// The subject an event is published on: `flex.usage.<org_id>`, with characters NATS reserves
-/// in a subject token (`.`, `*`, `>`, whitespace) replaced by `_`.
+/// The subject an event is published on: `flex.usage.<org_id>`, the org id made one subject
+/// token by [`subject_token`].
 pub fn nats_subject(org_id: &str) -> String {
+    format!("flex.usage.{}", subject_token(org_id))
+}
+
+/// An org id as one NATS subject token: the characters NATS reserves in a token (`.`, `*`, `>`,
+/// whitespace, control characters) replaced by `_`, and `_` for an empty id. The usage stream
+/// (`flex.usage.<token>`) and the control plane's settled-ledger stream (`flex.ledger.<token>`)
+/// both use it, so a consumer filters one org the same way on either.
+pub fn subject_token(org_id: &str) -> String {
     let token: String = org_id
         .chars()
         .map(|c| {
@@ -31,12 +39,11 @@ pub fn nats_subject(org_id: &str) -> String {
             }
         })
         .collect();
-    let token = if token.is_empty() {
+    if token.is_empty() {
         "_".to_string()
     } else {
         token
-    };
-    format!("flex.usage.{token}")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,5 +135,6 @@ mod tests {
         assert_eq!(nats_subject("org_0190abc"), "flex.usage.org_0190abc");
         assert_eq!(nats_subject("a.b*c>d e"), "flex.usage.a_b_c_d_e");
         assert_eq!(nats_subject(""), "flex.usage._");
+        assert_eq!(subject_token("a.b\tc"), "a_b_c");
     }
 }
