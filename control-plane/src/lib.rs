@@ -12,6 +12,7 @@
 
 pub mod accounts;
 pub mod billing;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc_trace;
