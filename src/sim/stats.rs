@@ -159,6 +159,8 @@ pub(crate) struct ServeGuard {
     slot: usize,
     started: bool,
     finished: bool,
+    /// Break (`Err`) or end (`Ok`) the stream after this many events.
+    pub(crate) cut: Option<Result<usize, usize>>,
 }
 
 impl ServeGuard {
@@ -168,7 +170,14 @@ impl ServeGuard {
             slot: slot(provider, tier),
             started: false,
             finished: false,
+            cut: None,
         }
+    }
+
+    /// Cuts the stream it serves after some events (a `cut_after` / `end_after` directive).
+    pub(crate) fn cut(mut self, cut: Option<Result<usize, usize>>) -> Self {
+        self.cut = cut;
+        self
     }
 
     /// The first content is about to go out.
