@@ -75,9 +75,13 @@ impl Limiter {
             .windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if w.len() >= MAX_TRACKED {
+        if w.len() >= MAX_TRACKED && !w.contains_key(&key) {
             let window = self.limits.window;
             w.retain(|_, v| now.duration_since(v.start) < window);
+            if w.len() >= MAX_TRACKED {
+                // A flood of distinct addresses or accounts: refuse new ones rather than grow.
+                return Err(window);
+            }
         }
         let entry = w.entry(key).or_insert(Window {
             start: now,
