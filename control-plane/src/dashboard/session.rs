@@ -269,7 +269,14 @@ pub(crate) async fn csrf_guard(State(dash): State<Dash>, req: Request, next: Nex
     }
     let (parts, body) = req.into_parts();
     let refused = |why: &str| {
-        tracing::info!(path = parts.uri.path(), why, "dashboard form refused");
+        // An invite's path carries its secret: log only that it was one.
+        let path = parts.uri.path();
+        let path = if path.starts_with("/invite/") {
+            "/invite/…"
+        } else {
+            path
+        };
+        tracing::info!(path, why, "dashboard form refused");
         PageError::Forbidden(
             "This form was refused: it expired, or it was not sent by a page of this dashboard. Go back, reload the page and submit it again.".into(),
         )
