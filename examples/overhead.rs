@@ -19,7 +19,7 @@ use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::ProxyConfig;
 use flex_data_plane::upstream::UpstreamConfig;
-use flex_data_plane::usage_wal::{UsageWal, WalConfig};
+use flex_data_plane::usage::log::{UsageWal, WalConfig};
 use flex_shared::crypto::MasterKeyring;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

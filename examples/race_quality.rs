@@ -275,7 +275,7 @@ struct Arm {
     sim: SimHandle,
     org_id: String,
     url: String,
-    /// The proxy's `/metrics`.
+    /// The proxy's `/metrics` (its `--metrics-listen`).
     metrics_url: String,
     auth: String,
 }
@@ -333,14 +333,18 @@ async fn setup(
         "/v1/responses"
     };
     let url = format!("http://{}{path}", listener.local_addr().unwrap());
-    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
-    let store = flex::run::embedded_proxy(
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+    let (store, _server) = flex::run::embedded_proxy_until(
         cp,
         flex_data_plane::snapshot::SnapshotStore::new(Some(ring.clone()), None),
         listener,
         &UpstreamConfig::default(),
         cfg,
         None,
+        std::future::pending(),
+        Duration::ZERO,
+        Some(metrics),
     )
     .unwrap();
     while store.version() < cp.snapshot().version {
@@ -523,7 +527,7 @@ async fn main() {
         let stats = arm.sim.stats.snapshot();
         let started = stats.started("openai:flex") + stats.started("openai:default");
         let both = started.saturating_sub(ok.len() as u64);
-        let seen = metric(&client, &arm.metrics_url, "race_loser_started_total ").await;
+        let seen = metric(&client, &arm.metrics_url, "flex_race_loser_started_total ").await;
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for o in res {
             *reasons.entry(o.reason.as_str()).or_default() += 1;

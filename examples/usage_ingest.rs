@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use flex_control_plane::sqlx::{self, Connection, Executor, PgConnection, PgPool};
 use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::ControlPlane;
+use flex_data_plane::usage::nats::{NatsDelivery, NatsDeliveryConfig, UsageQueue};
 use flex_data_plane::usage::UsageSink;
-use flex_data_plane::usage_nats::{NatsDelivery, NatsDeliveryConfig, UsageQueue};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 

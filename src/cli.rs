@@ -91,6 +91,17 @@ pub struct UpstreamArgs {
     pub max_response_mib: usize,
 }
 
+/// Where Prometheus metrics are served, shared by every process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (`flex_*`, OpenMetrics text) at http://ADDR/metrics, never on
+    /// the public API port. `flex up` uses 127.0.0.1:9090 when not given (and goes on without
+    /// metrics, with a warning, if that port is busy); `flex proxy` and `flex control` serve
+    /// none unless given.
+    #[arg(long, env = "FLEX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
 /// How a planned stop (SIGTERM, Ctrl-C) drains the proxy, shared by `up` and `proxy`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DrainArgs {
@@ -157,8 +168,10 @@ pub struct UpArgs {
     #[arg(long, env = "FLEX_ADMIN_LISTEN", default_value = "127.0.0.1:50051")]
     pub admin_listen: SocketAddr,
     /// Dashboard listen address (the web UI: sign up, keys, provider keys, usage, billing).
-    #[arg(long, env = "FLEX_DASHBOARD_LISTEN", default_value = "127.0.0.1:3000")]
-    pub dashboard_listen: SocketAddr,
+    /// Default 127.0.0.1:3000 (if that port is busy, `flex up` goes on without the dashboard,
+    /// with a warning; a given address must be free).
+    #[arg(long, env = "FLEX_DASHBOARD_LISTEN")]
+    pub dashboard_listen: Option<SocketAddr>,
     /// The dashboard's public URL, when it is not http://DASHBOARD_LISTEN (e.g. behind a
     /// reverse proxy); https:// makes its cookies Secure.
     #[arg(long, env = "FLEX_DASHBOARD_URL", value_parser = parse_dashboard_url)]
@@ -167,6 +180,8 @@ pub struct UpArgs {
     pub upstream: UpstreamArgs,
     #[command(flatten)]
     pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
 }
@@ -230,6 +245,8 @@ pub struct ControlArgs {
     #[arg(long, env = "FLEX_API_BASE_URL", requires = "dashboard_listen")]
     pub api_base_url: Option<String>,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub otlp: OtlpArgs,
 }
 
@@ -274,6 +291,8 @@ pub struct ProxyArgs {
     pub usage_durable_wait_ms: u64,
     #[command(flatten)]
     pub drain: DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:

@@ -12,14 +12,14 @@ use flex_control_plane::usage_consumer::UsageConsumerConfig;
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
 use flex_data_plane::providers::BaseUrls;
-use flex_data_plane::proxy::{Proxy, ProxyConfig};
+use flex_data_plane::proxy::{ExtraMetrics, Proxy, ProxyConfig};
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
-use flex_data_plane::usage::{ChannelSink, UsageSink};
-use flex_data_plane::usage_nats::{
+use flex_data_plane::usage::log::{UsageWal, WalConfig};
+use flex_data_plane::usage::nats::{
     spawn_nats_delivery, NatsDeliveryConfig, UsageQueue, UsageSource,
 };
-use flex_data_plane::usage_wal::{UsageWal, WalConfig};
+use flex_data_plane::usage::{ChannelSink, UsageSink};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
@@ -128,6 +128,7 @@ pub fn spawn_proxy(
         usage,
         std::future::pending(),
         Duration::ZERO,
+        None,
     )
 }
 
@@ -143,6 +144,7 @@ pub fn spawn_proxy_until(
     usage: Arc<dyn UsageSink>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    metrics: Option<TcpListener>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let proxy = Arc::new(Proxy::new(
         store,
@@ -150,6 +152,14 @@ pub fn spawn_proxy_until(
         cfg,
         usage,
     ));
+    if let Some(listener) = metrics {
+        let router = flex_data_plane::server::metrics_router(proxy.clone());
+        tokio::spawn(async move {
+            if let Err(e) = flex_data_plane::server::serve(listener, router, None).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let router = flex_data_plane::server::router(proxy);
     Ok(tokio::spawn(async move {
         if let Err(e) =
@@ -179,6 +189,7 @@ pub fn embedded_proxy(
         tls,
         std::future::pending(),
         Duration::ZERO,
+        None,
     )?;
     Ok(store)
 }
@@ -195,6 +206,7 @@ pub fn embedded_proxy_until(
     tls: Option<TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    metrics: Option<TcpListener>,
 ) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>)> {
     let store = Arc::new(store);
     tokio::spawn(follow_in_process(cp.clone(), store.clone()));
@@ -209,8 +221,57 @@ pub fn embedded_proxy_until(
         sink,
         shutdown,
         grace,
+        metrics,
     )?;
     Ok((store, task))
+}
+
+/// The default dashboard address of `flex up`.
+pub const DEFAULT_UP_DASHBOARD: &str = "127.0.0.1:3000";
+
+/// `flex up`'s dashboard listener: the address given (an error when it cannot be bound), else
+/// the default one, where a busy port only costs a warning (`None`: no dashboard).
+async fn up_dashboard_listener(given: Option<std::net::SocketAddr>) -> Result<Option<TcpListener>> {
+    match given {
+        Some(addr) => Ok(Some(
+            bind(addr, "the dashboard (--dashboard-listen)").await?,
+        )),
+        None => match TcpListener::bind(DEFAULT_UP_DASHBOARD).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, address = DEFAULT_UP_DASHBOARD, "the dashboard is off: its default address is busy; give --dashboard-listen ADDR (e.g. 127.0.0.1:3001)");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// The default metrics address of `flex up` (one process on a laptop).
+pub const DEFAULT_UP_METRICS: &str = "127.0.0.1:9090";
+
+/// The listener of `--metrics-listen`: the address given (an error when it cannot be bound), or
+/// for `flex up` (`fallback`) the default address, where a busy port only costs a warning.
+/// Returns it with its URL.
+async fn metrics_listener(
+    given: Option<std::net::SocketAddr>,
+    fallback: bool,
+) -> Result<(Option<TcpListener>, Option<String>)> {
+    let listener = match (given, fallback) {
+        (Some(addr), _) => Some(bind(addr, "the metrics (--metrics-listen)").await?),
+        (None, true) => match TcpListener::bind(DEFAULT_UP_METRICS).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, address = DEFAULT_UP_METRICS, "metrics are off: the default metrics address is busy; give --metrics-listen ADDR (e.g. 127.0.0.1:0)");
+                None
+            }
+        },
+        (None, false) => None,
+    };
+    let url = match &listener {
+        Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
+        None => None,
+    };
+    Ok((listener, url))
 }
 
 /// A planned stop of a proxy: `/readyz` says draining at once, connections are still accepted
@@ -380,7 +441,8 @@ struct DemoUrls<'a> {
     base_url: &'a str,
     admin_endpoint: &'a str,
     admin_token: &'a str,
-    dashboard_url: &'a str,
+    /// `None`: no dashboard in this start (the default port was busy).
+    dashboard_url: Option<&'a str>,
 }
 
 /// The demo org's dashboard user: the one `demo` names when it still exists, else a new owner
@@ -520,14 +582,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
         });
     }
 
-    // Bound now, so a port in use fails before anything else starts.
-    let dashboard_listener = bind(args.dashboard_listen, "the dashboard").await?;
-    let dashboard_url = match &args.dashboard_url {
-        Some(u) => u.clone(),
-        None => format!("http://{}", dashboard_listener.local_addr()?),
+    // Bound now, so a given address in use fails before anything else starts.
+    let dashboard_listener = up_dashboard_listener(args.dashboard_listen).await?;
+    let dashboard_url = match (&dashboard_listener, &args.dashboard_url) {
+        (None, _) => None,
+        (Some(_), Some(u)) => Some(u.clone()),
+        (Some(l), None) => Some(format!("http://{}", l.local_addr()?)),
     };
     // The embedded proxy's no_byok_key and payment_required link to the dashboard's pages.
-    flex_data_plane::error::set_dashboard_url(Some(&dashboard_url));
+    flex_data_plane::error::set_dashboard_url(dashboard_url.as_deref());
 
     let needs_sim = args.demo
         && (args.upstream.openai_base_url.is_none()
@@ -568,6 +631,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let base_url = format!("{scheme}://{}/v1", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics_listener, metrics_url) =
+        metrics_listener(args.metrics.metrics_listen, true).await?;
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
@@ -578,17 +643,27 @@ pub async fn up(args: UpArgs) -> Result<()> {
         SnapshotStore::new(Some(keyring), None).with_key_file(Some(key_path.clone())),
         listener,
         &upstream,
-        proxy_config(&args.upstream, urls),
+        ProxyConfig {
+            // One exposition for the whole process: the proxy's series and the control plane's.
+            extra_metrics: Some(ExtraMetrics(Arc::new({
+                let cp = cp.clone();
+                move |out: &mut String| {
+                    flex_control_plane::metrics::metrics().encode_into(out, &cp.proxies().list());
+                }
+            }))),
+            ..proxy_config(&args.upstream, urls)
+        },
         tls,
         async {
             let _ = drained.await;
         },
         Duration::from_secs(args.drain.shutdown_grace_secs),
+        metrics_listener,
     )?;
 
-    {
+    if let (Some(dashboard_listener), Some(url)) = (dashboard_listener, &dashboard_url) {
         let cp = cp.clone();
-        let cfg = DashboardConfig::new(&dashboard_url).with_api_base_url(&base_url);
+        let cfg = DashboardConfig::new(url).with_api_base_url(&base_url);
         tokio::spawn(async move {
             if let Err(e) = cp
                 .serve_dashboard(dashboard_listener, cfg, std::future::pending())
@@ -601,7 +676,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     println!("FlexInference is up.");
     println!("  API:       {base_url}");
-    println!("  dashboard: {dashboard_url}");
+    if let Some(url) = &dashboard_url {
+        println!("  dashboard: {url}");
+    }
+    if let Some(url) = &metrics_url {
+        println!("  metrics:   {url}");
+    }
     println!(
         "  admin:     {admin_endpoint}  (token in {})",
         dir.join("admin-token").display()
@@ -611,9 +691,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
             base_url: &base_url,
             admin_endpoint: &admin_endpoint,
             admin_token: &token,
-            dashboard_url: &dashboard_url,
+            dashboard_url: dashboard_url.as_deref(),
         };
-        let demo = ensure_demo(&cp, dir, &urls, keys).await?;
+        let mut demo = ensure_demo(&cp, dir, &urls, keys).await?;
+        // Where this start serves its metrics (null when the default port was busy).
+        demo["metrics_url"] = json!(metrics_url);
+        write_private(
+            &dir.join("demo.json"),
+            &serde_json::to_string_pretty(&demo)?,
+        )?;
         if let Some(s) = &sim {
             println!(
                 "  simulator: {} (flex starts after 1.5 s, standard after 0.2 s)",
@@ -625,11 +711,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             dir.join("demo.json").display(),
             demo["org_id"].as_str().unwrap_or("")
         );
-        println!(
-            "  sign in:   {dashboard_url} as {} with password {} (also in demo.json)",
-            demo["dashboard_email"].as_str().unwrap_or(""),
-            demo["dashboard_password"].as_str().unwrap_or("")
-        );
+        if let Some(url) = &dashboard_url {
+            println!(
+                "  sign in:   {url} as {} with password {} (also in demo.json)",
+                demo["dashboard_email"].as_str().unwrap_or(""),
+                demo["dashboard_password"].as_str().unwrap_or("")
+            );
+        }
         println!();
         println!("Try it (flex wins; put \"#sim flex_delay_ms=20000\" in the input to see standard take over):");
         println!(
@@ -774,6 +862,31 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     };
     let listener = bind(args.listen, "the control plane gRPC API").await?;
     let addr = listener.local_addr()?;
+    if let (Some(metrics), Some(url)) = metrics_listener(args.metrics.metrics_listen, false).await?
+    {
+        println!("metrics on {url}");
+        let cp = cp.clone();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let cp = cp.clone();
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        flex_control_plane::metrics::metrics().encode(&cp.proxies().list()),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = flex_data_plane::server::serve(metrics, router, None).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     match &tls {
         Some(t) if t.client_ca() => println!(
             "control plane listening on https://{addr} (mTLS: only proxies with a client certificate from --client-ca can watch)"
@@ -939,6 +1052,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let listener = bind(args.listen, "the proxy").await?;
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
+    let (metrics, _) = metrics_listener(args.metrics.metrics_listen, false).await?;
     let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
@@ -955,6 +1069,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
             let _ = drained.await;
         },
         grace,
+        metrics,
     )?;
     stop.await;
     // A planned stop: not ready at once, no new connections after --drain-delay-secs, requests
@@ -1007,7 +1122,7 @@ async fn usage_sink(
             bail!("flex proxy needs --control-url or --nats-url");
         };
         if let Some(wal) = wal {
-            tokio::spawn(flex_data_plane::usage_wal::deliver_grpc(
+            tokio::spawn(flex_data_plane::usage::log::deliver_grpc(
                 wal.clone(),
                 endpoint,
             ));

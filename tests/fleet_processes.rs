@@ -41,6 +41,8 @@ struct ProxySpec {
     id: String,
     transport: Transport,
     port: u16,
+    /// `--metrics-listen`.
+    metrics_port: u16,
     state_dir: PathBuf,
     /// (cert, key) for NATS or the control plane, per transport; None: no client certificate.
     identity: Option<(PathBuf, PathBuf)>,
@@ -105,6 +107,7 @@ impl Fleet {
                 id: id.to_string(),
                 transport,
                 port: free_port(),
+                metrics_port: free_port(),
                 state_dir: dir.path().join(id),
                 identity: Some(pki.client(id)),
             });
@@ -246,6 +249,8 @@ impl Fleet {
             "proxy".into(),
             "--listen".into(),
             format!("127.0.0.1:{}", spec.port),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", spec.metrics_port),
             "--state-dir".into(),
             s(&spec.state_dir),
             "--master-key-file".into(),
@@ -288,7 +293,7 @@ impl Fleet {
         let t0 = Instant::now();
         loop {
             let m = self.metrics(i).await;
-            if m["snapshot_persisted_version"] == m["snapshot_version"] {
+            if m["flex_snapshot_persisted_version"] == m["flex_snapshot_version"] {
                 break;
             }
             assert!(
@@ -373,9 +378,8 @@ impl Fleet {
     }
 
     async fn metrics(&self, i: usize) -> HashMap<String, f64> {
-        let (status, body) = get(&format!("{}/metrics", self.specs[i].base()), None)
-            .await
-            .unwrap();
+        let url = format!("http://127.0.0.1:{}/metrics", self.specs[i].metrics_port);
+        let (status, body) = get(&url, None).await.unwrap();
         assert_eq!(status, 200);
         body.lines()
             .filter(|l| !l.starts_with('#'))
@@ -494,6 +498,7 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
         id: "intruder".into(),
         transport: Transport::Grpc,
         port: free_port(),
+        metrics_port: free_port(),
         state_dir: fleet.dir.path().join("intruder"),
         identity: None,
     };
@@ -510,13 +515,13 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
     let versions: Vec<f64> = {
         let mut v = Vec::new();
         for i in 0..3 {
-            v.push(fleet.metrics(i).await["snapshot_version"]);
+            v.push(fleet.metrics(i).await["flex_snapshot_version"]);
         }
         v
     };
     fleet.stop_control();
     fleet
-        .until_metric(2, "control_plane_connected", |v| v == 0.0, within)
+        .until_metric(2, "flex_control_plane_connected", |v| v == 0.0, within)
         .await;
     fleet.assert_all(&kept, 200).await;
     fleet.assert_all(&revoked, 401).await;
@@ -530,7 +535,11 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
         fleet.restart_proxy(i).await;
         fleet.wait_ready(i, within).await;
         let m = fleet.metrics(i).await;
-        assert_eq!(m["snapshot_version"], versions[i], "{}", fleet.specs[i].id);
+        assert_eq!(
+            m["flex_snapshot_version"], versions[i],
+            "{}",
+            fleet.specs[i].id
+        );
         let base = fleet.specs[i].base();
         assert_eq!(
             get(&format!("{base}/v1/models"), Some(&kept))
@@ -550,10 +559,13 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
     }
     // The restarted NATS proxy resumed from its recorded position: following again, no full.
     fleet
-        .until_metric(0, "control_plane_connected", |v| v == 1.0, within)
+        .until_metric(0, "flex_control_plane_connected", |v| v == 1.0, within)
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fleet.metrics(0).await["snapshot_full_applied_total"], 0.0);
+    assert_eq!(
+        fleet.metrics(0).await["flex_snapshot_full_applied_total"],
+        0.0
+    );
 
     // The control plane comes back: the gRPC proxy reconnects, new keys reach everyone.
     fleet.start_control().await;
@@ -572,8 +584,8 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
     for i in [0, 1] {
         let m = fleet.metrics(i).await;
         before.push((
-            m["snapshot_full_applied_total"],
-            m["snapshot_deltas_applied_total"],
+            m["flex_snapshot_full_applied_total"],
+            m["flex_snapshot_deltas_applied_total"],
         ));
     }
     fleet.nats.stop();
@@ -581,7 +593,7 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
         fleet
             .until_metric(
                 i,
-                "control_plane_connected",
+                "flex_control_plane_connected",
                 |v| v == 0.0,
                 Duration::from_secs(10),
             )
@@ -593,7 +605,7 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
         fleet
             .until_metric(
                 i,
-                "control_plane_connected",
+                "flex_control_plane_connected",
                 |v| v == 1.0,
                 Duration::from_secs(20),
             )
@@ -611,10 +623,15 @@ async fn three_proxy_processes_enforce_keys_and_survive_control_plane_proxy_and_
     for (n, i) in [0usize, 1].into_iter().enumerate() {
         let (full, deltas) = before[n];
         fleet
-            .until_metric(i, "snapshot_deltas_applied_total", |v| v > deltas, within)
+            .until_metric(
+                i,
+                "flex_snapshot_deltas_applied_total",
+                |v| v > deltas,
+                within,
+            )
             .await;
         assert_eq!(
-            fleet.metrics(i).await["snapshot_full_applied_total"],
+            fleet.metrics(i).await["flex_snapshot_full_applied_total"],
             full,
             "{}: resumed without a full resync",
             fleet.specs[i].id

@@ -305,6 +305,14 @@ async fn request_spans_reach_an_otlp_collector_without_secrets() {
     let flex_wait: u64 = a("flex_wait_ms").unwrap().parse().unwrap();
     let start_latency: u64 = a("start_latency_ms").unwrap().parse().unwrap();
     assert!(start_latency >= flex_wait, "{start_latency} < {flex_wait}");
+    // The OpenTelemetry GenAI semantic-convention attributes.
+    assert_eq!(a("gen_ai.operation.name").as_deref(), Some("chat"));
+    assert_eq!(a("gen_ai.provider.name").as_deref(), Some("openai"));
+    assert_eq!(a("gen_ai.request.model").as_deref(), Some("gpt-5.5"));
+    assert_eq!(a("gen_ai.response.model").as_deref(), Some("gpt-5.5"));
+    let input: u64 = a("gen_ai.usage.input_tokens").unwrap().parse().unwrap();
+    let output: u64 = a("gen_ai.usage.output_tokens").unwrap().parse().unwrap();
+    assert!(input > 0 && output > 0, "{input} {output}");
     // The race's event rides along on the span.
     assert!(
         span.events.iter().any(|e| e.name == "flex race decided"),

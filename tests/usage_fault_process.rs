@@ -166,6 +166,8 @@ impl Cluster {
             self.gemini_url.clone(),
             "--usage-durable-wait-ms".into(),
             durable_wait_ms.to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", metrics_port(port)),
         ];
         args.extend(self.nats_args());
         spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
@@ -233,6 +235,13 @@ async fn wait_ready(port: u16, within: Duration) {
         assert!(t0.elapsed() < within, "proxy on {port} never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The `--metrics-listen` port of the proxy on API port `port` (the same across its restarts).
+fn metrics_port(port: u16) -> u16 {
+    static PORTS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u16, u16>>> =
+        std::sync::LazyLock::new(Default::default);
+    *PORTS.lock().unwrap().entry(port).or_insert_with(free_port)
 }
 
 /// A `/metrics` value of a proxy (the first line starting with `name`).
@@ -703,7 +712,7 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
         metrics.clear();
         for p in ports {
             metrics.push(
-                http_get(&format!("http://127.0.0.1:{p}/metrics"))
+                http_get(&format!("http://127.0.0.1:{}/metrics", metrics_port(p)))
                     .await
                     .map(|(_, m)| m)
                     .unwrap_or_default(),
@@ -711,7 +720,7 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
         }
         if metrics
             .iter()
-            .all(|m| metric(m, "usage_log_pending_bytes") == Some(0))
+            .all(|m| metric(m, "flex_usage_log_pending_bytes") == Some(0))
         {
             break;
         }
@@ -723,17 +732,17 @@ async fn no_usage_is_lost_or_double_counted_when_nats_the_control_plane_and_a_pr
     }
     for m in &metrics {
         assert_eq!(
-            metric(m, "usage_durable_wait_timeouts_total"),
+            metric(m, "flex_usage_durable_wait_timeouts_total"),
             Some(0),
             "{m}"
         );
-        assert_eq!(metric(m, "usage_not_durable_total"), Some(0), "{m}");
+        assert_eq!(metric(m, "flex_usage_not_durable_total"), Some(0), "{m}");
         assert_eq!(
-            metric(m, "usage_log_dropped_total{reason=\"full\"}"),
+            metric(m, "flex_usage_log_dropped_total{reason=\"full\"}"),
             Some(0)
         );
         assert_eq!(
-            metric(m, "usage_log_dropped_total{reason=\"queue\"}"),
+            metric(m, "flex_usage_log_dropped_total{reason=\"queue\"}"),
             Some(0)
         );
     }

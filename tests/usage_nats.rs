@@ -31,11 +31,11 @@ use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::ProxyConfig;
 use flex_data_plane::snapshot::SnapshotStore;
 use flex_data_plane::upstream::UpstreamConfig;
-use flex_data_plane::usage::{Durable, UsageSink};
-use flex_data_plane::usage_nats::{
+use flex_data_plane::usage::log::{UsageWal, WalConfig};
+use flex_data_plane::usage::nats::{
     usage_stream_config, NatsDelivery, NatsDeliveryConfig, NatsDeliveryStats, UsageQueue,
 };
-use flex_data_plane::usage_wal::{UsageWal, WalConfig};
+use flex_data_plane::usage::{Durable, UsageSink};
 use flex_shared::crypto::MasterKeyring;
 use flex_shared::usage::{nats_subject, UsageEvent};
 use infra::{free_port, nats_server_binary, wait_listening, Pg};

@@ -154,6 +154,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let span = call_span(req.uri().path());
+        let meter =
+            crate::metrics::CallMeter::new(rpc_of(req.uri().path()).map_or("unknown", |(_, m)| m));
         if let Some(link) = CALLER_LINK.get() {
             // Before the span is first entered: the parent of a started span is fixed.
             link(req.headers(), &span);
@@ -167,17 +169,15 @@ where
             let (parts, body) = resp.into_parts();
             // An immediate error (or a trailers-only answer) has its status in the headers;
             // otherwise it comes in the trailers, and the body keeps the span until then.
-            let span = match grpc_status(&parts.headers) {
-                Some(code) => {
-                    record_status(&span, code);
-                    None
-                }
-                None => Some(span),
+            let mut body = TracedBody {
+                inner: body,
+                span: Some(span),
+                meter: Some(meter),
             };
-            Ok(http::Response::from_parts(
-                parts,
-                TracedBody { inner: body, span },
-            ))
+            if let Some(code) = grpc_status(&parts.headers) {
+                body.status(code);
+            }
+            Ok(http::Response::from_parts(parts, body))
         })
     }
 }
@@ -187,6 +187,19 @@ where
 pub struct TracedBody<B> {
     inner: B,
     span: Option<tracing::Span>,
+    /// Counts the call in the metrics when its status arrives.
+    meter: Option<crate::metrics::CallMeter>,
+}
+
+impl<B> TracedBody<B> {
+    fn status(&mut self, code: i32) {
+        if let Some(span) = self.span.take() {
+            record_status(&span, code);
+        }
+        if let Some(m) = self.meter.take() {
+            m.done(code);
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for TracedBody<B> {
@@ -201,19 +214,23 @@ impl<B: Body + Unpin> Body for TracedBody<B> {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let (Some(span), Some(code)) = (this.span.take(), grpc_status(trailers)) {
-                        record_status(&span, code);
-                    }
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.status(code);
                 }
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(span) = this.span.take() {
                     span.record("otel.status_code", "error");
                 }
+                if let Some(m) = this.meter.take() {
+                    m.done(2);
+                }
             }
             // Ended without a status (not gRPC): nothing to record.
-            Poll::Ready(None) => drop(this.span.take()),
+            Poll::Ready(None) => {
+                drop(this.span.take());
+                drop(this.meter.take());
+            }
             Poll::Pending => {}
         }
         polled
@@ -231,8 +248,8 @@ impl<B: Body + Unpin> Body for TracedBody<B> {
 impl<B> Drop for TracedBody<B> {
     fn drop(&mut self) {
         // Dropped before its status: the client cancelled or the connection is gone.
-        if let Some(span) = self.span.take() {
-            record_status(&span, CANCELLED);
+        if self.span.is_some() || self.meter.is_some() {
+            self.status(CANCELLED);
         }
     }
 }

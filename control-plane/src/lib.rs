@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc_trace;
+pub mod metrics;
 pub mod projection;
 pub mod proxies;
 pub mod service;

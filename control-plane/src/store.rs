@@ -387,6 +387,13 @@ impl Store {
             .await
     }
 
+    /// Counts appended events in the metrics (`flex_event_log_appends_total`).
+    fn count_appends(n: usize) {
+        crate::metrics::metrics()
+            .appends
+            .inc_by(u64::try_from(n).unwrap_or(0));
+    }
+
     /// [`Store::append`], also recording `idempotency` in the same transaction. A key that is
     /// already recorded fails with [`StoreError::IdempotencyKeyTaken`] and appends nothing.
     pub async fn append_with_idempotency(
@@ -540,6 +547,7 @@ impl Store {
                 tx.commit().await?;
             }
         }
+        Self::count_appends(appends.iter().map(|a| a.events.len()).sum());
         u64_of(last_seq, "seq")
     }
 
@@ -906,6 +914,7 @@ impl Store {
                 inserted = done.rows_affected();
             }
         }
+        crate::metrics::metrics().ledger_inserts.inc_by(inserted);
         Ok(inserted)
     }
 

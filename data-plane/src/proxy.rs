@@ -29,6 +29,7 @@ use crate::auth::{authenticate, Caller};
 use crate::canonical as c;
 use crate::error::ApiError;
 use crate::formats::{self, chat, CallerFormat, RawBody};
+use crate::metrics::{Metered, ProxyMetrics, StateCollector};
 use crate::passthrough::{Native, NativeTranscoder};
 use crate::providers::{AskTier, BaseUrls};
 use crate::race::{self, AttemptError, Backoff, EventClass, Schedule, StartLatency, Started};
@@ -54,6 +55,18 @@ pub struct ProxyConfig {
     /// Makes each request span a child of the caller's trace (`traceparent`). Set by the binary
     /// only when it exports traces; `None` (the default) costs nothing.
     pub caller_trace: Option<CallerTrace>,
+    /// More series for the same exposition (e.g. `flex up`'s in-process control plane).
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+/// Appends OpenMetrics families (without the end marker) to the proxy's exposition.
+#[derive(Clone)]
+pub struct ExtraMetrics(pub Arc<dyn Fn(&mut String) + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 /// Links a request's span to the trace its caller is part of, from the request headers, before
@@ -100,6 +113,7 @@ impl Default for ProxyConfig {
             backoff: Backoff::default(),
             strategy: RaceStrategy::default(),
             caller_trace: None,
+            extra_metrics: None,
         }
     }
 }
@@ -109,9 +123,11 @@ pub struct Proxy {
     pub upstream: UpstreamClient,
     pub cfg: ProxyConfig,
     pub latency: StartLatency,
+    /// The usage sink, wrapped so every event is counted in `metrics` too.
     pub usage: Arc<dyn UsageSink>,
     /// Races whose losing tier had started too (a near-tie; see [`race::Outcome::loser_started`]).
-    pub races_loser_started: std::sync::atomic::AtomicU64,
+    pub races_loser_started: Arc<std::sync::atomic::AtomicU64>,
+    pub metrics: Arc<ProxyMetrics>,
 }
 
 /// How the tier is chosen for one request.
@@ -278,13 +294,23 @@ impl Proxy {
         cfg: ProxyConfig,
         usage: Arc<dyn UsageSink>,
     ) -> Self {
+        let loser_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = Arc::new(ProxyMetrics::new(StateCollector {
+            snapshots: snapshots.clone(),
+            usage: usage.clone(),
+            loser_started: loser_started.clone(),
+        }));
         Self {
             snapshots,
             upstream,
             cfg,
             latency: StartLatency::default(),
-            usage,
-            races_loser_started: std::sync::atomic::AtomicU64::new(0),
+            usage: Arc::new(Metered {
+                inner: usage,
+                metrics: metrics.clone(),
+            }),
+            races_loser_started: loser_started,
+            metrics,
         }
     }
 
@@ -443,6 +469,13 @@ impl Proxy {
             provider_request_id = tracing::field::Empty,
             status = tracing::field::Empty,
             error_code = tracing::field::Empty,
+            // OpenTelemetry GenAI semantic conventions, so GenAI dashboards work unchanged.
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = tracing::field::Empty,
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
         );
         if let Some(link) = &self.cfg.caller_trace {
             // Before the span is first entered: the parent of a started span is fixed.
@@ -467,7 +500,10 @@ impl Proxy {
                 }
                 let durable = match draft {
                     Some(d) => d.emit(self.usage.as_ref(), status, Outcome::Error),
-                    None => Durable::ready(),
+                    None => {
+                        self.metrics.refused(format.as_str(), status);
+                        Durable::ready()
+                    }
                 };
                 tracing::info!(request_id, code = e.code, status, "request refused");
                 hold_end(e.into_response_for(format), durable)
@@ -519,6 +555,7 @@ impl Proxy {
             },
             t0,
             model: entry.clone(),
+            span: tracing::Span::current(),
         });
         formats::reject_service_tier(&body)?;
         if format == CallerFormat::ChatCompletions {
@@ -538,6 +575,10 @@ impl Proxy {
             span.record("model", d.event.model.as_str());
             span.record("provider", provider.as_str());
             span.record("start_within", d.event.start_within.as_str());
+            span.record("gen_ai.provider.name", genai_provider(provider));
+            span.record("gen_ai.request.model", d.event.model.as_str());
+            // The model answering is the one asked (an alias is not resolved by us).
+            span.record("gen_ai.response.model", d.event.model.as_str());
         }
         let plan = plan(sw, provider, &model, entry.as_ref())?;
         if matches!(plan, Plan::Race(_))
@@ -618,15 +659,20 @@ impl Proxy {
             return self.direct_body(call, *api, tier, slot).await;
         }
         let prepared = Prepared::new(call, plan)?;
+        self.metrics.overhead.observe(t0.elapsed().as_secs_f64());
         let e = &mut slot.as_mut().ok_or_else(crate::request::lost_draft)?.event;
         let started = self
             .start_upstream(plan, t0, &call.model, call.floor, e, |tier, left| {
                 let req = prepared.get(tier);
                 async move {
-                    race::attempt(&self.upstream, call.provider, req?, tier, left, |ev| {
+                    let r = race::attempt(&self.upstream, call.provider, req?, tier, left, |ev| {
                         call.classify(ev)
                     })
-                    .await
+                    .await;
+                    let class = r.as_ref().map_or_else(|e| e.class.as_str(), |_| "started");
+                    self.metrics
+                        .attempt(call.provider.as_str(), tier.as_str(), class);
+                    r
                 }
             })
             .await?;
@@ -656,16 +702,24 @@ impl Proxy {
         // A non-streaming answer shows no sign of its start before its head, which comes with
         // the whole body: the request counts as in flight at the provider from here.
         self.opened(&d.event, tier);
-        let resp = self
-            .upstream
-            .send(&req, None)
-            .await
-            .map_err(|e| AttemptError::transport(&e).error)?;
+        self.metrics.overhead.observe(d.t0.elapsed().as_secs_f64());
+        let (provider, ask) = (call.provider.as_str(), tier.as_str());
+        let resp = match self.upstream.send(&req, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = AttemptError::transport(&e);
+                self.metrics.attempt(provider, ask, e.class.as_str());
+                return Err(e.error);
+            }
+        };
         if !resp.status.is_success() {
             let (status, headers) = (resp.status, resp.headers);
             let body = resp.body.read_lossy(MAX_ERROR_BODY).await;
+            let class = crate::policy::classify(call.provider, status, &body);
+            self.metrics.attempt(provider, ask, class.as_str());
             return Err(ApiError::upstream(status, &headers, body));
         }
+        self.metrics.attempt(provider, ask, "started");
         Ok(answer::direct_body(
             resp,
             take(slot)?,
@@ -676,6 +730,15 @@ impl Proxy {
             |v, e| api.parse_body(v, e),
         )
         .await)
+    }
+}
+
+/// The provider's name in the OpenTelemetry GenAI conventions (`gen_ai.provider.name`).
+fn genai_provider(p: Provider) -> &'static str {
+    match p {
+        Provider::OpenAi => "openai",
+        Provider::Anthropic => "anthropic",
+        Provider::Gemini => "gcp.gemini",
     }
 }
 

@@ -56,6 +56,9 @@ pub(crate) struct Draft {
     pub(crate) event: UsageEvent,
     pub(crate) t0: Instant,
     pub(crate) model: Option<Model>,
+    /// The request's span: the answer's end records the tokens on it (the OpenTelemetry GenAI
+    /// `gen_ai.usage.*` attributes), and it stays open until then.
+    pub(crate) span: tracing::Span,
 }
 
 impl Draft {
@@ -71,6 +74,13 @@ impl Draft {
     }
 
     fn complete(mut self, status: u16, outcome: Outcome) -> UsageEvent {
+        let e = &self.event;
+        if e.input_tokens > 0 || e.output_tokens > 0 {
+            self.span
+                .record("gen_ai.usage.input_tokens", e.input_tokens);
+            self.span
+                .record("gen_ai.usage.output_tokens", e.output_tokens);
+        }
         self.event.status = status;
         self.event.outcome = outcome.as_str().to_string();
         self.event.duration_ms = ms(self.t0.elapsed());

@@ -44,7 +44,6 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(proxy)
@@ -138,26 +137,23 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
-    let st = proxy.snapshots.status();
-    let mut body = format!(
-        "# TYPE snapshot_version gauge\nsnapshot_version {}\n# TYPE snapshot_age_seconds gauge\nsnapshot_age_seconds {}\n# TYPE control_plane_connected gauge\ncontrol_plane_connected {}\n# TYPE snapshot_rejected_updates_total counter\nsnapshot_rejected_updates_total {}\n# TYPE snapshot_full_applied_total counter\nsnapshot_full_applied_total {}\n# TYPE snapshot_deltas_applied_total counter\nsnapshot_deltas_applied_total {}\n# TYPE snapshot_persisted_version gauge\nsnapshot_persisted_version {}\n# TYPE race_loser_started_total counter\nrace_loser_started_total {}\n",
-        proxy.snapshots.version(),
-        proxy.snapshots.age_seconds().map_or(-1, |a| a as i64),
-        u8::from(st.connected),
-        st.rejected_updates,
-        st.full_applied,
-        st.deltas_applied,
-        proxy.snapshots.persisted_version(),
-        proxy
-            .races_loser_started
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    proxy.usage.write_metrics(&mut body);
     (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        proxy
+            .metrics
+            .encode(proxy.cfg.extra_metrics.as_ref().map(|e| &*e.0)),
     )
         .into_response()
+}
+
+/// The metrics endpoint, for `--metrics-listen` (never on the public API port): `GET /metrics`.
+pub fn metrics_router(proxy: Arc<Proxy>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(proxy)
 }
 
 async fn not_found(req: Request) -> Response {

@@ -1,11 +1,16 @@
 //! Usage reporting from the proxy: one event per request, handed to a sink that never blocks the
 //! request path.
 //!
-//! A sink may be durable (the write-ahead log of [`crate::usage_wal`], with a `--state-dir`):
+//! A sink may be durable (the write-ahead log of [`log`], with a `--state-dir`):
 //! [`UsageSink::emit_durable`] then returns a [`Durable`] that resolves once the event is on disk,
 //! and the request path holds back the end of the response body until then ([`hold_end`], or the
 //! streaming paths before their final event), for at most a bounded wait. A caller that has the
 //! whole answer therefore has a durable usage event behind it.
+
+pub mod journal;
+pub mod log;
+pub mod nats;
+mod segments;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -487,6 +492,7 @@ pub(crate) mod test_support {
             },
             t0: tokio::time::Instant::now(),
             model: None,
+            span: tracing::Span::none(),
         }
     }
 

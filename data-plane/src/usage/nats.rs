@@ -4,7 +4,7 @@
 //! the request id as `Nats-Msg-Id`, pipelined, and awaits every ack (a duplicate ack counts: the
 //! stream has the event). It reads from one of two places:
 //!
-//! - with a `--state-dir`, the write-ahead log ([`crate::usage_wal::UsageWal`], [`NatsDelivery::run_log`]):
+//! - with a `--state-dir`, the write-ahead log ([`crate::usage::log::UsageWal`], [`NatsDelivery::run_log`]):
 //!   events are durable on disk before their answer ends; delivery reads the log in order and
 //!   moves its persisted position forward over what JetStream acknowledged. While NATS is
 //!   unreachable events simply stay in the log (bounded), and a restarted proxy replays it;
@@ -28,8 +28,8 @@ use flex_shared::usage::{
 };
 use tokio::sync::Notify;
 
+use crate::usage::log::UsageWal;
 use crate::usage::{UsageSink, QUEUE_CAPACITY};
-use crate::usage_wal::UsageWal;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -479,7 +479,7 @@ pub fn spawn_nats_delivery(
 mod tests {
     use super::*;
 
-    use crate::usage_wal::tests::event;
+    use crate::usage::segments::tests::event;
 
     #[test]
     fn the_queue_removes_only_what_it_is_told() {
