@@ -167,6 +167,15 @@ pub struct UpArgs {
     /// Admin gRPC listen address.
     #[arg(long, env = "FLEX_ADMIN_LISTEN", default_value = "127.0.0.1:50051")]
     pub admin_listen: SocketAddr,
+    /// Dashboard listen address (the web UI: sign up, keys, provider keys, usage, billing).
+    /// Default 127.0.0.1:3000 (if that port is busy, `flex up` goes on without the dashboard,
+    /// with a warning; a given address must be free).
+    #[arg(long, env = "FLEX_DASHBOARD_LISTEN")]
+    pub dashboard_listen: Option<SocketAddr>,
+    /// The dashboard's public URL, when it is not http://DASHBOARD_LISTEN (e.g. behind a
+    /// reverse proxy); https:// makes its cookies Secure.
+    #[arg(long, env = "FLEX_DASHBOARD_URL", value_parser = parse_dashboard_url)]
+    pub dashboard_url: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -175,6 +184,19 @@ pub struct UpArgs {
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
+}
+
+/// A dashboard URL: `http(s)://HOST[:PORT]`, served at the root of its origin (no path).
+pub fn parse_dashboard_url(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_end_matches('/');
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{t}` is not an http:// or https:// URL; give the dashboard's address as users open it, e.g. https://dashboard.example.com"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return Err(format!("`{t}` must be just a scheme and host (and port): the dashboard is served at the root of its origin, e.g. https://dashboard.example.com"));
+    }
+    Ok(t.to_string())
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,6 +232,19 @@ pub struct ControlArgs {
     /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Serve the dashboard (the web UI where users sign up and manage their keys, provider
+    /// keys, usage and billing) on this address; without it there is no dashboard.
+    #[arg(long, env = "FLEX_DASHBOARD_LISTEN")]
+    pub dashboard_listen: Option<SocketAddr>,
+    /// The dashboard's public URL, e.g. https://dashboard.example.com (invite links; https://
+    /// makes its cookies Secure, for a TLS-terminating reverse proxy in front of it). Default:
+    /// http://DASHBOARD_LISTEN.
+    #[arg(long, env = "FLEX_DASHBOARD_URL", requires = "dashboard_listen", value_parser = parse_dashboard_url)]
+    pub dashboard_url: Option<String>,
+    /// The proxies' public API base URL, shown in the dashboard's quickstart, e.g.
+    /// https://api.example.com/v1.
+    #[arg(long, env = "FLEX_API_BASE_URL", requires = "dashboard_listen")]
+    pub api_base_url: Option<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -269,6 +304,10 @@ pub struct ProxyArgs {
     /// Master key file to decrypt provider keys.
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// The dashboard's public URL (as `flex control --dashboard-url`): errors that a user fixes
+    /// there (`no_byok_key`, `payment_required`) link to its page.
+    #[arg(long, env = "FLEX_DASHBOARD_URL", value_parser = parse_dashboard_url)]
+    pub dashboard_url: Option<String>,
     /// This proxy's id as the control plane lists it (default: the common name of
     /// --control-cert, else proxy-<hostname>-<pid>). With mutual TLS it must be the
     /// certificate's common name: the control plane refuses another.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flex_control_plane::dashboard::DashboardConfig;
 use flex_control_plane::ledger_stream::LedgerPublisherConfig;
 use flex_control_plane::snapshot_nats::NatsSnapshotConfig;
 use flex_control_plane::tls::ServerTls;
@@ -226,6 +227,26 @@ pub fn embedded_proxy_until(
     Ok((store, task))
 }
 
+/// The default dashboard address of `flex up`.
+pub const DEFAULT_UP_DASHBOARD: &str = "127.0.0.1:3000";
+
+/// `flex up`'s dashboard listener: the address given (an error when it cannot be bound), else
+/// the default one, where a busy port only costs a warning (`None`: no dashboard).
+async fn up_dashboard_listener(given: Option<std::net::SocketAddr>) -> Result<Option<TcpListener>> {
+    match given {
+        Some(addr) => Ok(Some(
+            bind(addr, "the dashboard (--dashboard-listen)").await?,
+        )),
+        None => match TcpListener::bind(DEFAULT_UP_DASHBOARD).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, address = DEFAULT_UP_DASHBOARD, "the dashboard is off: its default address is busy; give --dashboard-listen ADDR (e.g. 127.0.0.1:3001)");
+                Ok(None)
+            }
+        },
+    }
+}
+
 /// The default metrics address of `flex up` (one process on a laptop).
 pub const DEFAULT_UP_METRICS: &str = "127.0.0.1:9090";
 
@@ -416,14 +437,61 @@ fn demo_sim_keys(dir: &Path) -> Result<serde_json::Value> {
 }
 
 /// Creates (or finds) the demo org, key and provider keys and writes demo.json.
+/// Where a local `flex up` serves what `demo.json` names.
+struct DemoUrls<'a> {
+    base_url: &'a str,
+    admin_endpoint: &'a str,
+    admin_token: &'a str,
+    /// `None`: no dashboard in this start (the default port was busy).
+    dashboard_url: Option<&'a str>,
+}
+
+/// The demo org's dashboard user: the one `demo` names when it still exists, else a new owner
+/// of `org_id` with a generated password. Sets `dashboard_email` and `dashboard_password`.
+async fn ensure_demo_user(
+    cp: &ControlPlane,
+    org_id: &str,
+    demo: &mut serde_json::Value,
+) -> Result<()> {
+    let known = demo["dashboard_email"]
+        .as_str()
+        .filter(|_| demo["dashboard_password"].as_str().is_some())
+        .is_some_and(|email| cp.find_user(email).is_ok());
+    if known {
+        return Ok(());
+    }
+    let password = random_hex(16);
+    let meta = Metadata::new("flex-up-demo");
+    let user = cp
+        .create_user(
+            &meta,
+            DEMO_USER_EMAIL,
+            &SecretString::from(password.clone()),
+            Some((org_id, flex_control_plane::domain::Role::Owner)),
+        )
+        .await
+        .with_context(|| format!("cannot create the demo's dashboard user {DEMO_USER_EMAIL}; delete the data dir to start the demo afresh"))?;
+    tracing::info!(user_id = %user.user_id, "demo dashboard user created");
+    demo["dashboard_email"] = json!(DEMO_USER_EMAIL);
+    demo["dashboard_password"] = json!(password);
+    Ok(())
+}
+
+/// The demo's dashboard account.
+pub const DEMO_USER_EMAIL: &str = "demo@example.com";
+
 async fn ensure_demo(
     cp: &ControlPlane,
     dir: &Path,
-    base_url: &str,
-    admin_endpoint: &str,
-    admin_token: &str,
+    urls: &DemoUrls<'_>,
     sim_keys: &serde_json::Value,
 ) -> Result<serde_json::Value> {
+    let DemoUrls {
+        base_url,
+        admin_endpoint,
+        admin_token,
+        dashboard_url,
+    } = *urls;
     let path = dir.join("demo.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -439,6 +507,9 @@ async fn ensure_demo(
             if org_ok && key_ok {
                 v["base_url"] = json!(base_url);
                 v["admin_endpoint"] = json!(admin_endpoint);
+                v["dashboard_url"] = json!(dashboard_url);
+                let org_id = v["org_id"].as_str().unwrap_or_default().to_string();
+                ensure_demo_user(cp, &org_id, &mut v).await?;
                 write_private(&path, &serde_json::to_string_pretty(&v)?)?;
                 return Ok(v);
             }
@@ -465,13 +536,15 @@ async fn ensure_demo(
             .await?;
         }
     }
-    let v = json!({
+    let mut v = json!({
         "base_url": base_url,
         "api_key": secret,
         "org_id": org.org_id,
         "admin_endpoint": admin_endpoint,
         "admin_token": admin_token,
+        "dashboard_url": dashboard_url,
     });
+    ensure_demo_user(cp, &org.org_id, &mut v).await?;
     write_private(&path, &serde_json::to_string_pretty(&v)?)?;
     Ok(v)
 }
@@ -509,6 +582,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
             }
         });
     }
+
+    // Bound now, so a given address in use fails before anything else starts.
+    let dashboard_listener = up_dashboard_listener(args.dashboard_listen).await?;
+    let dashboard_url = match (&dashboard_listener, &args.dashboard_url) {
+        (None, _) => None,
+        (Some(_), Some(u)) => Some(u.clone()),
+        (Some(l), None) => Some(format!("http://{}", l.local_addr()?)),
+    };
+    // The embedded proxy's no_byok_key and payment_required link to the dashboard's pages.
+    flex_data_plane::error::set_dashboard_url(dashboard_url.as_deref());
 
     let needs_sim = args.demo
         && (args.upstream.openai_base_url.is_none()
@@ -579,8 +662,24 @@ pub async fn up(args: UpArgs) -> Result<()> {
         metrics_listener,
     )?;
 
+    if let (Some(dashboard_listener), Some(url)) = (dashboard_listener, &dashboard_url) {
+        let cp = cp.clone();
+        let cfg = DashboardConfig::new(url).with_api_base_url(&base_url);
+        tokio::spawn(async move {
+            if let Err(e) = cp
+                .serve_dashboard(dashboard_listener, cfg, std::future::pending())
+                .await
+            {
+                tracing::error!(error = %e, "dashboard stopped");
+            }
+        });
+    }
+
     println!("FlexInference is up.");
     println!("  API:       {base_url}");
+    if let Some(url) = &dashboard_url {
+        println!("  dashboard: {url}");
+    }
     if let Some(url) = &metrics_url {
         println!("  metrics:   {url}");
     }
@@ -589,7 +688,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         dir.join("admin-token").display()
     );
     if let (true, Some(keys)) = (args.demo, &sim_keys) {
-        let mut demo = ensure_demo(&cp, dir, &base_url, &admin_endpoint, &token, keys).await?;
+        let urls = DemoUrls {
+            base_url: &base_url,
+            admin_endpoint: &admin_endpoint,
+            admin_token: &token,
+            dashboard_url: dashboard_url.as_deref(),
+        };
+        let mut demo = ensure_demo(&cp, dir, &urls, keys).await?;
         // Where this start serves its metrics (null when the default port was busy).
         demo["metrics_url"] = json!(metrics_url);
         write_private(
@@ -607,6 +712,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             dir.join("demo.json").display(),
             demo["org_id"].as_str().unwrap_or("")
         );
+        if let Some(url) = &dashboard_url {
+            println!(
+                "  sign in:   {url} as {} with password {} (also in demo.json)",
+                demo["dashboard_email"].as_str().unwrap_or(""),
+                demo["dashboard_password"].as_str().unwrap_or("")
+            );
+        }
         println!();
         println!("Try it (flex wins; put \"#sim flex_delay_ms=20000\" in the input to see standard take over):");
         println!(
@@ -797,8 +909,51 @@ pub async fn control(args: ControlArgs) -> Result<()> {
             }
         }
     }
-    cp.serve_with_listener_tls(listener, &token, tls.as_ref(), shutdown_signal())
+    // One signal stops the gRPC server and the dashboard.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = shutdown_signal();
+    if let Some(addr) = args.dashboard_listen {
+        spawn_control_dashboard(&cp, &args, addr, stop_rx).await?;
+    }
+    let stop = async move {
+        signal.await;
+        let _ = stop_tx.send(true);
+    };
+    cp.serve_with_listener_tls(listener, &token, tls.as_ref(), stop)
         .await?;
+    Ok(())
+}
+
+/// `flex control --dashboard-listen`: the dashboard, until `stop` turns true.
+async fn spawn_control_dashboard(
+    cp: &Arc<ControlPlane>,
+    args: &ControlArgs,
+    addr: std::net::SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let listener = bind(addr, "the dashboard").await?;
+    let local = listener.local_addr()?;
+    let url = args
+        .dashboard_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let mut cfg = DashboardConfig::new(&url);
+    if let Some(api) = &args.api_base_url {
+        cfg = cfg.with_api_base_url(api);
+    }
+    println!("dashboard listening on http://{local} (public URL {url})");
+    if !local.ip().is_loopback() && !url.starts_with("https://") {
+        tracing::warn!(%local, "the dashboard listens beyond loopback without TLS: passwords and session cookies cross the network in clear. Put a TLS-terminating reverse proxy in front and give --dashboard-url https://…");
+    }
+    let cp = cp.clone();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = cp.serve_dashboard(listener, cfg, shutdown).await {
+            tracing::error!(error = %e, "dashboard stopped");
+        }
+    });
     Ok(())
 }
 
@@ -832,6 +987,8 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     if args.control_url.is_none() && args.nats_url.is_none() {
         bail!("flex proxy needs a snapshot source: pass --control-url http://CONTROL:50051 (gRPC Watch) and/or --nats-url nats://NATS:4222 (JetStream), or set FLEX_CONTROL_URL / FLEX_NATS_URL");
     }
+    // Errors a user fixes in the dashboard (no_byok_key, payment_required) link to its page.
+    flex_data_plane::error::set_dashboard_url(args.dashboard_url.as_deref());
     // Held until this function returns (the process ends): one proxy per state dir.
     let _state_lock = args.state_dir.as_deref().map(lock_state_dir).transpose()?;
     let keyring = match &args.master_key_file {

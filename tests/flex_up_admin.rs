@@ -115,3 +115,97 @@ fn flex_admin_reads_a_plain_flex_up_data_dir() {
         assert_eq!(mode(&dir.path().join(name)), 0o600, "{name}");
     }
 }
+
+#[test]
+fn flex_admin_manages_dashboard_users() {
+    let up = FlexUp::start(&[], |_| {});
+    let dir = up.dir.path();
+    up.wait_for_file("admin-endpoint", Duration::from_secs(20));
+    let run = |args: &[&str], stdin: Option<&str>| flex_admin_in(dir, args, &[], stdin);
+
+    // A password from stdin (never argv); the account owns a new org named after it.
+    let password = "correct horse battery staple";
+    let ada = json_of(&run(
+        &["--json", "user", "create", "Ada@Example.com"],
+        Some(&format!("{password}\n")),
+    ));
+    assert_eq!(ada["email"], "ada@example.com");
+    assert_eq!(ada["status"], "active");
+    assert_eq!(ada["orgs"][0]["role"], "owner");
+    let org = ada["orgs"][0]["org_id"].as_str().unwrap().to_string();
+    // A generated password is printed once; --org joins an existing org.
+    let bob = json_of(&run(
+        &[
+            "--json",
+            "user",
+            "create",
+            "bob@example.com",
+            "--org",
+            &org,
+            "--role",
+            "member",
+            "--generate-password",
+        ],
+        None,
+    ));
+    assert_eq!(bob["orgs"][0]["org_id"], org.as_str());
+    assert_eq!(bob["orgs"][0]["role"], "member");
+    assert_eq!(bob["password"].as_str().unwrap().len(), 32);
+    // The same email twice, no password, a short one: refused, saying why.
+    for (args, stdin, says) in [
+        (
+            vec!["user", "create", "ada@example.com"],
+            Some(password),
+            "already exists",
+        ),
+        (
+            vec!["user", "create", "carol@example.com"],
+            None,
+            "no password on stdin",
+        ),
+        (
+            vec!["user", "create", "carol@example.com"],
+            Some("short"),
+            "at least 10",
+        ),
+    ] {
+        let out = run(&args, stdin);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains(password) && !err.contains("short\n"), "{err}");
+    }
+    let list = json_of(&run(&["--json", "user", "list"], None));
+    assert_eq!(list["users"].as_array().unwrap().len(), 2);
+    let human = run(&["user", "list"], None);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("bob@example.com"));
+
+    // Disable (by email) and enable (by id).
+    let off = json_of(&run(
+        &[
+            "--json",
+            "user",
+            "disable",
+            "bob@example.com",
+            "--reason",
+            "left",
+        ],
+        None,
+    ));
+    assert_eq!(off["status"], "disabled");
+    let again = run(&["user", "disable", "bob@example.com"], None);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already disabled"));
+    let id = bob["user_id"].as_str().unwrap();
+    let on = json_of(&run(&["--json", "user", "enable", id], None));
+    assert_eq!(on["status"], "active");
+    let missing = run(&["user", "disable", "nobody@example.com"], None);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+
+    // The audit shows the operator's membership change; the password hash is elided.
+    let audit = json_of(&run(&["--json", "audit", "--org", &org], None));
+    let text = audit.to_string();
+    assert!(
+        text.contains("MemberAdded") && !text.contains("$argon2"),
+        "{text}"
+    );
+}

@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 use crate::store::{NewEvent, StoredEvent};
 use crate::timefmt;
 
+pub mod accounts;
+pub use accounts::{
+    normalize_email, user_email_stream, user_stream, EmailClaimAggregate, Role, UserAggregate,
+};
+
 /// Schema version of every event type below.
 pub const SCHEMA_VERSION: u32 = 1;
 /// The plan of a billing account no operator has set a plan for.
@@ -227,6 +232,57 @@ pub enum Event {
     ModelOverrideSet {
         model: flex_shared::catalog::Model,
     },
+    /// A dashboard account (stream `user-<user_id>`). `password_hash` is an argon2id PHC
+    /// string; the audit elides it.
+    UserRegistered {
+        user_id: String,
+        /// Normalized ([`normalize_email`]).
+        email: String,
+        password_hash: String,
+    },
+    /// An email taken by one account: the stream `useremail-<sha256(email)>` holds at most this
+    /// one event, so two sign-ups with the same email cannot both commit.
+    UserEmailClaimed {
+        user_id: String,
+        email: String,
+    },
+    /// The account can no longer sign in; its sessions end.
+    UserDisabled {
+        user_id: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    UserEnabled {
+        user_id: String,
+    },
+    /// On the org's stream. `invite_id` when the user joined by accepting an invite (which that
+    /// uses up).
+    MemberAdded {
+        org_id: String,
+        user_id: String,
+        role: Role,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invite_id: Option<String>,
+    },
+    MemberRemoved {
+        org_id: String,
+        user_id: String,
+    },
+    /// An owner invited `email` (on the org's stream). The link carries a secret whose SHA-256 is
+    /// `token_hash` (the audit elides it); it works once, for that email, until `expires_at`.
+    InviteCreated {
+        org_id: String,
+        invite_id: String,
+        email: String,
+        role: Role,
+        token_hash: String,
+        /// RFC 3339.
+        expires_at: String,
+    },
+    InviteRevoked {
+        org_id: String,
+        invite_id: String,
+    },
 }
 
 /// Debug shows the readable summary only: never a key hash or a ciphertext.
@@ -253,6 +309,14 @@ impl Event {
             Event::InvoiceIssued { .. } => "InvoiceIssued",
             Event::PaymentRecorded { .. } => "PaymentRecorded",
             Event::ModelOverrideSet { .. } => "ModelOverrideSet",
+            Event::UserRegistered { .. } => "UserRegistered",
+            Event::UserEmailClaimed { .. } => "UserEmailClaimed",
+            Event::UserDisabled { .. } => "UserDisabled",
+            Event::UserEnabled { .. } => "UserEnabled",
+            Event::MemberAdded { .. } => "MemberAdded",
+            Event::MemberRemoved { .. } => "MemberRemoved",
+            Event::InviteCreated { .. } => "InviteCreated",
+            Event::InviteRevoked { .. } => "InviteRevoked",
         }
     }
 
@@ -389,6 +453,48 @@ impl Event {
                 format_micros(model.standard.input),
                 format_micros(model.standard.output)
             ),
+            Event::UserRegistered { user_id, email, .. } => {
+                format!("user {user_id} registered ({email})")
+            }
+            Event::UserEmailClaimed { user_id, email } => {
+                format!("email {email} claimed by user {user_id}")
+            }
+            Event::UserDisabled { user_id, reason } if reason.is_empty() => {
+                format!("user {user_id} disabled")
+            }
+            Event::UserDisabled { user_id, reason } => {
+                format!("user {user_id} disabled (reason: {reason})")
+            }
+            Event::UserEnabled { user_id } => format!("user {user_id} enabled again"),
+            Event::MemberAdded {
+                org_id,
+                user_id,
+                role,
+                invite_id,
+            } => {
+                let by = invite_id
+                    .as_deref()
+                    .map(|i| format!(" (accepted invite {i})"))
+                    .unwrap_or_default();
+                format!(
+                    "user {user_id} added to org {org_id} as {}{by}",
+                    role.as_str()
+                )
+            }
+            Event::MemberRemoved { org_id, user_id } => {
+                format!("user {user_id} removed from org {org_id}")
+            }
+            Event::InviteCreated {
+                invite_id,
+                email,
+                role,
+                expires_at,
+                ..
+            } => format!(
+                "invite {invite_id} created for {email} as {}, valid until {expires_at}",
+                role.as_str()
+            ),
+            Event::InviteRevoked { invite_id, .. } => format!("invite {invite_id} revoked"),
         }
     }
 }
@@ -422,6 +528,10 @@ pub struct OrgAggregate {
     pub exists: bool,
     pub name: String,
     pub suspended: bool,
+    /// Dashboard users of the org, by user id.
+    pub members: std::collections::BTreeMap<String, Role>,
+    /// Invites by id ([`accounts::InviteState`]).
+    pub invites: std::collections::BTreeMap<String, accounts::InviteState>,
 }
 
 impl Aggregate for OrgAggregate {
@@ -434,6 +544,10 @@ impl Aggregate for OrgAggregate {
             Event::OrgRenamed { name, .. } => self.name = name.clone(),
             Event::OrgSuspended { .. } => self.suspended = true,
             Event::OrgReactivated { .. } => self.suspended = false,
+            Event::MemberAdded { .. }
+            | Event::MemberRemoved { .. }
+            | Event::InviteCreated { .. }
+            | Event::InviteRevoked { .. } => self.apply_membership(e),
             _ => {}
         }
     }

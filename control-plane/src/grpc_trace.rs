@@ -88,6 +88,7 @@ fn call_span(path: &str) -> tracing::Span {
         key_id = Empty,
         proxy_id = Empty,
         provider = Empty,
+        user_id = Empty,
         request_id = Empty,
     );
     if !service.is_empty() {

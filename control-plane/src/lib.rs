@@ -10,7 +10,9 @@
 //! Secrets: API keys are stored only as SHA-256 hashes and shown once. Provider keys are sealed
 //! with the master keyring before they reach the log; admin responses carry only `last4`.
 
+pub mod accounts;
 pub mod billing;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod grpc_trace;
@@ -169,7 +171,8 @@ fn elide_payload(payload: &str) -> String {
                                 .unwrap_or(serde_json::Value::Null);
                             *val = serde_json::json!({ "master_key_id": id, "ciphertext": "<elided>" });
                         }
-                        "key_hash" | "wrapped_dek" | "ciphertext" | "secret" => {
+                        "key_hash" | "wrapped_dek" | "ciphertext" | "secret" | "password_hash"
+                        | "token_hash" => {
                             *val = serde_json::Value::String("<elided>".into());
                         }
                         _ => walk(val),

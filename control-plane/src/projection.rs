@@ -39,6 +39,9 @@ pub const HISTORY: usize = 1024;
 pub const HISTORY_ENTRIES: usize = 1 << 20;
 const BATCH: u32 = 1000;
 
+pub mod accounts;
+pub use accounts::{Accounts, InviteView, MemberView, UserView};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgView {
     pub org_id: String,
@@ -149,6 +152,8 @@ pub struct State {
     pub billing: OrdMap<String, BillingAggregate>,
     /// Operator overrides of the model catalog (`ModelOverrideSet`), shipped in every snapshot.
     pub models: OrdMap<String, pb::ModelEntry>,
+    /// Dashboard users, memberships and invites (never in a snapshot).
+    pub accounts: Accounts,
     /// Events this build could not decode (seq), skipped so the rest still folds.
     pub undecodable: Vec<u64>,
     /// What the snapshot at `last_seq` holds, kept current as events fold.
@@ -499,6 +504,14 @@ impl State {
                 self.models.insert(model.id.clone(), entry.clone());
                 self.content.set_model(entry, changes);
             }
+            Event::UserRegistered { .. }
+            | Event::UserEmailClaimed { .. }
+            | Event::UserDisabled { .. }
+            | Event::UserEnabled { .. }
+            | Event::MemberAdded { .. }
+            | Event::MemberRemoved { .. }
+            | Event::InviteCreated { .. }
+            | Event::InviteRevoked { .. } => self.fold_account(event, at),
             Event::BillingStatusChanged { ref org_id, .. }
             | Event::BillingPlanSet { ref org_id, .. }
             | Event::InvoiceIssued { ref org_id, .. }

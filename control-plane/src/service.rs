@@ -413,6 +413,45 @@ impl AdminService for AdminApi {
             models: self.cp.list_models(),
         }))
     }
+
+    async fn list_users(
+        &self,
+        _req: Request<apb::ListUsersRequest>,
+    ) -> Reply<apb::ListUsersResponse> {
+        ok(self
+            .cp
+            .list_users()
+            .await
+            .map(|users| apb::ListUsersResponse { users }))
+    }
+
+    async fn create_user(&self, req: Request<apb::CreateUserRequest>) -> Reply<apb::User> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        // The password goes straight into a SecretString; the email is not an id: not recorded.
+        let password = SecretString::from(r.password);
+        let org = if r.org_id.trim().is_empty() {
+            None
+        } else {
+            record_id("org_id", &r.org_id);
+            Some((r.org_id.as_str(), domain::Role::parse(&r.role)?))
+        };
+        let created = self.cp.create_user(&meta, &r.email, &password, org).await?;
+        record_id("user_id", &created.user_id);
+        ok(self.cp.user_admin_view(&created.user_id))
+    }
+
+    async fn disable_user(&self, req: Request<apb::DisableUserRequest>) -> Reply<apb::User> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self.cp.disable_user(&meta, &r.user, &r.reason).await)
+    }
+
+    async fn enable_user(&self, req: Request<apb::UserRef>) -> Reply<apb::User> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        ok(self.cp.enable_user(&meta, &r.user).await)
+    }
 }
 
 /// The control API the proxies use (mTLS when the server has a client CA).

@@ -26,6 +26,9 @@ use time::OffsetDateTime;
 
 use crate::timefmt;
 
+mod dashboard;
+pub use dashboard::{RecentRequest, SessionRow, UsageDailyRow};
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 
@@ -63,6 +66,31 @@ pub struct NewEvent {
     pub schema_version: u32,
     /// JSON text.
     pub payload: String,
+}
+
+/// The events to append to one stream, which must be at `expected_version` (0 = new stream).
+#[derive(Clone, Copy)]
+pub struct StreamAppend<'a> {
+    pub stream_id: &'a str,
+    pub expected_version: u64,
+    pub events: &'a [NewEvent],
+}
+
+impl StreamAppend<'_> {
+    fn conflict(&self) -> StoreError {
+        StoreError::Conflict {
+            stream_id: self.stream_id.to_string(),
+            expected: self.expected_version,
+        }
+    }
+
+    fn map_insert(&self, e: sqlx::Error) -> StoreError {
+        if is_unique_violation(&e) {
+            self.conflict()
+        } else {
+            StoreError::Database(e)
+        }
+    }
 }
 
 /// An event of a bulk import ([`Store::import_events`]), at a stream position the caller assigns.
@@ -376,56 +404,75 @@ impl Store {
         meta: &Metadata,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<u64> {
-        if events.is_empty() {
+        let one = StreamAppend {
+            stream_id,
+            expected_version,
+            events,
+        };
+        self.append_streams(std::slice::from_ref(&one), meta, idempotency)
+            .await
+    }
+
+    /// Appends to several streams in one transaction: all or nothing, each stream at its
+    /// expected version (a command whose decision spans aggregates, e.g. a sign-up: the email's
+    /// claim, the user and the user's org). The events get consecutive `seq`s in the order
+    /// given. Returns the `seq` of the last event.
+    pub async fn append_streams(
+        &self,
+        appends: &[StreamAppend<'_>],
+        meta: &Metadata,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<u64> {
+        if appends.is_empty() || appends.iter().any(|a| a.events.is_empty()) {
             return Err(StoreError::NothingToAppend);
         }
-        let conflict = || StoreError::Conflict {
-            stream_id: stream_id.to_string(),
-            expected: expected_version,
-        };
-        let map_insert = |e: sqlx::Error| {
+        let now = timefmt::now();
+        let mut last_seq = 0i64;
+        let idempotency_taken = |e: sqlx::Error, key: &str| {
             if is_unique_violation(&e) {
-                conflict()
+                StoreError::IdempotencyKeyTaken {
+                    key: key.to_string(),
+                }
             } else {
                 StoreError::Database(e)
             }
         };
-        let now = timefmt::now();
-        let expected = i64_of(expected_version, "expected_version")?;
-        let mut last_seq = 0i64;
         match self {
             Store::Sqlite(pool) => {
                 let recorded = timefmt::format(now);
                 let mut tx = pool.begin().await?;
-                for (i, e) in (1i64..).zip(events) {
-                    let row = sqlx::query(
-                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
-                         payload, actor, request_id, recorded_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                    )
-                    .bind(stream_id)
-                    .bind(expected + i)
-                    .bind(&e.event_type)
-                    .bind(i64::from(e.schema_version))
-                    .bind(&e.payload)
-                    .bind(&meta.actor)
-                    .bind(&meta.request_id)
-                    .bind(&recorded)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_insert)?;
-                    last_seq = row.try_get(0)?;
-                }
-                if expected > 0 {
-                    let found: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM events WHERE stream_id = ? AND stream_version = ?",
-                    )
-                    .bind(stream_id)
-                    .bind(expected)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    if found == 0 {
-                        return Err(conflict());
+                for a in appends {
+                    let expected = i64_of(a.expected_version, "expected_version")?;
+                    for (i, e) in (1i64..).zip(a.events) {
+                        let row = sqlx::query(
+                            "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                             payload, actor, request_id, recorded_at) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                        )
+                        .bind(a.stream_id)
+                        .bind(expected + i)
+                        .bind(&e.event_type)
+                        .bind(i64::from(e.schema_version))
+                        .bind(&e.payload)
+                        .bind(&meta.actor)
+                        .bind(&meta.request_id)
+                        .bind(&recorded)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|err| a.map_insert(err))?;
+                        last_seq = row.try_get(0)?;
+                    }
+                    if expected > 0 {
+                        let found: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM events WHERE stream_id = ? AND stream_version = ?",
+                        )
+                        .bind(a.stream_id)
+                        .bind(expected)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        if found == 0 {
+                            return Err(a.conflict());
+                        }
                     }
                 }
                 if let Some(idem) = idempotency {
@@ -438,15 +485,7 @@ impl Store {
                     .bind(&recorded)
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            StoreError::IdempotencyKeyTaken {
-                                key: idem.key.clone(),
-                            }
-                        } else {
-                            StoreError::Database(e)
-                        }
-                    })?;
+                    .map_err(|e| idempotency_taken(e, &idem.key))?;
                 }
                 tx.commit().await?;
             }
@@ -457,35 +496,41 @@ impl Store {
                     .bind(APPEND_LOCK_KEY)
                     .execute(&mut *tx)
                     .await?;
-                let current: i64 = sqlx::query_scalar(
-                    "SELECT COALESCE(MAX(stream_version), 0)::BIGINT FROM events WHERE stream_id = $1",
-                )
-                .bind(stream_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                if current != expected {
-                    return Err(conflict());
-                }
-                for (i, e) in (1i64..).zip(events) {
-                    let row = sqlx::query(
-                        "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
-                         payload, actor, request_id, recorded_at) \
-                         VALUES ($1, $2, $3, $4, $5::json, $6, $7, $8) RETURNING seq",
+                for a in appends {
+                    let expected = i64_of(a.expected_version, "expected_version")?;
+                    let current: i64 = sqlx::query_scalar(
+                        "SELECT COALESCE(MAX(stream_version), 0)::BIGINT FROM events WHERE stream_id = $1",
                     )
-                    .bind(stream_id)
-                    .bind(expected + i)
-                    .bind(&e.event_type)
-                    .bind(i32::try_from(e.schema_version).map_err(|_| {
-                        StoreError::OutOfRange(format!("schema_version = {}", e.schema_version))
-                    })?)
-                    .bind(&e.payload)
-                    .bind(&meta.actor)
-                    .bind(&meta.request_id)
-                    .bind(now)
+                    .bind(a.stream_id)
                     .fetch_one(&mut *tx)
-                    .await
-                    .map_err(map_insert)?;
-                    last_seq = row.try_get(0)?;
+                    .await?;
+                    if current != expected {
+                        return Err(a.conflict());
+                    }
+                    for (i, e) in (1i64..).zip(a.events) {
+                        let row = sqlx::query(
+                            "INSERT INTO events (stream_id, stream_version, event_type, schema_version, \
+                             payload, actor, request_id, recorded_at) \
+                             VALUES ($1, $2, $3, $4, $5::json, $6, $7, $8) RETURNING seq",
+                        )
+                        .bind(a.stream_id)
+                        .bind(expected + i)
+                        .bind(&e.event_type)
+                        .bind(i32::try_from(e.schema_version).map_err(|_| {
+                            StoreError::OutOfRange(format!(
+                                "schema_version = {}",
+                                e.schema_version
+                            ))
+                        })?)
+                        .bind(&e.payload)
+                        .bind(&meta.actor)
+                        .bind(&meta.request_id)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|err| a.map_insert(err))?;
+                        last_seq = row.try_get(0)?;
+                    }
                 }
                 if let Some(idem) = idempotency {
                     sqlx::query(
@@ -497,20 +542,12 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            StoreError::IdempotencyKeyTaken {
-                                key: idem.key.clone(),
-                            }
-                        } else {
-                            StoreError::Database(e)
-                        }
-                    })?;
+                    .map_err(|e| idempotency_taken(e, &idem.key))?;
                 }
                 tx.commit().await?;
             }
         }
-        Self::count_appends(events.len());
+        Self::count_appends(appends.iter().map(|a| a.events.len()).sum());
         u64_of(last_seq, "seq")
     }
 

@@ -11,6 +11,31 @@ use serde_json::json;
 
 use crate::formats::CallerFormat;
 
+/// The dashboard's public URL (`--dashboard-url`), for the errors a user fixes there. One per
+/// process: set at start by `flex proxy` and `flex up`.
+static DASHBOARD_URL: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Sets (or clears) the dashboard URL that `no_byok_key` and `payment_required` link to.
+pub fn set_dashboard_url(url: Option<&str>) {
+    *DASHBOARD_URL
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        url.map(|u| u.trim_end_matches('/').to_string());
+}
+
+/// The dashboard page that fixes the error `code`, when there is one and a URL is set.
+pub fn dashboard_link(code: &str) -> Option<String> {
+    let page = match code {
+        "no_byok_key" => "/provider-keys",
+        "payment_required" => "/billing",
+        _ => return None,
+    };
+    let url = DASHBOARD_URL
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    url.as_ref().map(|u| format!("{u}{page}"))
+}
+
 /// An error of ours, rendered in the caller's envelope. Boxed, so `Result<_, ApiError>` stays
 /// one pointer wide on the request path.
 #[derive(Debug, Clone)]
@@ -128,12 +153,17 @@ impl ApiError {
         self.0.upstream.as_ref().map(|u| u.status)
     }
 
-    /// The full human text: what and why, how to fix, example.
+    /// The full human text: what and why, how to fix (with the dashboard page that does it,
+    /// when there is one), example.
     pub fn full_message(&self) -> String {
         let mut m = self.message.clone();
         if !self.fix.is_empty() {
             m.push_str(" Fix: ");
             m.push_str(&self.fix);
+        }
+        if let Some(link) = dashboard_link(self.code) {
+            m.push_str(" Dashboard: ");
+            m.push_str(&link);
         }
         if !self.example.is_empty() {
             m.push_str(" Example: ");
@@ -209,4 +239,31 @@ pub enum ProxyError {
     Snapshot(String),
     #[error("control plane: {0}")]
     Control(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_fixed_in_the_dashboard_link_to_its_page() {
+        let e = ApiError::bad_request("no_byok_key", "No openai key.").fix("add it.");
+        let other = ApiError::bad_request("missing_model", "No model.");
+        set_dashboard_url(Some("https://dash.example.com/"));
+        assert_eq!(
+            e.full_message(),
+            "No openai key. Fix: add it. Dashboard: https://dash.example.com/provider-keys"
+        );
+        let paid = ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "payment_required",
+            "Past due.",
+        );
+        assert!(paid
+            .full_message()
+            .ends_with("Dashboard: https://dash.example.com/billing"));
+        assert_eq!(other.full_message(), "No model.");
+        set_dashboard_url(None);
+        assert_eq!(e.full_message(), "No openai key. Fix: add it.");
+    }
 }

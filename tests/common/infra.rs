@@ -330,6 +330,8 @@ pub struct FlexUp {
     pub api: u16,
     /// The port of the admin API (`--admin-listen`).
     pub admin: u16,
+    /// The port of the dashboard (`--dashboard-listen`).
+    pub dashboard: u16,
     pub child: Child,
     /// `flex up ARGS`, for messages.
     what: String,
@@ -337,11 +339,12 @@ pub struct FlexUp {
 
 impl FlexUp {
     /// Starts `flex up ARGS --data-dir DIR --listen 127.0.0.1:API --admin-listen
-    /// 127.0.0.1:ADMIN`, stdout and stderr to /dev/null; `configure` changes the command (more
-    /// arguments, environment, stdio) before it is spawned.
+    /// 127.0.0.1:ADMIN --dashboard-listen 127.0.0.1:DASHBOARD`, stdout and stderr to
+    /// /dev/null; `configure` changes the command (more arguments, environment, stdio) before it
+    /// is spawned.
     pub fn start(args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (api, admin) = (free_port(), free_port());
+        let (api, admin, dashboard) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flex"));
         cmd.arg("up")
             .args(args)
@@ -352,6 +355,8 @@ impl FlexUp {
                 &format!("127.0.0.1:{api}"),
                 "--admin-listen",
                 &format!("127.0.0.1:{admin}"),
+                "--dashboard-listen",
+                &format!("127.0.0.1:{dashboard}"),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -365,6 +370,7 @@ impl FlexUp {
             dir,
             api,
             admin,
+            dashboard,
             child,
             what,
         }
