@@ -10,6 +10,7 @@ pub mod canonical;
 pub mod error;
 pub mod formats;
 pub mod ids;
+pub mod limits;
 pub mod passthrough;
 pub mod plane_tls;
 pub mod providers;

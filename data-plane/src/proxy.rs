@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     /// Makes each request span a child of the caller's trace (`traceparent`). Set by the binary
     /// only when it exports traces; `None` (the default) costs nothing.
     pub caller_trace: Option<CallerTrace>,
+    /// Rate limits, concurrency caps and budgets (in process by default; Redis for a fleet).
+    pub limits: crate::limits::Limits,
 }
 
 /// Links a request's span to the trace its caller is part of, from the request headers, before
@@ -86,6 +88,7 @@ impl Default for ProxyConfig {
             backoff: Backoff::default(),
             strategy: RaceStrategy::default(),
             caller_trace: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -184,6 +187,8 @@ pub(crate) struct Draft {
     pub(crate) event: UsageEvent,
     pub(crate) t0: Instant,
     pub(crate) model: Option<Model>,
+    /// The request's admission under its limits, settled when the event is completed.
+    pub(crate) limit: Option<crate::limits::Permit>,
 }
 
 impl Draft {
@@ -215,6 +220,9 @@ impl Draft {
                     e.output_tokens,
                 );
             }
+        }
+        if let Some(permit) = self.limit.take() {
+            permit.settle(&self.event);
         }
         self.event
     }
@@ -382,8 +390,9 @@ impl Proxy {
             // Before the span is first entered: the parent of a started span is fixed.
             (link.0)(&headers, &span);
         }
+        let mut rate = None;
         let result = self
-            .serve(format, &headers, body, &request_id, t0, &mut slot.draft)
+            .serve(format, &headers, body, &request_id, t0, &mut slot.draft, &mut rate)
             .instrument(span.clone())
             .await;
         let draft = slot.draft.take();
@@ -414,9 +423,13 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", v);
         }
+        if let Some(rate) = rate {
+            rate.apply(format, resp.headers_mut());
+        }
         resp
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         format: CallerFormat,
@@ -425,6 +438,7 @@ impl Proxy {
         request_id: &str,
         t0: Instant,
         draft: &mut Option<Draft>,
+        rate: &mut Option<crate::limits::RateHeaders>,
     ) -> Result<Response, ApiError> {
         let Caller { snapshot, key } =
             authenticate(self.snapshots.load(), format, headers, now_unix())?;
@@ -452,6 +466,7 @@ impl Proxy {
             },
             t0,
             model: entry.clone(),
+            limit: None,
         });
         formats::reject_service_tier(&body)?;
         if format == CallerFormat::ChatCompletions {
@@ -493,6 +508,24 @@ impl Proxy {
                     .example(format!("echo \"$PROVIDER_KEY\" | flex admin provider-key set --org {} --provider {provider}", key.org_id)));
             }
         };
+        // Limits: one admission per request (a retry inside the race is the same request); the
+        // permit settles with the usage event, the headers go on the answer.
+        let ask = crate::limits::Ask {
+            snapshot: &snapshot,
+            org_id: &key.org_id,
+            key_id: &key.key_id,
+            model: entry.as_ref(),
+            priority: matches!(plan, Plan::Direct(AskTier::Priority | AskTier::Auto)),
+            body: &body,
+            format,
+            request_id,
+        };
+        if let Some(admitted) = self.cfg.limits.admit(ask).await? {
+            *rate = Some(admitted.headers);
+            if let Some(d) = draft.as_mut() {
+                d.limit = Some(admitted.permit);
+            }
+        }
         let caller_stream = body.bool_field("stream").unwrap_or(false);
         let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
             Duration::from_millis(u64::from(m.standard_start_floor_ms))

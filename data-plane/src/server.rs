@@ -146,6 +146,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     proxy.usage.write_metrics(&mut body);
+    proxy.cfg.limits.write_metrics(&mut body);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         body,

@@ -486,6 +486,7 @@ pub(crate) mod test_support {
             },
             t0: tokio::time::Instant::now(),
             model: None,
+            limit: None,
         }
     }
 
