@@ -77,7 +77,11 @@ impl LimitValues {
         *self == Self::default()
     }
 
-    pub fn to_entry(self, org_id: &str, key_id: Option<&str>) -> flex_shared::proto::control::LimitEntry {
+    pub fn to_entry(
+        self,
+        org_id: &str,
+        key_id: Option<&str>,
+    ) -> flex_shared::proto::control::LimitEntry {
         flex_shared::proto::control::LimitEntry {
             org_id: org_id.to_string(),
             key_id: key_id.unwrap_or_default().to_string(),
@@ -1339,11 +1343,17 @@ mod tests {
             daily_budget_micros: daily,
             ..LimitChanges::default()
         };
-        let e = agg.set("o", Some("k"), &set(Some(300), None)).unwrap().unwrap();
+        let e = agg
+            .set("o", Some("k"), &set(Some(300), None))
+            .unwrap()
+            .unwrap();
         assert_eq!(e.summary(), "limits of api key k (org o) set: rpm=300");
         agg.apply(&e);
         // Only what is named changes; setting the same values records nothing.
-        let e = agg.set("o", Some("k"), &set(None, Some(5_000_000))).unwrap().unwrap();
+        let e = agg
+            .set("o", Some("k"), &set(None, Some(5_000_000)))
+            .unwrap()
+            .unwrap();
         agg.apply(&e);
         assert_eq!(
             agg.current,
@@ -1353,11 +1363,20 @@ mod tests {
                 ..LimitValues::default()
             }
         );
-        assert!(agg.set("o", Some("k"), &set(Some(300), None)).unwrap().is_none());
+        assert!(agg
+            .set("o", Some("k"), &set(Some(300), None))
+            .unwrap()
+            .is_none());
         // 0 removes one; removing the last one clears the scope.
-        let e = agg.set("o", Some("k"), &set(Some(0), None)).unwrap().unwrap();
+        let e = agg
+            .set("o", Some("k"), &set(Some(0), None))
+            .unwrap()
+            .unwrap();
         agg.apply(&e);
-        let e = agg.set("o", Some("k"), &set(None, Some(0))).unwrap().unwrap();
+        let e = agg
+            .set("o", Some("k"), &set(None, Some(0)))
+            .unwrap()
+            .unwrap();
         assert!(matches!(e, Event::LimitsCleared { .. }), "{e:?}");
         agg.apply(&e);
         assert!(agg.clear("o", Some("k")).is_none());
@@ -1365,7 +1384,9 @@ mod tests {
         assert!(err.to_string().contains("no limit given"), "{err}");
         let err = agg.set("o", None, &set(None, Some(-1))).unwrap_err();
         assert!(err.to_string().contains("cannot be negative"), "{err}");
-        let err = agg.set("o", None, &set(Some(MAX_LIMIT + 1), None)).unwrap_err();
+        let err = agg
+            .set("o", None, &set(Some(MAX_LIMIT + 1), None))
+            .unwrap_err();
         assert!(err.to_string().contains("at most"), "{err}");
         // Events round-trip; an org-wide event carries no key_id.
         let e = Event::LimitsSet {

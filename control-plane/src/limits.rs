@@ -75,10 +75,7 @@ pub fn month_bounds(t: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
         m => (t.year(), m.next()),
     };
     let next = Date::from_calendar_date(y, m, 1).unwrap_or(t.date());
-    (
-        start.replace_date(first),
-        start.replace_date(next),
-    )
+    (start.replace_date(first), start.replace_date(next))
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -233,8 +230,8 @@ impl ControlPlane {
                 timefmt::format(t)
             }
         };
-        let counted = |limit: &str, value: u64, used: Option<u64>, resets_at: String| {
-            apb::LimitUsage {
+        let counted =
+            |limit: &str, value: u64, used: Option<u64>, resets_at: String| apb::LimitUsage {
                 limit: limit.to_string(),
                 value: i64_of(value),
                 used: used.map(i64_of),
@@ -243,8 +240,7 @@ impl ControlPlane {
                 resets_at,
                 source: "counters".to_string(),
                 counted: None,
-            }
-        };
+            };
         if entry.rpm > 0 {
             usage.push(counted(
                 "rpm",

@@ -392,7 +392,15 @@ impl Proxy {
         }
         let mut rate = None;
         let result = self
-            .serve(format, &headers, body, &request_id, t0, &mut slot.draft, &mut rate)
+            .serve(
+                format,
+                &headers,
+                body,
+                &request_id,
+                t0,
+                &mut slot.draft,
+                &mut rate,
+            )
             .instrument(span.clone())
             .await;
         let draft = slot.draft.take();

@@ -620,7 +620,10 @@ mod tests {
         new.limits.push(limit("b", "key_9", 1));
         canonicalize(&mut new);
         new.content_hash = content_hash(&new);
-        assert_ne!(old.content_hash, new.content_hash, "limits are part of the hash");
+        assert_ne!(
+            old.content_hash, new.content_hash,
+            "limits are part of the hash"
+        );
         let d = diff(&old, &new);
         assert_eq!(d.upsert_limits.len(), 2);
         assert_eq!(d.remove_limits.len(), 1);
@@ -629,7 +632,10 @@ mod tests {
         let mut dangling = new.clone();
         dangling.limits.push(limit("zzz", "", 1));
         dangling.content_hash = content_hash(&dangling);
-        assert!(matches!(validate(&dangling), Err(SnapshotError::Invalid(_))));
+        assert!(matches!(
+            validate(&dangling),
+            Err(SnapshotError::Invalid(_))
+        ));
     }
 
     #[test]

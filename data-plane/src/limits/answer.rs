@@ -198,7 +198,12 @@ impl RateHeaders {
 }
 
 /// The refusal, in the caller's envelope: which limit, its value, when it resets, how to raise it.
-pub(crate) fn refused(r: &Refusal, scope: &ScopeLimits, d: &Demand, format: CallerFormat) -> ApiError {
+pub(crate) fn refused(
+    r: &Refusal,
+    scope: &ScopeLimits,
+    d: &Demand,
+    format: CallerFormat,
+) -> ApiError {
     let who = scope.scope.describe();
     let org = &scope.scope.org_id;
     let key_flag = scope
@@ -293,7 +298,10 @@ pub(crate) fn refused(r: &Refusal, scope: &ScopeLimits, d: &Demand, format: Call
         }
         _ => {
             if let Some(at) = resets_at {
-                e = e.header("retry-after", HeaderValue::from(at.saturating_sub(now).div_ceil(1000).max(1)));
+                e = e.header(
+                    "retry-after",
+                    HeaderValue::from(at.saturating_sub(now).div_ceil(1000).max(1)),
+                );
             }
             e = e.header("x-should-retry", HeaderValue::from_static("false"));
         }
@@ -303,7 +311,11 @@ pub(crate) fn refused(r: &Refusal, scope: &ScopeLimits, d: &Demand, format: Call
         let used = u64::try_from(r.used).unwrap_or(0);
         let w = Window {
             limit,
-            remaining: if r.kind == LimitKind::Rpm { 0 } else { limit.saturating_sub(used) },
+            remaining: if r.kind == LimitKind::Rpm {
+                0
+            } else {
+                limit.saturating_sub(used)
+            },
             reset_ms: r.retry_after_ms.unwrap_or(WINDOW_MS),
         };
         let h = RateHeaders {

@@ -34,7 +34,10 @@ pub fn worst_case_tokens(body: &RawBody, format: CallerFormat) -> (u64, u64) {
         attachments += a;
     }
     let input = (text_bytes as u64).div_ceil(4) + attachments * ATTACHMENT_TOKENS;
-    (input, max_output(body, format).unwrap_or(DEFAULT_OUTPUT_TOKENS))
+    (
+        input,
+        max_output(body, format).unwrap_or(DEFAULT_OUTPUT_TOKENS),
+    )
 }
 
 /// Bytes that are not part of a long base64 run, and the number of such runs.
@@ -120,7 +123,10 @@ mod tests {
         );
         let (input, output) = worst_case_tokens(&b, CallerFormat::ChatCompletions);
         assert_eq!(output, 50);
-        assert!(input > ATTACHMENT_TOKENS && input < ATTACHMENT_TOKENS + 100, "{input}");
+        assert!(
+            input > ATTACHMENT_TOKENS && input < ATTACHMENT_TOKENS + 100,
+            "{input}"
+        );
     }
 
     #[test]
@@ -135,7 +141,11 @@ mod tests {
             ),
         ];
         for (json, format) in cases {
-            assert_eq!(worst_case_tokens(&body(json, format), format).1, 7, "{json}");
+            assert_eq!(
+                worst_case_tokens(&body(json, format), format).1,
+                7,
+                "{json}"
+            );
         }
     }
 

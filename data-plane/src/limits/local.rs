@@ -185,7 +185,10 @@ impl LocalLimiter {
                 st.reserved_sum += d.cost_micros;
             }
         }
-        Decision::Granted(Granted { now_ms: now, counts })
+        Decision::Granted(Granted {
+            now_ms: now,
+            counts,
+        })
     }
 
     /// Settles one lease; what the Redis script does.

@@ -663,12 +663,19 @@ impl Limits {
 
     /// Reads one scope's counters (in process, or from Redis).
     pub async fn read(&self, entry: &pb::LimitEntry) -> Result<Reading, LimiterError> {
-        let (day, month) = answer::day_and_month(answer::unix_ms());
-        self.0
-            .primary
-            .read(&ScopeLimits::from_entry(entry), &day, &month)
-            .await
+        read_entry(self.0.primary.as_ref(), entry).await
     }
+}
+
+/// The counters of `entry`'s scope in `limiter`, for the current UTC day and month.
+pub async fn read_entry(
+    limiter: &dyn Limiter,
+    entry: &pb::LimitEntry,
+) -> Result<Reading, LimiterError> {
+    let (day, month) = answer::day_and_month(answer::unix_ms());
+    limiter
+        .read(&ScopeLimits::from_entry(entry), &day, &month)
+        .await
 }
 
 impl Gate {
@@ -677,8 +684,12 @@ impl Gate {
         if self.primary.shared() && self.up.swap(false, Ordering::AcqRel) {
             *lock(&self.fallback) = Arc::new(LocalLimiter::new());
             match self.cfg.fail {
-                FailMode::Open => tracing::warn!(error = %e, "the shared limit counters (Redis) are unreachable: admitting on this proxy's local share of each limit (--limits-fail open) until Redis answers again"),
-                FailMode::Closed => tracing::warn!(error = %e, "the shared limit counters (Redis) are unreachable: refusing requests under a limit (--limits-fail closed) until Redis answers again"),
+                FailMode::Open => {
+                    tracing::warn!(error = %e, "the shared limit counters (Redis) are unreachable: admitting on this proxy's local share of each limit (--limits-fail open) until Redis answers again")
+                }
+                FailMode::Closed => {
+                    tracing::warn!(error = %e, "the shared limit counters (Redis) are unreachable: refusing requests under a limit (--limits-fail closed) until Redis answers again")
+                }
             }
         }
     }

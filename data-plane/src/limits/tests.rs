@@ -56,7 +56,10 @@ impl TestRedis {
         self.child = Some(child);
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -143,7 +146,10 @@ async fn scenarios(l: &dyn Limiter, org: &str) {
         assert_eq!(g.counts[0].requests, i as u64);
     }
     let r = refused(l.admit(&demand(9, &[rpm.clone()], 1, 0)).await.unwrap());
-    assert_eq!((r.kind, r.limit, r.used, r.scope), (LimitKind::Rpm, 5, 5, 0));
+    assert_eq!(
+        (r.kind, r.limit, r.used, r.scope),
+        (LimitKind::Rpm, 5, 5, 0)
+    );
     let retry = r.retry_after_ms.unwrap();
     assert!(retry > 50_000 && retry <= WINDOW_MS, "{retry}");
 
@@ -165,8 +171,15 @@ async fn scenarios(l: &dyn Limiter, org: &str) {
             .unwrap(),
     );
     assert_eq!((r.scope, r.kind), (1, LimitKind::Rpm));
-    let g = granted(l.admit(&demand(4, &[org_scope.clone()], 1, 0)).await.unwrap());
-    assert_eq!(g.counts[0].requests, 2, "the refused request was not counted");
+    let g = granted(
+        l.admit(&demand(4, &[org_scope.clone()], 1, 0))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        g.counts[0].requests, 2,
+        "the refused request was not counted"
+    );
 
     // tpm: worst case reserved, real use settled; too large is never admitted.
     let mut tpm = scope(org, Some("k_tpm"));
@@ -199,11 +212,17 @@ async fn scenarios(l: &dyn Limiter, org: &str) {
     let mut budget = scope(org, Some("k_budget"));
     budget.daily_budget_micros = 1000;
     budget.monthly_budget_micros = 1_000_000;
-    let held: Vec<Demand> = (0..3).map(|i| demand(i, &[budget.clone()], 1, 300)).collect();
+    let held: Vec<Demand> = (0..3)
+        .map(|i| demand(i, &[budget.clone()], 1, 300))
+        .collect();
     for d in &held {
         granted(l.admit(d).await.unwrap());
     }
-    let r = refused(l.admit(&demand(5, &[budget.clone()], 1, 300)).await.unwrap());
+    let r = refused(
+        l.admit(&demand(5, &[budget.clone()], 1, 300))
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (r.kind, r.used, r.requested, r.retry_after_ms),
         (LimitKind::DailyBudget, 900, 300, None)
@@ -218,9 +237,21 @@ async fn scenarios(l: &dyn Limiter, org: &str) {
         (300, 0)
     );
     // 300 settled: two more at 300 fit (900), a third does not.
-    granted(l.admit(&demand(6, &[budget.clone()], 1, 300)).await.unwrap());
-    granted(l.admit(&demand(7, &[budget.clone()], 1, 300)).await.unwrap());
-    let r = refused(l.admit(&demand(8, &[budget.clone()], 1, 300)).await.unwrap());
+    granted(
+        l.admit(&demand(6, &[budget.clone()], 1, 300))
+            .await
+            .unwrap(),
+    );
+    granted(
+        l.admit(&demand(7, &[budget.clone()], 1, 300))
+            .await
+            .unwrap(),
+    );
+    let r = refused(
+        l.admit(&demand(8, &[budget.clone()], 1, 300))
+            .await
+            .unwrap(),
+    );
     assert_eq!(r.used, 900);
 
     let reading = l.read(&rpm, "20250101", "202501").await.unwrap();
@@ -310,7 +341,10 @@ async fn fail_open_admits_a_local_share_and_recovers_when_redis_returns() {
     let mut m = String::new();
     limits.write_metrics(&mut m);
     assert!(m.contains("limits_fail_open_total 5"), "{m}");
-    assert!(m.contains("limits_counters_up{counters=\"redis\"} 0"), "{m}");
+    assert!(
+        m.contains("limits_counters_up{counters=\"redis\"} 0"),
+        "{m}"
+    );
     // Redis returns: within a few probes the proxy counts there again.
     redis.restart();
     let t0 = Instant::now();
@@ -328,7 +362,10 @@ async fn fail_open_admits_a_local_share_and_recovers_when_redis_returns() {
             granted_in_redis += 1;
         }
     }
-    assert_eq!(granted_in_redis, 6, "exact again: the whole limit, in Redis");
+    assert_eq!(
+        granted_in_redis, 6,
+        "exact again: the whole limit, in Redis"
+    );
 }
 
 #[tokio::test]
@@ -347,12 +384,18 @@ async fn fail_closed_refuses_with_503_and_settles_wait_for_redis() {
     s.concurrency = 1;
     s.daily_budget_micros = 10_000;
     let a = limits
-        .admit_demand(demand(1, std::slice::from_ref(&s), 1, 500), CallerFormat::Messages)
+        .admit_demand(
+            demand(1, std::slice::from_ref(&s), 1, 500),
+            CallerFormat::Messages,
+        )
         .await
         .unwrap();
     redis.stop();
     let e = limits
-        .admit_demand(demand(2, std::slice::from_ref(&s), 1, 500), CallerFormat::Messages)
+        .admit_demand(
+            demand(2, std::slice::from_ref(&s), 1, 500),
+            CallerFormat::Messages,
+        )
         .await
         .unwrap_err();
     assert_eq!((e.status.as_u16(), e.code), (503, "limits_unavailable"));
@@ -371,7 +414,11 @@ async fn fail_closed_refuses_with_503_and_settles_wait_for_redis() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Redis restarted empty (no persistence here): the settle landed and nothing is held.
-    let r = limits.limiter().read(&s, "20250101", "202501").await.unwrap();
+    let r = limits
+        .limiter()
+        .read(&s, "20250101", "202501")
+        .await
+        .unwrap();
     assert_eq!((r.in_flight, r.reserved_micros), (0, 0));
 }
 
@@ -381,7 +428,10 @@ async fn refusals_say_which_limit_its_value_when_and_how_to_raise() {
     let mut s = scope("org_msg", Some("key_msg"));
     s.rpm = 1;
     let ok = limits
-        .admit_demand(demand(1, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
+        .admit_demand(
+            demand(1, std::slice::from_ref(&s), 1, 0),
+            CallerFormat::Responses,
+        )
         .await
         .unwrap();
     let mut h = http::HeaderMap::new();
@@ -397,17 +447,27 @@ async fn refusals_say_which_limit_its_value_when_and_how_to_raise() {
         .unwrap()
         .ends_with('Z'));
     let e = limits
-        .admit_demand(demand(2, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
+        .admit_demand(
+            demand(2, std::slice::from_ref(&s), 1, 0),
+            CallerFormat::Responses,
+        )
         .await
         .unwrap_err();
     assert_eq!((e.status.as_u16(), e.code), (429, "rate_limit_exceeded"));
     let resp = e.clone().into_response_for(CallerFormat::Responses);
-    let secs: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let secs: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&secs), "{secs}");
     assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "0");
     let body = e.body(CallerFormat::Responses);
     let msg = body["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("API key key_msg") && msg.contains("the limit is 1"), "{msg}");
+    assert!(
+        msg.contains("API key key_msg") && msg.contains("the limit is 1"),
+        "{msg}"
+    );
     assert!(
         msg.contains("flex admin limits set --org org_msg --key key_msg --rpm 2"),
         "{msg}"
@@ -423,7 +483,10 @@ async fn refusals_say_which_limit_its_value_when_and_how_to_raise() {
     let mut b = scope("org_msg", None);
     b.daily_budget_micros = 100;
     let e = limits
-        .admit_demand(demand(3, std::slice::from_ref(&b), 1, 500), CallerFormat::ChatCompletions)
+        .admit_demand(
+            demand(3, std::slice::from_ref(&b), 1, 500),
+            CallerFormat::ChatCompletions,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code, "budget_exceeded");
@@ -437,22 +500,37 @@ async fn a_dropped_permit_releases_its_lease() {
     let mut s = scope("org_drop", None);
     s.concurrency = 1;
     let a = limits
-        .admit_demand(demand(1, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
+        .admit_demand(
+            demand(1, std::slice::from_ref(&s), 1, 0),
+            CallerFormat::Responses,
+        )
         .await
         .unwrap();
     assert!(limits
-        .admit_demand(demand(2, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
+        .admit_demand(
+            demand(2, std::slice::from_ref(&s), 1, 0),
+            CallerFormat::Responses
+        )
         .await
         .is_err());
     let clone = a.permit.clone();
     drop(a);
-    assert!(limits
-        .admit_demand(demand(3, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
-        .await
-        .is_err(), "a clone still holds it");
+    assert!(
+        limits
+            .admit_demand(
+                demand(3, std::slice::from_ref(&s), 1, 0),
+                CallerFormat::Responses
+            )
+            .await
+            .is_err(),
+        "a clone still holds it"
+    );
     drop(clone);
     limits
-        .admit_demand(demand(4, std::slice::from_ref(&s), 1, 0), CallerFormat::Responses)
+        .admit_demand(
+            demand(4, std::slice::from_ref(&s), 1, 0),
+            CallerFormat::Responses,
+        )
         .await
         .unwrap();
 }
