@@ -112,8 +112,9 @@ pub struct LimitsArgs {
     /// limits are never affected; either way the proxy counts in Redis again once it answers.
     #[arg(long, env = "FLEX_LIMITS_FAIL", default_value = "open", value_parser = ["open", "closed"])]
     pub limits_fail: String,
-    /// The longest wait for Redis on one admission, in ms, before it counts as unreachable.
-    #[arg(long, env = "FLEX_REDIS_TIMEOUT_MS", default_value_t = 100)]
+    /// The longest wait for Redis on one admission, in ms; that request then follows
+    /// --limits-fail, and three in a row (or a refused connection) make Redis unreachable.
+    #[arg(long, env = "FLEX_REDIS_TIMEOUT_MS", default_value_t = 250)]
     pub redis_timeout_ms: u64,
     /// How long a request's concurrency slot and budget reservation outlive a proxy that died
     /// holding them, in seconds (live proxies refresh theirs every third of it).

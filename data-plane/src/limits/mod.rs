@@ -57,7 +57,7 @@ pub const WINDOW_MS: u64 = 60_000;
 /// How long a concurrency lease or money reservation lives unless its proxy refreshes it.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// The bound on one call to Redis.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often an unreachable Redis is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -272,9 +272,16 @@ pub struct Reading {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimiterError {
+    /// The counters cannot be reached (refused, reset, broken connection, an error reply).
     #[error("{0}")]
     Unavailable(String),
+    /// No answer in time (a hung Redis, or a busy proxy): only a run of them counts as an outage.
+    #[error("{0}")]
+    Timeout(String),
 }
+
+/// Consecutive timeouts that make the counters count as unreachable.
+const TIMEOUTS_TO_TRIP: u32 = 3;
 
 /// Where counters live.
 pub trait Limiter: Send + Sync + 'static {
@@ -386,6 +393,8 @@ struct Gate {
     seen: Mutex<HashMap<Scope, (i64, i64)>>,
     fleet: AtomicU64,
     maintenance: AtomicBool,
+    /// Timeouts in a row (reset by any answer).
+    timeouts: std::sync::atomic::AtomicU32,
     metrics: Metrics,
 }
 
@@ -434,6 +443,7 @@ impl Limits {
             seen: Mutex::new(HashMap::new()),
             fleet: AtomicU64::new(fleet),
             maintenance: AtomicBool::new(false),
+            timeouts: std::sync::atomic::AtomicU32::new(0),
             metrics: Metrics::default(),
         }));
         limits.ensure_maintenance();
@@ -551,7 +561,10 @@ impl Limits {
         let g = &self.0;
         let decided = if !g.primary.shared() || g.up.load(Ordering::Relaxed) {
             match g.primary.admit(&demand).await {
-                Ok(d) => Some(d),
+                Ok(d) => {
+                    g.timeouts.store(0, Ordering::Relaxed);
+                    Some(d)
+                }
                 Err(e) => {
                     self.counters_failed(&e);
                     None
@@ -681,6 +694,12 @@ pub async fn read_entry(
 impl Gate {
     fn counters_failed(&self, e: &LimiterError) {
         self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(e, LimiterError::Timeout(_))
+            && self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_TO_TRIP
+        {
+            tracing::debug!(error = %e, "a limit counter call timed out; this request follows the fail mode");
+            return;
+        }
         if self.primary.shared() && self.up.swap(false, Ordering::AcqRel) {
             *lock(&self.fallback) = Arc::new(LocalLimiter::new());
             match self.cfg.fail {
@@ -731,6 +750,7 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
             if g.primary.ping().await.is_err() {
                 continue;
             }
+            g.timeouts.store(0, Ordering::Relaxed);
             g.up.store(true, Ordering::Release);
             tracing::info!(
                 pending_settles = lock(&g.pending).len(),

@@ -330,8 +330,9 @@ impl RedisLimiter {
     ) -> Result<T, LimiterError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(LimiterError::Timeout(e.to_string())),
             Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(LimiterError::Unavailable(format!(
+            Err(_) => Err(LimiterError::Timeout(format!(
                 "no answer from Redis within {} ms",
                 self.timeout.as_millis()
             ))),
