@@ -90,7 +90,12 @@ fn scope(org: &str, key: Option<&str>, all: bool) -> ScopeLimits {
 }
 
 /// `n` admissions by `conc` tasks, each settled right after; the admission times, sorted.
-async fn admissions(limits: &Limits, scopes: &[ScopeLimits], n: usize, conc: usize) -> Vec<Duration> {
+async fn admissions(
+    limits: &Limits,
+    scopes: &[ScopeLimits],
+    n: usize,
+    conc: usize,
+) -> Vec<Duration> {
     let mut tasks = Vec::new();
     for t in 0..conc {
         let (limits, scopes) = (limits.clone(), scopes.to_vec());
@@ -129,12 +134,23 @@ async fn admissions(limits: &Limits, scopes: &[ScopeLimits], n: usize, conc: usi
     all
 }
 
-async fn http_run(url: &str, auth: &str, body: &Bytes, n: usize, conc: usize) -> (Vec<Duration>, f64) {
+async fn http_run(
+    url: &str,
+    auth: &str,
+    body: &Bytes,
+    n: usize,
+    conc: usize,
+) -> (Vec<Duration>, f64) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conc {
-        let (client, url, auth, body) = (client.clone(), url.to_string(), auth.to_string(), body.clone());
+        let (client, url, auth, body) = (
+            client.clone(),
+            url.to_string(),
+            auth.to_string(),
+            body.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::with_capacity(n / conc);
             for _ in 0..n / conc {
@@ -163,7 +179,10 @@ async fn http_run(url: &str, auth: &str, body: &Bytes, n: usize, conc: usize) ->
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let n = args.first().copied().unwrap_or(20_000);
     let requests = args.get(1).copied().unwrap_or(20_000);
     let redis = redis_server();
@@ -189,8 +208,12 @@ async fn main() {
     ];
     // Warm-up (loads the scripts).
     admissions(&limits, &both, 1000, 1).await;
-    println!("admission latency (n={n} per row; the window then holds up to {n} entries per scope)");
-    println!("| limiter | scopes and limits | concurrency | p50 µs | p99 µs | p99.9 µs | admissions/s |");
+    println!(
+        "admission latency (n={n} per row; the window then holds up to {n} entries per scope)"
+    );
+    println!(
+        "| limiter | scopes and limits | concurrency | p50 µs | p99 µs | p99.9 µs | admissions/s |"
+    );
     println!("|---|---|---|---|---|---|---|");
     println!(
         "| Redis PING (floor) | | 1 | {:.0} | {:.0} | {:.0} | |",
@@ -199,7 +222,10 @@ async fn main() {
         pct(&pings, 0.999)
     );
     for (name, lim) in [("Redis", &limits), ("in process", &local)] {
-        for (what, scopes) in [("key: rpm, tpm, concurrency", &key_only), ("org + key: all five", &both)] {
+        for (what, scopes) in [
+            ("key: rpm, tpm, concurrency", &key_only),
+            ("org + key: all five", &both),
+        ] {
             for conc in [1, 32] {
                 let t = Instant::now();
                 let lat = admissions(lim, scopes, n, conc).await;
@@ -215,20 +241,33 @@ async fn main() {
     }
     let mut m = String::new();
     limits.write_metrics(&mut m);
-    assert!(m.contains("limits_fail_open_total 0"), "Redis was unreachable during the run:\n{m}");
+    assert!(
+        m.contains("limits_fail_open_total 0"),
+        "Redis was unreachable during the run:\n{m}"
+    );
 
     // ---- one proxy, limits off vs on ------------------------------------------------------
     let dir = tempfile::tempdir().unwrap();
-    let ring = Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "bench").unwrap());
+    let ring =
+        Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "bench").unwrap());
     let cp = Arc::new(
-        ControlPlane::open(&format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display()), ring.clone())
-            .await
-            .unwrap(),
+        ControlPlane::open(
+            &format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display()),
+            ring.clone(),
+        )
+        .await
+        .unwrap(),
     );
     let meta = Metadata::new("bench");
     let org = cp.create_org(&meta, "bench", None).await.unwrap().org;
-    let off = cp.create_api_key(&meta, &org.org_id, "off", None, None).await.unwrap();
-    let on = cp.create_api_key(&meta, &org.org_id, "on", None, None).await.unwrap();
+    let off = cp
+        .create_api_key(&meta, &org.org_id, "off", None, None)
+        .await
+        .unwrap();
+    let on = cp
+        .create_api_key(&meta, &org.org_id, "on", None, None)
+        .await
+        .unwrap();
     let high = i64::try_from(HIGH).unwrap();
     cp.set_limits(
         &meta,
@@ -244,9 +283,14 @@ async fn main() {
     )
     .await
     .unwrap();
-    cp.set_provider_key(&meta, &org.org_id, "openai", &SecretString::from(KEY.to_string()))
-        .await
-        .unwrap();
+    cp.set_provider_key(
+        &meta,
+        &org.org_id,
+        "openai",
+        &SecretString::from(KEY.to_string()),
+    )
+    .await
+    .unwrap();
     let sim = sim::spawn(SimConfig {
         openai_key: Some(KEY.into()),
         standard_delay_ms: 0,
@@ -275,7 +319,10 @@ async fn main() {
         ..ProxyConfig::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
+    let proxy_url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
     let store = flex::run::embedded_proxy(
         &cp,
         flex_data_plane::snapshot::SnapshotStore::new(Some(ring), None),

@@ -11,7 +11,11 @@
 //! - flex start delay ~ lognormal(median = `median-factor` × budget, `sigma`);
 //! - a share of requests whose first k ∈ 1..=3 flex attempts get a 429 (`flex_fail_times=k`),
 //!   and a share whose every flex attempt gets a 429 (flex never has capacity);
-//! - standard start delay = `standard-ms` ± uniform `standard-jitter-ms`.
+//! - standard start delay = `standard-ms` ± uniform `standard-jitter-ms`;
+//! - faults (the failure policy): a share of requests whose flex attempt fails with a 500, 502
+//!   or 504 (`flex-5xx-share`: standard must take over at once), and a share whose first
+//!   standard attempt fails with a 503 (`standard-503-share`: flex stays alive, standard is
+//!   tried again).
 //!
 //! Measured client side per request: time from sending to the first output text delta (a
 //! streaming Responses or Chat caller against gpt-5.5), and the `x-flex-served-tier` header.
@@ -23,7 +27,8 @@
 //!
 //! Run: `cargo run --release --example race_quality -- [--requests N] [--budget-secs S]
 //! [--concurrency C] [--seed X] [--median-factor F] [--sigma S] [--capacity-share P]
-//! [--no-capacity-share P] [--standard-ms MS] [--standard-jitter-ms MS] [--caller responses|chat]`
+//! [--no-capacity-share P] [--standard-ms MS] [--standard-jitter-ms MS] [--caller responses|chat]
+//! [--flex-5xx-share P] [--standard-503-share P]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -63,6 +68,8 @@ struct Params {
     no_capacity_share: f64,
     standard_ms: u64,
     standard_jitter_ms: u64,
+    flex_5xx_share: f64,
+    standard_503_share: f64,
     chat: bool,
     /// Per-request CSV (strategy, index, fate, outcome) for analysis.
     dump: Option<String>,
@@ -99,6 +106,8 @@ impl Params {
             no_capacity_share: num("--no-capacity-share", 0.05),
             standard_ms: num("--standard-ms", 300.0) as u64,
             standard_jitter_ms: num("--standard-jitter-ms", 100.0) as u64,
+            flex_5xx_share: num("--flex-5xx-share", 0.05),
+            standard_503_share: num("--standard-503-share", 0.02),
             chat: match get("--caller").as_deref() {
                 None | Some("responses") => false,
                 Some("chat") => true,
@@ -123,6 +132,10 @@ struct Spec {
     flex_delay_ms: u64,
     standard_delay_ms: u64,
     capacity: Capacity,
+    /// The flex attempt fails with this server error.
+    flex_5xx: Option<u16>,
+    /// The first standard attempt fails with a 503.
+    standard_503: bool,
     directive: String,
 }
 
@@ -130,6 +143,7 @@ impl Spec {
     /// What an oracle with the whole future in hand would do: flex iff it can start by D.
     fn optimum_flex(&self, budget: Duration) -> bool {
         !matches!(self.capacity, Capacity::Never)
+            && self.flex_5xx.is_none()
             && Duration::from_millis(self.flex_delay_ms) <= budget
     }
 }
@@ -154,18 +168,29 @@ fn specs(p: &Params) -> Vec<Spec> {
                 Capacity::Available
             };
             let mut directive = format!(
-                "#sim flex_delay_ms={flex_delay_ms} standard_delay_ms={standard_delay_ms} output_tokens=40"
+                "#sim flex_delay_ms={flex_delay_ms} standard_delay_ms={standard_delay_ms} output_tokens=40 sim_id=rq-{i}"
             );
-            match capacity {
-                Capacity::Available => {}
-                Capacity::FailTimes(k) => directive
-                    .push_str(&format!(" flex_status=429 flex_fail_times={k} sim_id=rq-{i}")),
-                Capacity::Never => directive.push_str(" flex_status=429"),
+            let fault: f64 = rng.gen();
+            let flex_5xx = (matches!(capacity, Capacity::Available) && fault < p.flex_5xx_share)
+                .then(|| [500, 502, 504][rng.gen_range(0..3)]);
+            let standard_503 = rng.gen::<f64>() < p.standard_503_share;
+            match (capacity, flex_5xx) {
+                (_, Some(status)) => directive.push_str(&format!(" flex_status={status}")),
+                (Capacity::Available, None) => {}
+                (Capacity::FailTimes(k), _) => {
+                    directive.push_str(&format!(" flex_status=429 flex_fail_times={k}"))
+                }
+                (Capacity::Never, _) => directive.push_str(" flex_status=429"),
+            }
+            if standard_503 {
+                directive.push_str(" standard_status=503 standard_fail_times=1");
             }
             Spec {
                 flex_delay_ms,
                 standard_delay_ms,
                 capacity,
+                flex_5xx,
+                standard_503,
                 directive,
             }
         })
@@ -470,10 +495,15 @@ async fn main() {
         p.standard_jitter_ms,
         mean_std_delay
     );
+    println!(
+        "faults: {} flex attempts fail with 500/502/504, {} first standard attempts fail with 503",
+        specs.iter().filter(|s| s.flex_5xx.is_some()).count(),
+        specs.iter().filter(|s| s.standard_503).count()
+    );
     println!("wall time {:.1} s", wall.as_secs_f64());
     println!();
-    println!("| strategy | served by flex | hindsight optimum | deadline met (≤ D + 50 ms) | first byte p50 − D | first byte p99 − D | started on both tiers (simulator) | of which seen by the proxy | cost | always-standard cost | saved |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| strategy | served by flex | hindsight optimum | deadline met (≤ D + 50 ms) | failed | first byte p50 − D | first byte p99 − D | started on both tiers (simulator) | of which seen by the proxy | cost | always-standard cost | saved |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
     for ((arm, res), u) in arms.iter().zip(&results).zip(&usage) {
         let ok: Vec<&Outcome> = res
@@ -500,11 +530,12 @@ async fn main() {
         }
         let failed = res.len() - ok.len();
         println!(
-            "| {} | {} | {} | {} | {:+.0} ms | {:+.0} ms | {} | {} | {} | {} | {} ({:.1} %) |",
+            "| {} | {} | {} | {} | {} | {:+.0} ms | {:+.0} ms | {} | {} | {} | {} | {} ({:.1} %) |",
             arm.name,
             share(flex, res.len()),
             share(optimum, res.len()),
             share(met, res.len()),
+            res.len() - ok.len(),
             pct(&rel, 0.5),
             pct(&rel, 0.99),
             both,

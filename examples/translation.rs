@@ -271,7 +271,10 @@ async fn record(
     let key = SecretString::from("sk-bench".to_string());
     let http_req =
         translate::upstream_request(provider, &base, &req, AskTier::Standard, &key).unwrap();
-    let resp = client.request(http_req).await.unwrap();
+    let resp = client
+        .request(flex_data_plane::upstream::replay(&http_req))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200, "{provider:?} transcript");
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let mut parser = Parser::new();

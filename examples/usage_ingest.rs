@@ -69,6 +69,7 @@ fn event(i: usize) -> UsageEvent {
         cost_micros: 1_000 + (i % 7919) as i64,
         standard_cost_micros: 2_000 + (i % 7919) as i64 * 2,
         received_at: "2026-11-23T10:00:00.000000Z".into(),
+        provider_request_id: String::new(),
     }
 }
 

@@ -59,6 +59,50 @@ pub struct UpstreamArgs {
     /// Largest request body accepted, in MiB.
     #[arg(long, env = "FLEX_MAX_BODY_MIB", default_value_t = 32)]
     pub max_body_mib: usize,
+    /// Longest wait for a provider's response headers, in seconds (a flex attempt in a race is
+    /// also bounded by the deadline).
+    #[arg(long, env = "FLEX_UPSTREAM_HEADER_TIMEOUT_SECS", default_value_t = 120)]
+    pub upstream_header_timeout_secs: u64,
+    /// Longest silence between two events of a provider's stream (or two body frames), in
+    /// seconds; past it the answer is cut off and reported `upstream_incomplete`.
+    #[arg(long, env = "FLEX_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub upstream_idle_timeout_secs: u64,
+    /// Longest time for a whole upstream answer, in seconds.
+    #[arg(long, env = "FLEX_UPSTREAM_TOTAL_TIMEOUT_SECS", default_value_t = 3600)]
+    pub upstream_total_timeout_secs: u64,
+    /// Longest wait to connect to a provider, in seconds.
+    #[arg(long, env = "FLEX_UPSTREAM_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub upstream_connect_timeout_secs: u64,
+    /// Interval of HTTP/2 keep-alive pings to providers, in seconds (a ping unanswered for 10 s
+    /// closes the connection).
+    #[arg(long, env = "FLEX_UPSTREAM_KEEPALIVE_SECS", default_value_t = 20)]
+    pub upstream_keepalive_secs: u64,
+    /// Requests carried by one HTTP/2 connection to a provider at a time before another
+    /// connection is opened (match the provider's SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(
+        long,
+        env = "FLEX_UPSTREAM_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub upstream_streams_per_connection: usize,
+    /// Largest non-streaming provider body read, in MiB; a longer one is cut off and reported
+    /// `upstream_incomplete`.
+    #[arg(long, env = "FLEX_MAX_RESPONSE_MIB", default_value_t = 64)]
+    pub max_response_mib: usize,
+}
+
+/// How a planned stop (SIGTERM, Ctrl-C) drains the proxy, shared by `up` and `proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
+    /// On SIGTERM or Ctrl-C, `/readyz` answers 503 at once; the proxy keeps accepting
+    /// connections for this many seconds (so load balancers move on), then stops accepting.
+    #[arg(long, env = "FLEX_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+    /// Then, how long requests in flight (races and streams included) may take to finish, in
+    /// seconds, before they are cut off. The default covers a 10-minute `start_within` plus a
+    /// minute of answer.
+    #[arg(long, env = "FLEX_SHUTDOWN_GRACE_SECS", default_value_t = 660)]
+    pub shutdown_grace_secs: u64,
 }
 
 /// NATS credentials (give at most one kind) and TLS, shared by `control` and `proxy`.
@@ -145,6 +189,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub limits: LimitsArgs,
     #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
     pub otlp: OtlpArgs,
 }
 
@@ -227,10 +273,8 @@ pub struct ProxyArgs {
     /// never wait (events are still written, a crash may lose the last few).
     #[arg(long, env = "FLEX_USAGE_DURABLE_WAIT_MS", default_value_t = 200)]
     pub usage_durable_wait_ms: u64,
-    /// On SIGTERM or Ctrl-C: how long requests in flight (streams included) may take to finish
-    /// after the proxy stops accepting connections, in seconds; then they are cut off.
-    #[arg(long, env = "FLEX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
+    #[command(flatten)]
+    pub drain: DrainArgs,
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where the last good snapshot is kept for a warm start, and the usage write-ahead log:

@@ -69,6 +69,7 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
     ProxyConfig {
         base_urls,
         max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024),
+        max_response_bytes: u.max_response_mib.saturating_mul(1024 * 1024),
         // Set only when traces are exported.
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()
@@ -238,12 +239,60 @@ pub fn embedded_proxy(
     cfg: ProxyConfig,
     tls: Option<TlsAcceptor>,
 ) -> Result<Arc<SnapshotStore>> {
+    let (store, _task) = embedded_proxy_until(
+        cp,
+        store,
+        listener,
+        upstream,
+        cfg,
+        tls,
+        std::future::pending(),
+        Duration::ZERO,
+    )?;
+    Ok(store)
+}
+
+/// [`embedded_proxy`] that drains when `shutdown` resolves (see [`spawn_proxy_until`]); also
+/// returns the server task, which ends once drained.
+#[allow(clippy::too_many_arguments)]
+pub fn embedded_proxy_until(
+    cp: &Arc<ControlPlane>,
+    store: SnapshotStore,
+    listener: TcpListener,
+    upstream: &UpstreamConfig,
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>)> {
     let store = Arc::new(store);
     tokio::spawn(follow_in_process(cp.clone(), store.clone()));
     let (sink, rx) = ChannelSink::new();
     tokio::spawn(deliver_in_process(rx, cp.clone()));
-    serve_proxy(listener, store.clone(), upstream, cfg, tls, sink)?;
-    Ok(store)
+    let task = spawn_proxy_until(
+        listener,
+        store.clone(),
+        upstream,
+        cfg,
+        tls,
+        sink,
+        shutdown,
+        grace,
+    )?;
+    Ok((store, task))
+}
+
+/// A planned stop of a proxy: `/readyz` says draining at once, connections are still accepted
+/// for the drain delay (load balancers see the 503 and move on), then the listener stops and
+/// requests in flight get the grace (`serve_until`).
+async fn drain_proxy(store: &SnapshotStore, delay: Duration, stop_accepting: impl FnOnce()) {
+    store.start_draining();
+    tracing::info!(
+        drain_delay_secs = delay.as_secs(),
+        "draining: /readyz answers 503; the listener closes after the drain delay"
+    );
+    tokio::time::sleep(delay).await;
+    stop_accepting();
 }
 
 /// The embedded proxy's id in the control plane's proxy registry (`flex admin proxies`).
@@ -282,8 +331,26 @@ pub async fn follow_in_process(cp: Arc<ControlPlane>, store: Arc<SnapshotStore>)
 
 /// The upstream client settings and listener TLS given on the command line.
 fn upstream_and_tls(u: &UpstreamArgs) -> Result<(UpstreamConfig, Option<TlsAcceptor>)> {
+    let secs = |n: u64, flag: &str| -> Result<Duration> {
+        if n == 0 {
+            anyhow::bail!("--{flag} must be at least 1 second (got 0); e.g. --{flag} 30");
+        }
+        Ok(Duration::from_secs(n))
+    };
     let upstream = UpstreamConfig {
         extra_ca_file: u.upstream_ca_file.clone(),
+        connect_timeout: secs(
+            u.upstream_connect_timeout_secs,
+            "upstream-connect-timeout-secs",
+        )?,
+        header_timeout: secs(
+            u.upstream_header_timeout_secs,
+            "upstream-header-timeout-secs",
+        )?,
+        idle_timeout: secs(u.upstream_idle_timeout_secs, "upstream-idle-timeout-secs")?,
+        total_timeout: secs(u.upstream_total_timeout_secs, "upstream-total-timeout-secs")?,
+        keepalive_interval: secs(u.upstream_keepalive_secs, "upstream-keepalive-secs")?,
+        streams_per_connection: u.upstream_streams_per_connection.max(1),
         ..UpstreamConfig::default()
     };
     let tls = match (&u.tls_cert, &u.tls_key) {
@@ -514,7 +581,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     cp.set_limit_counters(Arc::new(SharedCounters(limits.limiter())));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
-    let store = embedded_proxy(
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let (store, server) = embedded_proxy_until(
         &cp,
         // No state dir: the control plane runs in this process, so the proxy always starts from
         // it, never from a persisted snapshot (nothing to write on every update).
@@ -526,6 +594,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
             ..proxy_config(&args.upstream, urls)
         },
         tls,
+        async {
+            let _ = drained.await;
+        },
+        Duration::from_secs(args.drain.shutdown_grace_secs),
     )?;
 
     println!("FlexInference is up.");
@@ -555,6 +627,17 @@ pub async fn up(args: UpArgs) -> Result<()> {
         );
     }
     stop.await;
+    drain_proxy(
+        &store,
+        Duration::from_secs(args.drain.drain_delay_secs),
+        || {
+            let _ = drain.send(());
+        },
+    )
+    .await;
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "the proxy server task ended abnormally");
+    }
     flush_snapshot(store).await;
     Ok(())
 }
@@ -818,7 +901,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
-    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let grace = Duration::from_secs(args.drain.shutdown_grace_secs);
     let server = spawn_proxy_until(
         listener,
         store.clone(),
@@ -832,10 +915,17 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         grace,
     )?;
     stop.await;
-    // A planned stop: no new connections, requests in flight given --shutdown-grace-secs to
-    // finish (then cut off, like a kill), the usage log's queue written and fsynced, the newest
-    // snapshot persisted.
-    let _ = drain.send(());
+    // A planned stop: not ready at once, no new connections after --drain-delay-secs, requests
+    // in flight given --shutdown-grace-secs to finish (then cut off, like a kill), the usage
+    // log's queue written and fsynced, the newest snapshot persisted.
+    drain_proxy(
+        &store,
+        Duration::from_secs(args.drain.drain_delay_secs),
+        || {
+            let _ = drain.send(());
+        },
+    )
+    .await;
     if let Err(e) = server.await {
         tracing::warn!(error = %e, "the proxy server task ended abnormally");
     }

@@ -28,16 +28,31 @@ fn sdks_see_rate_limit_headers_and_honour_retry_after() {
             .unwrap();
     let org = demo["org_id"].as_str().unwrap();
     let args = [
-        "--json", "limits", "set", "--org", org, "--rpm", "6", "--tpm", "200000",
-        "--concurrency", "1",
+        "--json",
+        "limits",
+        "set",
+        "--org",
+        org,
+        "--rpm",
+        "6",
+        "--tpm",
+        "200000",
+        "--concurrency",
+        "1",
     ];
     let set = admin_json_of(&flex_admin_in(up.dir.path(), &args, &[], None), &args);
     assert_eq!(set["limits"]["rpm"], 6);
-    assert_eq!(set["limits"]["daily_budget_micros"], serde_json::Value::Null);
+    assert_eq!(
+        set["limits"]["daily_budget_micros"],
+        serde_json::Value::Null
+    );
     // The embedded proxy follows the control plane in process: the limits apply at once.
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/limits_sdk.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/limits_sdk.py"
+        ))
         .arg(up.dir.path())
         .output()
         .unwrap();
@@ -56,13 +71,23 @@ fn sdks_see_rate_limit_headers_and_honour_retry_after() {
     assert_eq!(shown["usage"]["rpm"]["remaining"], 0, "{shown}");
     assert_eq!(shown["usage"]["concurrency"]["used"], 0, "{shown}");
     let tokens = shown["usage"]["tpm"]["used"].as_u64().unwrap();
-    assert!(tokens > 0 && tokens < 1000, "real use, not the reservations: {shown}");
+    assert!(
+        tokens > 0 && tokens < 1000,
+        "real use, not the reservations: {shown}"
+    );
     // Clear: no limits, and requests are no longer counted.
     let args = ["--json", "limits", "clear", "--org", org];
     let cleared = admin_json_of(&flex_admin_in(up.dir.path(), &args, &[], None), &args);
-    assert_eq!(cleared["limits"]["rpm"], serde_json::Value::Null, "{cleared}");
+    assert_eq!(
+        cleared["limits"]["rpm"],
+        serde_json::Value::Null,
+        "{cleared}"
+    );
     let args = ["--json", "audit", "--org", org];
     let audit = admin_json_of(&flex_admin_in(up.dir.path(), &args, &[], None), &args);
     let text = audit.to_string();
-    assert!(text.contains("LimitsSet") && text.contains("LimitsCleared"), "{text}");
+    assert!(
+        text.contains("LimitsSet") && text.contains("LimitsCleared"),
+        "{text}"
+    );
 }

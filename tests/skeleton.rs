@@ -512,10 +512,10 @@ async fn upstream_https_with_a_private_ca() {
     .await;
     let client = flex_data_plane::upstream::UpstreamClient::new(&Default::default()).unwrap();
     let req = http::Request::post(format!("{url}/responses"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .body(bytes::Bytes::new())
         .unwrap();
     assert!(
-        client.send(req).await.is_err(),
+        client.send(&req, None).await.is_err(),
         "untrusted certificate must fail"
     );
     drop(s2);

@@ -458,6 +458,7 @@ fn event(request_id: &str, org_id: &str, cost: i64) -> UsageEvent {
         cost_micros: cost,
         standard_cost_micros: cost * 2,
         received_at: "2026-03-01T12:00:00.000000Z".into(),
+        provider_request_id: String::new(),
     }
 }
 

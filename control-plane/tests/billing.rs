@@ -43,6 +43,7 @@ fn usage(request_id: &str, org_id: &str, cost: i64, standard: i64, at: &str) -> 
         cost_micros: cost,
         standard_cost_micros: standard,
         received_at: at.into(),
+        provider_request_id: String::new(),
     }
 }
 

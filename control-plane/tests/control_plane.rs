@@ -705,6 +705,7 @@ fn usage(request_id: &str, org_id: &str, tier: &str, received_at: &str) -> Usage
         cost_micros: 40,
         standard_cost_micros: 100,
         received_at: received_at.into(),
+        provider_request_id: String::new(),
     }
 }
 

@@ -6,7 +6,7 @@
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::json;
 
 use crate::formats::CallerFormat;
@@ -41,7 +41,8 @@ pub struct ApiErrorInner {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
+    /// Its content type and the provider headers a caller's SDK reads (an allow-list).
+    pub headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -104,15 +105,47 @@ impl ApiError {
         self
     }
 
-    /// A provider's error, passed through with its original status and body.
-    pub fn upstream(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Self {
+    /// A provider's error, passed through with its original status, body and content type,
+    /// and the provider headers the SDKs read (`retry-after`, rate limits, request id).
+    pub fn upstream(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
         let mut e = Self::new(status, "upstream_error", "the provider returned an error");
+        let mut kept = HeaderMap::new();
+        if let Some(ct) = headers.get(http::header::CONTENT_TYPE) {
+            kept.insert(http::header::CONTENT_TYPE, ct.clone());
+        }
+        crate::upstream::forward_headers(headers, &mut kept);
         e.0.upstream = Some(Upstream {
             status,
-            content_type,
+            headers: kept,
             body,
         });
         e
+    }
+
+    /// A bug of ours: said plainly, with what the caller can do.
+    pub fn internal(what: &str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("Internal error: {what}."),
+        )
+        .fix("retry the request; if it persists, report it with the x-request-id header.")
+    }
+
+    /// The provider's answer was cut off or failed after it started (a truncated stream, a
+    /// body over the limit, a failed or malformed final response).
+    pub fn incomplete(why: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_incomplete",
+            format!("The provider's answer was cut off or failed before it was complete: {why}."),
+        )
+        .fix("retry the request; if it keeps happening on long answers, lower max_tokens or stream the answer.")
+    }
+
+    /// The provider's error status, if this error passes a provider's answer through.
+    pub fn upstream_status(&self) -> Option<StatusCode> {
+        self.0.upstream.as_ref().map(|u| u.status)
     }
 
     /// The full human text: what and why, how to fix, example.
@@ -165,9 +198,7 @@ impl ApiError {
     pub fn into_response_for(self, format: CallerFormat) -> Response {
         if let Some(up) = self.0.upstream {
             let mut resp = (up.status, up.body).into_response();
-            if let Some(ct) = up.content_type {
-                resp.headers_mut().insert(http::header::CONTENT_TYPE, ct);
-            }
+            resp.headers_mut().extend(up.headers);
             return resp;
         }
         let body = self.body(format);

@@ -5,6 +5,7 @@
 //! caller's format, with one `usage` event per request. The proxy never touches a database: all it
 //! knows comes from the control plane's snapshots.
 
+pub mod answer;
 pub mod auth;
 pub mod canonical;
 pub mod error;
@@ -13,9 +14,11 @@ pub mod ids;
 pub mod limits;
 pub mod passthrough;
 pub mod plane_tls;
+pub mod policy;
 pub mod providers;
 pub mod proxy;
 pub mod race;
+pub mod request;
 pub mod server;
 pub mod snapshot;
 pub mod sse;

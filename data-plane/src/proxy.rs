@@ -1,28 +1,42 @@
-//! The request path: authenticate → validate → plan the tier → call the provider (racing flex
-//! against the deadline when asked) → answer in the caller's format → report usage.
+//! The request pipeline, one straight line for every request:
+//!
+//! ```text
+//! handle → validate (auth, body, start_within, model, tier plan, billing, provider key)
+//!        → Call (the pair: native or translated; one upstream body per tier, built once)
+//!        → start (the flex race, or the one tier; the failure policy decides each failure)
+//!        → answer (stream or assemble through the pair's Transcode) → usage event
+//! ```
+//!
+//! A native pair (the caller's format is the provider's own) and a translated pair differ only
+//! in their `Call::request` (the caller's body with the tier edited, or one rendered from the
+//! canonical request) and their `Transcode` (identity plus a usage tap, or decode → encode).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::response::Response;
 use bytes::Bytes;
-use flex_shared::catalog::{Model, Provider, Tier};
+use flex_shared::catalog::{Model, Provider};
 use flex_shared::usage::{UsageEvent, SCHEMA_VERSION};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use secrecy::SecretString;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::answer::{self, Mode, Transcode};
 use crate::auth::{authenticate, Caller};
+use crate::canonical as c;
 use crate::error::ApiError;
 use crate::formats::{self, chat, CallerFormat, RawBody};
-use crate::passthrough::{Native, NativeCall};
+use crate::passthrough::{Native, NativeTranscoder};
 use crate::providers::{AskTier, BaseUrls};
-use crate::race::{self, AttemptError, Backoff, StartLatency, Started};
+use crate::race::{self, AttemptError, Backoff, EventClass, Schedule, StartLatency, Started};
+use crate::request::{ms, rfc3339_now, take, CancelledIfDropped, Draft, Outcome, DIRECT};
 use crate::snapshot::{ProviderSecret, SnapshotStore};
 use crate::start_within::{self, StartWithin};
-use crate::translate::{self, TranslatedCall};
-use crate::upstream::UpstreamClient;
+use crate::translate::{self, TranslatedTranscoder};
+use crate::upstream::{UpstreamClient, MAX_ERROR_BODY};
 use crate::usage::{hold_end, Durable, UsageSink};
 
 /// Limits and knobs of the request path.
@@ -159,77 +173,105 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-fn rfc3339_now() -> String {
-    let secs = now_unix();
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// The pair a request takes: its format, its provider, and how its bodies are made.
+pub(crate) struct Call {
+    pub(crate) format: CallerFormat,
+    pub(crate) provider: Provider,
+    pub(crate) model: String,
+    pub(crate) base: String,
+    pub(crate) secret: SecretString,
+    /// Floor of the learned standard start latency for this model.
+    pub(crate) floor: Duration,
+    /// The caller asked for a stream.
+    pub(crate) stream: bool,
+    pub(crate) pair: Pair,
 }
 
-/// What we know about a request, filled in as it goes; becomes its usage event.
-#[derive(Clone)]
-pub(crate) struct Draft {
-    pub(crate) event: UsageEvent,
-    pub(crate) t0: Instant,
-    pub(crate) model: Option<Model>,
-    /// The request's admission under its limits, settled when the event is completed.
-    pub(crate) limit: Option<crate::limits::Permit>,
+pub(crate) enum Pair {
+    /// The caller's format is the provider's own: its body goes as sent, tier fields edited.
+    Native {
+        api: Native,
+        body: RawBody,
+        caller_wants_usage: bool,
+        /// The caller's headers (Messages forwards `anthropic-version` / `anthropic-beta`).
+        headers: HeaderMap,
+    },
+    /// Through the canonical model.
+    Translated {
+        req: Box<c::Request>,
+        include_usage: bool,
+    },
 }
 
-impl Draft {
-    /// Completes the event and hands it to `sink`; the returned [`Durable`] resolves once it is
-    /// durable (hold the end of the answer on it).
-    pub(crate) fn emit(self, sink: &dyn UsageSink, status: u16, outcome: &str) -> Durable {
-        sink.emit_durable(self.complete(status, outcome))
-    }
-
-    /// Completes the event and hands it to `sink` without waiting (no answer to hold).
-    pub(crate) fn emit_detached(self, sink: &dyn UsageSink, status: u16, outcome: &str) {
-        sink.emit(self.complete(status, outcome));
-    }
-
-    fn complete(mut self, status: u16, outcome: &str) -> UsageEvent {
-        self.event.status = status;
-        self.event.outcome = outcome.to_string();
-        self.event.duration_ms = ms(self.t0.elapsed());
-        if let Some(m) = &self.model {
-            let e = &mut self.event;
-            let uncached = e.input_tokens.saturating_sub(e.cached_input_tokens);
-            if let Some(tier) = Tier::parse(&e.served_tier) {
-                e.cost_micros =
-                    m.price(tier)
-                        .cost_micros(uncached, e.cached_input_tokens, e.output_tokens);
-                e.standard_cost_micros = m.price(Tier::Standard).cost_micros(
-                    uncached,
-                    e.cached_input_tokens,
-                    e.output_tokens,
-                );
+impl Call {
+    /// The upstream request for `tier` (`stream`: as a stream, which every race is).
+    fn request(&self, tier: AskTier, stream: bool) -> Result<http::Request<Bytes>, ApiError> {
+        match &self.pair {
+            Pair::Native {
+                api, body, headers, ..
+            } => {
+                let bytes = api.body_for(body, tier, stream)?;
+                api.request(&self.base, &self.secret, bytes, stream, headers)
+            }
+            Pair::Translated { req, .. } => {
+                translate::upstream_request(self.provider, &self.base, req, tier, &self.secret)
             }
         }
-        if let Some(permit) = self.limit.take() {
-            permit.settle(&self.event);
+    }
+
+    fn classify(&self, ev: &crate::sse::Event) -> EventClass {
+        match &self.pair {
+            Pair::Native { api, .. } => api.classify(ev),
+            Pair::Translated { .. } => translate::classify(self.provider, ev),
         }
-        self.event
+    }
+
+    fn transcoder(&self, mode: Mode, ask: AskTier) -> Box<dyn Transcode> {
+        match &self.pair {
+            Pair::Native {
+                api,
+                caller_wants_usage,
+                ..
+            } => Box::new(NativeTranscoder::new(*api, mode, *caller_wants_usage)),
+            Pair::Translated { include_usage, .. } => Box::new(TranslatedTranscoder::new(
+                self.format,
+                self.provider,
+                mode,
+                &self.model,
+                *include_usage,
+                ask,
+            )),
+        }
     }
 }
 
-pub(crate) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// The upstream requests of one call, one per tier it may use, each built once.
+struct Prepared {
+    first: (AskTier, http::Request<Bytes>),
+    second: Option<(AskTier, http::Request<Bytes>)>,
+}
+
+impl Prepared {
+    fn new(call: &Call, plan: Plan) -> Result<Self, ApiError> {
+        Ok(match plan {
+            Plan::Direct(t) => Self {
+                first: (t, call.request(t, true)?),
+                second: None,
+            },
+            Plan::Race(_) => Self {
+                first: (AskTier::Flex, call.request(AskTier::Flex, true)?),
+                second: Some((AskTier::Standard, call.request(AskTier::Standard, true)?)),
+            },
+        })
+    }
+
+    fn get(&self, tier: AskTier) -> Result<&http::Request<Bytes>, AttemptError> {
+        std::iter::once(&self.first)
+            .chain(self.second.as_ref())
+            .find(|(t, _)| *t == tier)
+            .map(|(_, r)| r)
+            .ok_or_else(|| AttemptError::caller(ApiError::internal("a tier without a request")))
+    }
 }
 
 impl Proxy {
@@ -251,7 +293,8 @@ impl Proxy {
 
     /// Gets an upstream stream started for `plan`: the flex race for a duration, the one tier
     /// otherwise. Records the outcome (reason, tiers started, flex wait, start latency) in `e`,
-    /// and feeds standard start latencies to the learned hedge.
+    /// and feeds standard start latencies to the learned hedge. `attempt` is called with the
+    /// tier and the bound of its wait for the response head (the time left in a race).
     pub(crate) async fn start_upstream<F, Fut>(
         &self,
         plan: Plan,
@@ -262,83 +305,100 @@ impl Proxy {
         attempt: F,
     ) -> Result<Started, ApiError>
     where
-        F: Fn(AskTier) -> Fut,
+        F: Fn(AskTier, Option<Duration>) -> Fut,
         Fut: std::future::Future<Output = Result<Started, AttemptError>>,
     {
-        match plan {
-            Plan::Race(budget) => {
-                let deadline = t0 + budget;
-                let expected = self.latency.expected(model, floor);
-                let hedge_at = match self.cfg.strategy {
-                    RaceStrategy::Hedged => deadline
-                        .checked_sub(expected)
-                        .unwrap_or(t0)
-                        .max(Instant::now()),
-                    RaceStrategy::Naive => deadline,
-                };
-                let outcome = race::run(
-                    deadline,
-                    hedge_at,
-                    self.cfg.backoff,
-                    || attempt(AskTier::Flex),
-                    || attempt(AskTier::Standard),
-                )
-                .await;
-                let launched = |standard: bool| -> Vec<String> {
-                    if standard {
-                        vec!["flex".into(), "standard".into()]
-                    } else {
-                        vec!["flex".into()]
-                    }
-                };
-                match outcome {
-                    Ok(o) => {
-                        e.tiers_started = launched(o.standard_launched);
-                        e.reason = o.reason.as_str().to_string();
-                        e.flex_wait_ms = ms(o.flex_wait);
-                        e.start_latency_ms = ms(t0.elapsed());
-                        if o.winner.tier == AskTier::Standard {
-                            self.latency.record(model, o.winner.start_latency);
-                        }
-                        record_outcome(o.winner.tier, e);
-                        self.opened(e, o.winner.tier);
-                        tracing::info!(
-                            winner = o.winner.tier.as_str(),
-                            reason = e.reason,
-                            flex_wait_ms = e.flex_wait_ms,
-                            start_latency_ms = e.start_latency_ms,
-                            loser_started = o.loser_started,
-                            "flex race decided"
-                        );
-                        if o.loser_started {
-                            self.races_loser_started
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            tracing::warn!(
-                                winner = o.winner.tier.as_str(),
-                                "both tiers had started (a near-tie): the loser was dropped at once and the caller is billed once, but the provider may bill the loser for what it generated before the cancellation reached it"
-                            );
-                        }
-                        Ok(o.winner)
-                    }
-                    Err(f) => {
-                        e.tiers_started = launched(f.standard_launched);
-                        e.reason = "flex_error".into();
-                        e.flex_wait_ms = ms(f.flex_wait);
-                        Err(f.error)
-                    }
-                }
-            }
+        let budget = match plan {
             Plan::Direct(tier) => {
-                e.reason = "direct".into();
+                e.reason = DIRECT.into();
                 e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
-                let started = attempt(tier).await.map_err(AttemptError::into_api)?;
+                let started = attempt(tier, None).await.map_err(|f| {
+                    tracing::info!(
+                        class = f.class.as_str(),
+                        tier = tier.as_str(),
+                        "upstream attempt failed"
+                    );
+                    f.error
+                })?;
                 e.start_latency_ms = ms(t0.elapsed());
                 if tier == AskTier::Standard {
                     self.latency.record(model, started.start_latency);
                 }
                 record_outcome(tier, e);
                 self.opened(e, tier);
-                Ok(started)
+                return Ok(started);
+            }
+            Plan::Race(budget) => budget,
+        };
+        let deadline = t0 + budget;
+        let expected = self.latency.expected(model, floor);
+        let hedge_at = match self.cfg.strategy {
+            RaceStrategy::Hedged => deadline
+                .checked_sub(expected)
+                .unwrap_or(t0)
+                .max(Instant::now()),
+            RaceStrategy::Naive => deadline,
+        };
+        let schedule = Schedule {
+            deadline,
+            hedge_at,
+            backoff: self.cfg.backoff,
+        };
+        let outcome = race::run(
+            schedule,
+            |left| attempt(AskTier::Flex, Some(left)),
+            || attempt(AskTier::Standard, None),
+        )
+        .await;
+        let launched = |standard: bool| -> Vec<String> {
+            if standard {
+                vec!["flex".into(), "standard".into()]
+            } else {
+                vec!["flex".into()]
+            }
+        };
+        match outcome {
+            Ok(o) => {
+                e.tiers_started = launched(o.standard_launched);
+                e.reason = o.reason.as_str().to_string();
+                e.flex_wait_ms = ms(o.flex_wait);
+                e.start_latency_ms = ms(t0.elapsed());
+                if o.winner.tier == AskTier::Standard {
+                    self.latency.record(model, o.winner.start_latency);
+                }
+                record_outcome(o.winner.tier, e);
+                self.opened(e, o.winner.tier);
+                tracing::info!(
+                    winner = o.winner.tier.as_str(),
+                    reason = e.reason,
+                    flex_wait_ms = e.flex_wait_ms,
+                    start_latency_ms = e.start_latency_ms,
+                    flex_attempts = o.flex_attempts,
+                    standard_attempts = o.standard_attempts,
+                    loser_started = o.loser_started,
+                    "flex race decided"
+                );
+                if o.loser_started {
+                    self.races_loser_started
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        winner = o.winner.tier.as_str(),
+                        "both tiers had started (a near-tie): the loser was dropped at once and the caller is billed once, but the provider may bill the loser for what it generated before the cancellation reached it"
+                    );
+                }
+                Ok(o.winner)
+            }
+            Err(f) => {
+                e.tiers_started = launched(f.standard_launched);
+                e.reason = race::Reason::FlexError.as_str().into();
+                e.flex_wait_ms = ms(f.flex_wait);
+                tracing::info!(
+                    class = f.class.as_str(),
+                    status = f.error.status.as_u16(),
+                    standard_launched = f.standard_launched,
+                    "flex race failed: no tier could start"
+                );
+                Err(f.error)
             }
         }
     }
@@ -383,6 +443,7 @@ impl Proxy {
             reason = tracing::field::Empty,
             flex_wait_ms = tracing::field::Empty,
             start_latency_ms = tracing::field::Empty,
+            provider_request_id = tracing::field::Empty,
             status = tracing::field::Empty,
             error_code = tracing::field::Empty,
         );
@@ -417,7 +478,7 @@ impl Proxy {
                     }
                 }
                 let durable = match draft {
-                    Some(d) => d.emit(self.usage.as_ref(), status, "error"),
+                    Some(d) => d.emit(self.usage.as_ref(), status, Outcome::Error),
                     None => Durable::ready(),
                 };
                 tracing::info!(request_id, code = e.code, status, "request refused");
@@ -437,6 +498,7 @@ impl Proxy {
         resp
     }
 
+    /// Validates the request and plans it; then runs its call.
     #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
@@ -516,6 +578,46 @@ impl Proxy {
                     .example(format!("echo \"$PROVIDER_KEY\" | flex admin provider-key set --org {} --provider {provider}", key.org_id)));
             }
         };
+        let stream = body.bool_field("stream").unwrap_or(false);
+        let include_usage = body
+            .value("stream_options")
+            .is_some_and(|v| v["include_usage"] == json!(true));
+        let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
+            Duration::from_millis(u64::from(m.standard_start_floor_ms))
+        });
+        let worst = crate::limits::estimate::worst_case_tokens(&body, format);
+        let pair = match Native::of(format, provider) {
+            Some(api) => {
+                if api == Native::Messages {
+                    // Validation only (refusals, max_tokens): the body itself goes as sent.
+                    translate::parse_request(format, &body)?;
+                }
+                Pair::Native {
+                    api,
+                    body,
+                    caller_wants_usage: api == Native::Chat && include_usage,
+                    headers: headers.clone(),
+                }
+            }
+            None => {
+                let req = translate::parse_request(format, &body)?;
+                translate::require_max_tokens(provider, &req, format)?;
+                Pair::Translated {
+                    req: Box::new(req),
+                    include_usage,
+                }
+            }
+        };
+        let call = Call {
+            format,
+            provider,
+            model,
+            base: self.cfg.base_urls.for_provider(provider).to_string(),
+            secret,
+            floor,
+            stream,
+            pair,
+        };
         // Limits: one admission per request (a retry inside the race is the same request); the
         // permit settles with the usage event, the headers go on the answer.
         let ask = crate::limits::Ask {
@@ -524,7 +626,7 @@ impl Proxy {
             key_id: &key.key_id,
             model: entry.as_ref(),
             priority: matches!(plan, Plan::Direct(AskTier::Priority | AskTier::Auto)),
-            body: &body,
+            worst,
             format,
             request_id,
         };
@@ -534,48 +636,83 @@ impl Proxy {
                 d.limit = Some(admitted.permit);
             }
         }
-        let caller_stream = body.bool_field("stream").unwrap_or(false);
-        let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
-            Duration::from_millis(u64::from(m.standard_start_floor_ms))
-        });
-        let Some(api) = Native::of(format, provider) else {
-            let req = translate::parse_request(format, &body)?;
-            translate::require_max_tokens(provider, &req, format)?;
-            let call = TranslatedCall {
-                proxy: self,
-                format,
-                provider,
-                base: self.cfg.base_urls.for_provider(provider).to_string(),
-                secret,
-                include_usage: body
-                    .value("stream_options")
-                    .is_some_and(|v| v["include_usage"] == json!(true)),
-                req,
-                floor,
-            };
-            return call.run(plan, t0, draft).await;
-        };
-        if api == Native::Messages {
-            // Validation only (refusals, max_tokens): the body itself goes upstream as sent.
-            translate::parse_request(format, &body)?;
+        // On success the answer takes the draft and reports it when it ends; on failure the
+        // draft stays (with what was learned) for `handle` to report.
+        self.run(&call, plan, t0, draft).await
+    }
+
+    /// Starts the call's upstream for `plan` and answers from it.
+    pub(crate) async fn run(
+        &self,
+        call: &Call,
+        plan: Plan,
+        t0: Instant,
+        slot: &mut Option<Draft>,
+    ) -> Result<Response, ApiError> {
+        if let (Plan::Direct(tier), false, Pair::Native { api, .. }) =
+            (plan, call.stream, &call.pair)
+        {
+            return self.direct_body(call, *api, tier, slot).await;
         }
-        let call = NativeCall {
-            proxy: self,
-            api,
-            base: self.cfg.base_urls.for_provider(provider).to_string(),
-            secret,
-            caller_wants_usage: api == Native::Chat
-                && body
-                    .value("stream_options")
-                    .is_some_and(|v| v["include_usage"] == json!(true)),
-            body,
-            model,
-            floor,
-            headers: headers.clone(),
-        };
-        // On success the call takes the draft and reports it when the answer ends; on failure it
-        // leaves it (with what it learned) for `handle` to report.
-        call.run(plan, caller_stream, t0, draft).await
+        let prepared = Prepared::new(call, plan)?;
+        let e = &mut slot.as_mut().ok_or_else(crate::request::lost_draft)?.event;
+        let started = self
+            .start_upstream(plan, t0, &call.model, call.floor, e, |tier, left| {
+                let req = prepared.get(tier);
+                async move {
+                    race::attempt(&self.upstream, call.provider, req?, tier, left, |ev| {
+                        call.classify(ev)
+                    })
+                    .await
+                }
+            })
+            .await?;
+        let draft = take(slot)?;
+        if call.stream {
+            let t = call.transcoder(Mode::Stream, started.tier);
+            Ok(answer::stream(started, draft, t, self.usage.clone()))
+        } else {
+            let t = call.transcoder(Mode::Assemble, started.tier);
+            Ok(answer::assemble(started, draft, t, self.usage.clone(), call.format).await)
+        }
+    }
+
+    /// A native pair, non-streaming, no race: the provider's own body, untouched.
+    async fn direct_body(
+        &self,
+        call: &Call,
+        api: Native,
+        tier: AskTier,
+        slot: &mut Option<Draft>,
+    ) -> Result<Response, ApiError> {
+        let req = call.request(tier, false)?;
+        let d = slot.as_mut().ok_or_else(crate::request::lost_draft)?;
+        d.event.reason = DIRECT.into();
+        d.event.tiers_started = vec![tier.assumed_served().as_str().to_string()];
+        record_outcome(tier, &d.event);
+        // A non-streaming answer shows no sign of its start before its head, which comes with
+        // the whole body: the request counts as in flight at the provider from here.
+        self.opened(&d.event, tier);
+        let resp = self
+            .upstream
+            .send(&req, None)
+            .await
+            .map_err(|e| AttemptError::transport(&e).error)?;
+        if !resp.status.is_success() {
+            let (status, headers) = (resp.status, resp.headers);
+            let body = resp.body.read_lossy(MAX_ERROR_BODY).await;
+            return Err(ApiError::upstream(status, &headers, body));
+        }
+        Ok(answer::direct_body(
+            resp,
+            take(slot)?,
+            tier,
+            self.usage.clone(),
+            call.format,
+            self.cfg.max_response_bytes,
+            |v, e| api.parse_body(v, e),
+        )
+        .await)
     }
 }
 
@@ -586,101 +723,6 @@ fn record_outcome(tier: AskTier, e: &UsageEvent) {
     span.record("reason", e.reason.as_str());
     span.record("flex_wait_ms", e.flex_wait_ms);
     span.record("start_latency_ms", e.start_latency_ms);
-}
-
-pub(crate) fn lost_draft() -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "request state lost",
-    )
-}
-
-pub(crate) fn take(slot: &mut Option<Draft>) -> Result<Draft, ApiError> {
-    slot.take().ok_or_else(lost_draft)
-}
-
-pub(crate) fn outcome_headers(h: &mut HeaderMap, served: Tier, reason: &str, flex_wait_ms: u64) {
-    h.insert(
-        "x-flex-served-tier",
-        HeaderValue::from_static(served.as_str()),
-    );
-    if let Ok(v) = HeaderValue::from_str(reason) {
-        h.insert("x-flex-reason", v);
-    }
-    h.insert("x-flex-wait-ms", HeaderValue::from(flex_wait_ms));
-}
-
-/// The draft of a request whose answer has not started yet: emitted as `cancelled` (status 499,
-/// nginx's "client closed request") when dropped while still holding it, which happens only when
-/// the caller went away and hyper dropped the request's future.
-struct CancelledIfDropped {
-    draft: Option<Draft>,
-    sink: Arc<dyn UsageSink>,
-}
-
-impl Drop for CancelledIfDropped {
-    fn drop(&mut self) {
-        if let Some(draft) = self.draft.take() {
-            draft.emit_detached(self.sink.as_ref(), 499, "cancelled");
-        }
-    }
-}
-
-/// Emits the usage event when a forwarded stream ends (the caller's stream holds its final bytes
-/// on the returned [`Durable`]), or as `cancelled` when the caller left.
-pub(crate) struct UsageGuard {
-    /// `None` once the event has been emitted.
-    pub(crate) draft: Option<Draft>,
-    pub(crate) sink: Arc<dyn UsageSink>,
-    pub(crate) ask: AskTier,
-    /// The response's head went out (a stream): a cancelled request then reports 200, else 499.
-    pub(crate) head_sent: bool,
-}
-
-impl UsageGuard {
-    /// A guard for an answer whose head has not been sent (a body being assembled).
-    pub(crate) fn new(draft: Draft, sink: Arc<dyn UsageSink>, ask: AskTier) -> Self {
-        Self {
-            draft: Some(draft),
-            sink,
-            ask,
-            head_sent: false,
-        }
-    }
-
-    pub(crate) fn event_mut(&mut self) -> Option<&mut UsageEvent> {
-        self.draft.as_mut().map(|d| &mut d.event)
-    }
-
-    /// Takes the draft back to report it otherwise (the answer is complete): disarms the guard.
-    pub(crate) fn into_draft(mut self) -> Option<Draft> {
-        self.draft.take()
-    }
-
-    pub(crate) fn finish(mut self, served: Option<Tier>, outcome: &str) -> Durable {
-        match self.draft.take() {
-            Some(mut draft) => {
-                draft.event.served_tier = served
-                    .unwrap_or(self.ask.assumed_served())
-                    .as_str()
-                    .to_string();
-                draft.emit(self.sink.as_ref(), 200, outcome)
-            }
-            None => Durable::ready(),
-        }
-    }
-}
-
-impl Drop for UsageGuard {
-    fn drop(&mut self) {
-        if let Some(mut draft) = self.draft.take() {
-            draft.event.served_tier = self.ask.assumed_served().as_str().to_string();
-            // The caller is gone: nothing to hold, but the event still reaches the log.
-            let status = if self.head_sent { 200 } else { 499 };
-            draft.emit_detached(self.sink.as_ref(), status, "cancelled");
-        }
-    }
 }
 
 #[cfg(test)]
@@ -748,12 +790,5 @@ mod tests {
             p(StartWithin::Default, "claude-opus-4-8"),
             Ok(Plan::Direct(AskTier::Standard))
         );
-    }
-
-    #[test]
-    fn rfc3339_now_is_well_formed() {
-        let s = rfc3339_now();
-        assert_eq!(s.len(), 20, "{s}");
-        assert!(s.ends_with('Z'));
     }
 }

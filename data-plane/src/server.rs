@@ -116,6 +116,13 @@ async fn models(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
+    if proxy.snapshots.draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining (a planned stop); requests in flight are being finished\n",
+        )
+            .into_response();
+    }
     match proxy.snapshots.load() {
         Some(s) => (
             StatusCode::OK,

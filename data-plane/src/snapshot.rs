@@ -262,6 +262,9 @@ pub struct SnapshotStore {
     /// One update at a time: with two feeds (gRPC and NATS) on one store, the version check and
     /// the swap of one update must not interleave with another's.
     apply_lock: Mutex<()>,
+    /// The proxy is shutting down: `/readyz` says not ready so load balancers move on, while
+    /// requests keep being served until the listener closes.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 const STATE_FILE: &str = "snapshot.pb";
@@ -368,7 +371,18 @@ impl SnapshotStore {
             state_dir,
             status: Mutex::new(SourceStatus::default()),
             produced_unix: std::sync::atomic::AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the proxy as draining (a planned stop began): not ready from now on.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The version last written to the state dir (0 = none since start).

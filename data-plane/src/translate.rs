@@ -4,28 +4,19 @@
 //!
 //! The dispatch tables below are the only place that pairs formats and providers.
 
-use std::collections::VecDeque;
-use std::time::Duration;
-
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use flex_shared::catalog::{Provider, Tier};
-use http::{HeaderValue, StatusCode};
-use http_body_util::Full;
+use flex_shared::usage::UsageEvent;
 use secrecy::SecretString;
 use serde_json::Value;
-use tokio::time::Instant;
 
+use crate::answer::{Fed, Mode, Transcode};
 use crate::canonical::{self as c, Accumulator, StreamEvent};
 use crate::error::ApiError;
 use crate::formats::{chat, interactions, messages, responses, CallerFormat, Encoder, RawBody};
 use crate::providers::{anthropic, gemini, openai, AskTier, Decoder};
-use crate::proxy::{lost_draft, outcome_headers, take, Draft, Plan, Proxy, UsageGuard};
-use crate::race::{self, AttemptError, EventClass, Started};
+use crate::race::EventClass;
 use crate::sse::Event;
-use crate::upstream::EventStream;
-use crate::usage::{hold_end, Durable};
 
 // ----- dispatch -----------------------------------------------------------------------------
 
@@ -73,7 +64,7 @@ pub fn upstream_request(
     req: &c::Request,
     tier: AskTier,
     key: &SecretString,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     match provider {
         Provider::OpenAi => openai::translated_request(base, req, tier, key),
         Provider::Anthropic => anthropic::request(base, req, tier, key),
@@ -125,260 +116,166 @@ pub fn require_max_tokens(
     .example(format!(r#""{field}": 1024"#)))
 }
 
-pub(crate) struct TranslatedCall<'a> {
-    pub proxy: &'a Proxy,
-    pub format: CallerFormat,
-    pub provider: Provider,
-    pub base: String,
-    pub secret: SecretString,
-    pub req: c::Request,
-    pub include_usage: bool,
-    pub floor: Duration,
+/// A translated answer: the provider's events decoded to canonical, then encoded in the
+/// caller's format (or accumulated into one body).
+pub(crate) struct TranslatedTranscoder {
+    format: CallerFormat,
+    provider: Provider,
+    mode: Mode,
+    model: String,
+    include_usage: bool,
+    ask: AskTier,
+    decoder: Box<dyn Decoder>,
+    /// Made at the first event, once the provider may have said which tier serves.
+    encoder: Option<Box<dyn Encoder>>,
+    acc: Accumulator,
+    canonical: Vec<StreamEvent>,
+    finished: bool,
+    failed: Option<String>,
 }
 
-impl TranslatedCall<'_> {
-    async fn attempt(&self, tier: AskTier) -> Result<Started, AttemptError> {
-        let req = upstream_request(self.provider, &self.base, &self.req, tier, &self.secret)
-            .map_err(AttemptError::Fatal)?;
-        let provider = self.provider;
-        race::attempt(&self.proxy.upstream, req, tier, move |ev| {
-            classify(provider, ev)
-        })
-        .await
-    }
-
-    pub(crate) async fn run(
-        self,
-        plan: Plan,
-        t0: Instant,
-        slot: &mut Option<Draft>,
-    ) -> Result<Response, ApiError> {
-        let e = &mut slot.as_mut().ok_or_else(lost_draft)?.event;
-        let started = self
-            .proxy
-            .start_upstream(plan, t0, &self.req.model, self.floor, e, |tier| {
-                self.attempt(tier)
-            })
-            .await?;
-        let draft = take(slot)?;
-        Ok(if self.req.stream {
-            self.stream(started, draft)
-        } else {
-            self.assemble(started, draft).await
-        })
-    }
-
-    fn stream(self, started: Started, draft: Draft) -> Response {
-        let served = started.tier.assumed_served();
-        let reason = draft.event.reason.clone();
-        let flex_wait = draft.event.flex_wait_ms;
-        let state = State {
-            pending: started.buffered.into(),
-            rest: started.rest,
-            decoder: decoder(self.provider),
-            encoder: encoder(self.format, served, &self.req.model, self.include_usage),
-            out: VecDeque::new(),
-            held: VecDeque::new(),
+impl TranslatedTranscoder {
+    pub(crate) fn new(
+        format: CallerFormat,
+        provider: Provider,
+        mode: Mode,
+        model: &str,
+        include_usage: bool,
+        ask: AskTier,
+    ) -> Self {
+        Self {
+            format,
+            provider,
+            mode,
+            model: model.to_string(),
+            include_usage,
+            ask,
+            decoder: decoder(provider),
+            encoder: None,
+            acc: Accumulator::default(),
+            canonical: Vec::new(),
             finished: false,
-            hold: None,
-            upstream_done: false,
-            guard: Some(UsageGuard {
-                draft: Some(draft),
-                sink: self.proxy.usage.clone(),
-                ask: started.tier,
-                head_sent: true,
-            }),
-        };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            loop {
-                if let Some(ev) = st.out.pop_front() {
-                    return Some((Ok::<Bytes, std::io::Error>(ev.to_bytes()), st));
-                }
-                // The answer's final events (and the end of the body) go out once the usage
-                // event is durable; everything before them has gone already.
-                if let Some(durable) = st.hold.take() {
-                    durable.wait().await;
-                    st.out.append(&mut st.held);
-                    continue;
-                }
-                if st.upstream_done {
-                    return None;
-                }
-                let upstream = match st.pending.pop_front() {
-                    Some(ev) => Some(Ok(ev)),
-                    None => st.rest.next().await,
-                };
-                match upstream {
-                    Some(Ok(ev)) => st.feed(&ev),
-                    Some(Err(e)) => {
-                        st.upstream_done = true;
-                        tracing::warn!(error = %e, "upstream stream broke mid-answer");
-                        if st.guard.is_some() {
-                            st.end("incomplete");
-                            let mut out = Vec::new();
-                            st.encoder.encode(
-                                &StreamEvent::Error {
-                                    message: format!("the provider's stream broke: {e}"),
-                                },
-                                &mut out,
-                            );
-                            st.release(out);
-                        }
-                    }
-                    None => {
-                        st.upstream_done = true;
-                        let outcome = if st.finished { "ok" } else { "incomplete" };
-                        st.end(outcome);
-                    }
-                }
-            }
-        });
-        let mut resp = Response::new(Body::from_stream(stream));
-        let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        );
-        outcome_headers(h, served, &reason, flex_wait);
-        resp
+            failed: None,
+        }
     }
 
-    async fn assemble(self, started: Started, draft: Draft) -> Response {
-        // Reports the request as cancelled if the caller leaves while the body is assembled.
-        let guard = UsageGuard::new(draft, self.proxy.usage.clone(), started.tier);
-        let mut dec = decoder(self.provider);
-        let mut acc = Accumulator::default();
-        let mut pending: VecDeque<Event> = started.buffered.into();
-        let mut rest = started.rest;
-        let mut broken = None;
-        let mut events = Vec::new();
-        loop {
-            let ev = match pending.pop_front() {
-                Some(ev) => ev,
-                None => match rest.next().await {
-                    Some(Ok(ev)) => ev,
-                    Some(Err(e)) => {
-                        broken = Some(e.to_string());
+    fn served_now(&self) -> Tier {
+        self.decoder
+            .served_tier()
+            .unwrap_or(self.ask.assumed_served())
+    }
+
+    fn encode(&mut self, e: &StreamEvent, out: &mut Vec<Event>) {
+        if self.mode == Mode::Assemble {
+            return;
+        }
+        let served = self.served_now();
+        let enc = self
+            .encoder
+            .get_or_insert_with(|| encoder(self.format, served, &self.model, self.include_usage));
+        enc.set_served(served);
+        enc.encode(e, out);
+    }
+}
+
+impl Transcode for TranslatedTranscoder {
+    fn feed(&mut self, ev: Event, out: &mut Vec<Event>, usage: &mut UsageEvent) -> Fed {
+        if self.finished || self.failed.is_some() {
+            return Fed::More;
+        }
+        let mut canonical = std::mem::take(&mut self.canonical);
+        canonical.clear();
+        self.decoder.decode(&ev, &mut canonical);
+        let mut fed = Fed::More;
+        for e in &canonical {
+            if self.mode == Mode::Assemble {
+                self.acc.push(e);
+            }
+            match e {
+                StreamEvent::Error { message } => {
+                    self.failed = Some(message.clone());
+                    fed = Fed::Failed {
+                        final_from: out.len(),
+                    };
+                    self.encode(e, out);
+                    break;
+                }
+                StreamEvent::Finish { stop, usage: u } => {
+                    apply(u, usage);
+                    if *stop == c::StopReason::Error {
+                        // e.g. Gemini `MALFORMED_FUNCTION_CALL`: no answer to give.
+                        let message = format!(
+                            "{} reported that it could not complete the answer (finish reason: error); retry the request",
+                            self.provider
+                        );
+                        self.failed = Some(message.clone());
+                        fed = Fed::Failed {
+                            final_from: out.len(),
+                        };
+                        self.encode(&StreamEvent::Error { message }, out);
                         break;
                     }
-                    None => break,
-                },
-            };
-            events.clear();
-            dec.decode(&ev, &mut events);
-            events.iter().for_each(|e| acc.push(e));
+                    self.finished = true;
+                    fed = Fed::Finished {
+                        final_from: out.len(),
+                    };
+                    self.encode(e, out);
+                }
+                _ => self.encode(e, out),
+            }
         }
-        let Some(mut draft) = guard.into_draft() else {
-            return lost_draft().into_response_for(self.format);
-        };
-        let served = dec.served_tier().unwrap_or(started.tier.assumed_served());
-        draft.event.served_tier = served.as_str().to_string();
-        let reason = draft.event.reason.clone();
-        let flex_wait = draft.event.flex_wait_ms;
-        if !acc.finished {
-            let why = broken
-                .or(acc.error.clone())
-                .unwrap_or_else(|| "it ended without a final event".into());
-            let durable = draft.emit(self.proxy.usage.as_ref(), 502, "incomplete");
-            let resp = ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_incomplete",
-                format!("The provider's answer was cut off: {why}."),
-            )
-            .fix("retry the request.")
-            .into_response_for(self.format);
-            return hold_end(resp, durable);
+        self.canonical = canonical;
+        fed
+    }
+
+    fn served(&self) -> Option<Tier> {
+        self.decoder.served_tier()
+    }
+
+    fn cut_off(&mut self, why: &str, out: &mut Vec<Event>) {
+        let message = format!(
+            "The provider's answer was cut off before it was complete: {why}. Retry the request."
+        );
+        self.encode(&StreamEvent::Error { message }, out);
+    }
+
+    fn body(&mut self) -> Result<Value, String> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
         }
-        let mut r = acc.finish();
+        if !self.acc.finished {
+            return Err(self
+                .acc
+                .error
+                .clone()
+                .unwrap_or_else(|| "the stream ended without a final event".into()));
+        }
+        let mut r = std::mem::take(&mut self.acc).finish();
         if r.model.is_empty() {
-            r.model = self.req.model.clone();
+            r.model = self.model.clone();
         }
-        apply(&r.usage, &mut draft.event);
-        let durable = draft.emit(self.proxy.usage.as_ref(), 200, "ok");
-        let mut resp = axum::Json(render(self.format, &r, served)).into_response();
-        outcome_headers(resp.headers_mut(), served, &reason, flex_wait);
-        hold_end(resp, durable)
+        Ok(render(self.format, &r, self.served_now()))
     }
 }
 
-fn apply(u: &c::Usage, e: &mut flex_shared::usage::UsageEvent) {
+fn apply(u: &c::Usage, e: &mut UsageEvent) {
     e.input_tokens = u.input_tokens;
     e.cached_input_tokens = u.cached_input_tokens;
     e.output_tokens = u.output_tokens;
     e.reasoning_tokens = u.reasoning_tokens;
 }
 
-struct State {
-    pending: VecDeque<Event>,
-    rest: EventStream,
-    decoder: Box<dyn Decoder>,
-    encoder: Box<dyn Encoder>,
-    /// Events to send now.
-    out: VecDeque<Event>,
-    /// The answer's final events: sent once `hold` resolves.
-    held: VecDeque<Event>,
-    finished: bool,
-    /// The usage event's durability, awaited (once `out` is sent) before `held` and the end of
-    /// the body (set when the answer ends).
-    hold: Option<Durable>,
-    /// The upstream stream has ended (or broken).
-    upstream_done: bool,
-    guard: Option<UsageGuard>,
-}
-
-impl State {
-    fn feed(&mut self, ev: &Event) {
-        let mut canonical = Vec::new();
-        self.decoder.decode(ev, &mut canonical);
-        let mut out = Vec::new();
-        for e in &canonical {
-            if let StreamEvent::Finish { usage, .. } = e {
-                if !self.finished {
-                    self.finished = true;
-                    if let Some(ue) = self.guard.as_mut().and_then(UsageGuard::event_mut) {
-                        apply(usage, ue);
-                    }
-                    // The answer is complete (usage included): what came before its final
-                    // events goes now; report it, and hold the final events until the report
-                    // is durable.
-                    self.release(std::mem::take(&mut out));
-                    self.end("ok");
-                }
-            }
-            self.encoder.encode(e, &mut out);
-        }
-        self.release(out);
-    }
-
-    /// Queues `events`: to send now, or after the final events once the answer has ended.
-    fn release(&mut self, events: Vec<Event>) {
-        if self.hold.is_some() {
-            self.held.extend(events);
-        } else {
-            self.out.extend(events);
-        }
-    }
-
-    /// Reports the usage event (once); what is released from now on waits for it to be durable.
-    fn end(&mut self, outcome: &str) {
-        let served = self.decoder.served_tier();
-        if let Some(g) = self.guard.take() {
-            self.hold = Some(g.finish(served, outcome));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
+    use axum::body::Body;
     use secrecy::SecretString;
+    use tokio::time::Instant;
 
     use super::*;
+    use crate::proxy::{Call, Pair, Plan, Proxy};
     use crate::usage::test_support::{
         complete_events, draft, fake_upstream, proxy, read_until_quiet, sse_response, GatedSink,
     };
@@ -388,30 +285,39 @@ mod tests {
     /// Gemini's whole answer in one upstream event: text, finish reason and usage together.
     const ONE_CHUNK: &str = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello there"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2,"totalTokenCount":5},"modelVersion":"gemini-3.5-flash","responseId":"r1"}"#;
 
-    fn call(proxy: &Proxy, base: String, stream: bool) -> TranslatedCall<'_> {
-        TranslatedCall {
-            proxy,
+    fn call(base: String, stream: bool) -> Call {
+        Call {
             format: CallerFormat::ChatCompletions,
             provider: Provider::Gemini,
+            model: "gemini-3.5-flash".into(),
             base,
             secret: SecretString::from("AIza-test"),
-            req: c::Request {
-                model: "gemini-3.5-flash".into(),
-                messages: vec![c::Message {
-                    role: c::Role::User,
-                    parts: vec![c::Part::Text("hi".into())],
-                }],
-                stream,
-                ..c::Request::default()
-            },
-            include_usage: true,
             floor: Duration::from_millis(500),
+            stream,
+            pair: Pair::Translated {
+                req: Box::new(c::Request {
+                    model: "gemini-3.5-flash".into(),
+                    messages: vec![c::Message {
+                        role: c::Role::User,
+                        parts: vec![c::Part::Text("hi".into())],
+                    }],
+                    stream,
+                    ..c::Request::default()
+                }),
+                include_usage: true,
+            },
         }
     }
 
-    async fn run(call: TranslatedCall<'_>) -> Body {
+    async fn run(proxy: &Proxy, call: Call) -> Body {
         let mut slot = Some(draft());
-        call.run(Plan::Direct(AskTier::Standard), Instant::now(), &mut slot)
+        proxy
+            .run(
+                &call,
+                Plan::Direct(AskTier::Standard),
+                Instant::now(),
+                &mut slot,
+            )
             .await
             .unwrap_or_else(|e| panic!("{e:?}"))
             .into_body()
@@ -422,7 +328,7 @@ mod tests {
         let sink = Arc::new(GatedSink::default());
         let proxy = proxy(sink.clone());
         let base = fake_upstream(sse_response(&[("", ONE_CHUNK)])).await;
-        let mut body = run(call(&proxy, base, true)).await;
+        let mut body = run(&proxy, call(base, true)).await;
         let (before, ended) = read_until_quiet(&mut body, QUIET).await;
         assert!(!ended, "the end waits for the usage event");
         let events = complete_events(&before);
@@ -449,7 +355,7 @@ mod tests {
         let sink = Arc::new(GatedSink::default());
         let proxy = proxy(sink.clone());
         let base = fake_upstream(sse_response(&[("", ONE_CHUNK)])).await;
-        let mut body = run(call(&proxy, base, false)).await;
+        let mut body = run(&proxy, call(base, false)).await;
         let (before, ended) = read_until_quiet(&mut body, QUIET).await;
         assert!(!ended);
         assert!(
@@ -466,5 +372,121 @@ mod tests {
         assert_eq!(after, "}");
         let whole: Value = serde_json::from_str(&format!("{before}{after}")).unwrap();
         assert_eq!(whole["usage"]["completion_tokens"], 2);
+    }
+
+    fn call_to(provider: Provider, model: &str, base: String, stream: bool) -> Call {
+        let mut c = call(base, stream);
+        c.provider = provider;
+        c.model = model.into();
+        if let Pair::Translated { req, .. } = &mut c.pair {
+            req.model = model.into();
+            req.max_output_tokens = Some(64);
+        }
+        c
+    }
+
+    async fn response(proxy: &Proxy, call: Call, ask: AskTier) -> axum::response::Response {
+        let mut slot = Some(draft());
+        proxy
+            .run(&call, Plan::Direct(ask), Instant::now(), &mut slot)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// An Anthropic `auto` request served on priority says so (header, body, usage event),
+    /// although the tier asked for assumes standard.
+    #[tokio::test]
+    async fn the_served_tier_is_the_providers_report() {
+        let events = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-8","content":[],"stop_reason":null,"usage":{"input_tokens":3,"output_tokens":1,"service_tier":"priority"}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            ),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":2}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ];
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&events)).await;
+            let resp = response(
+                &proxy,
+                call_to(Provider::Anthropic, "claude-opus-4-8", base, stream),
+                AskTier::Auto,
+            )
+            .await;
+            assert_eq!(
+                resp.headers()["x-flex-served-tier"],
+                "priority",
+                "stream={stream}"
+            );
+            let mut body = resp.into_body();
+            sink.release();
+            let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+            sink.release();
+            let rest = if ended {
+                String::new()
+            } else {
+                read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+            };
+            let all = format!("{text}{rest}");
+            assert!(
+                all.contains(r#""service_tier":"priority""#),
+                "stream={stream}: {all}"
+            );
+            assert!(
+                !all.contains(r#""service_tier":"default""#),
+                "stream={stream}: {all}"
+            );
+            assert_eq!(sink.emitted()[0].served_tier, "priority");
+        }
+    }
+
+    /// Gemini's `MALFORMED_FUNCTION_CALL` ends the answer without one: an error, not "stop".
+    #[tokio::test]
+    async fn a_malformed_function_call_is_an_error_not_a_stop() {
+        const MALFORMED: &str = r#"{"candidates":[{"content":{"role":"model","parts":[]},"finishReason":"MALFORMED_FUNCTION_CALL"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":0,"totalTokenCount":3},"modelVersion":"gemini-3.5-flash","responseId":"r2"}"#;
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&[("", MALFORMED)])).await;
+            let resp = response(&proxy, call(base, stream), AskTier::Standard).await;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            sink.release();
+            let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+            sink.release();
+            let rest = if ended {
+                String::new()
+            } else {
+                read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+            };
+            let all = format!("{text}{rest}");
+            if stream {
+                assert_eq!(status, 200);
+                assert!(all.contains(r#""error""#), "{all}");
+                assert!(!all.contains(r#""finish_reason":"stop""#), "{all}");
+                assert!(!all.contains("[DONE]"), "{all}");
+            } else {
+                assert_eq!(status, 502, "{all}");
+                assert!(all.contains("upstream_incomplete"), "{all}");
+            }
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
     }
 }

@@ -344,7 +344,8 @@ pub(crate) mod test_support {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::proxy::{Draft, Proxy, ProxyConfig};
+    use crate::proxy::{Proxy, ProxyConfig};
+    use crate::request::Draft;
     use crate::snapshot::SnapshotStore;
     use crate::upstream::{UpstreamClient, UpstreamConfig};
 

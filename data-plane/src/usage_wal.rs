@@ -1362,6 +1362,7 @@ pub(crate) mod tests {
             cost_micros: 5,
             standard_cost_micros: 5,
             received_at: "2026-01-01T00:00:00Z".into(),
+            provider_request_id: String::new(),
         }
     }
 

@@ -67,7 +67,8 @@ pub struct UsageEvent {
     pub reasoning_tokens: u64,
     /// HTTP status returned to the caller.
     pub status: u16,
-    /// `ok`, `error`, `cancelled` (client went away), `incomplete` (stream cut) or
+    /// `ok`, `error`, `cancelled` (client went away), `incomplete` (the provider's answer was
+    /// cut off or failed after it started: the caller got an error, tokens are those seen) or
     /// `interrupted` (the proxy stopped, e.g. was killed, after the provider had started
     /// answering: recorded on its next start with tokens and cost unknown, so 0, and status 0).
     pub outcome: String,
@@ -77,6 +78,10 @@ pub struct UsageEvent {
     pub standard_cost_micros: i64,
     /// RFC 3339 time the request was received.
     pub received_at: String,
+    /// The provider's own id for the request that served (OpenAI `x-request-id`, Anthropic
+    /// `request-id`), for support tickets with the provider; empty when none was sent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider_request_id: String,
 }
 
 impl UsageEvent {

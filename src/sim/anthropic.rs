@@ -40,6 +40,7 @@ async fn serve(
     let knobs = state.knobs(&conversation);
     let tier = tier(&request["service_tier"], &knobs)?;
     let admission = state.admit(Provider::Anthropic, tier, &knobs)?;
+    admission.wait_head().await;
     let draft = Draft {
         id: format!("msg_{}", random_hex()),
         model,
@@ -192,6 +193,7 @@ impl Draft<'_> {
             guard,
             start_delay,
             token_interval,
+            ..
         } = admission;
         let mut script = Script::default();
         let start = self.message_object(Vec::new(), None, 1);
@@ -261,12 +263,15 @@ fn error_response(err: SimError, request_id: &str) -> Response {
         ErrorKind::Overloaded => "overloaded_error",
         ErrorKind::Server => "api_error",
     };
+    let kind = err.code.as_deref().unwrap_or(kind);
     let body = json!({
         "type": "error",
         "error": {"type": kind, "message": err.message},
         "request_id": request_id,
     });
-    (err.status, [request_id_header(request_id)], Json(body)).into_response()
+    let mut resp = (err.status, [request_id_header(request_id)], Json(body)).into_response();
+    super::engine::retry_after_header(&err, &mut resp);
+    resp
 }
 
 #[cfg(test)]

@@ -3,7 +3,18 @@
 //!
 //! Keys (unknown keys and malformed values are ignored):
 //! - `flex_delay_ms`, `standard_delay_ms`, `priority_delay_ms`: the tier's wait before content;
-//! - `flex_status=429|503`: the flex tier's capacity error (`0` clears a configured one);
+//! - `flex_status=N` (any status ≥ 400): the flex tier's error; 429, 503 and 529 are capacity
+//!   errors (`0` clears a configured one);
+//! - `standard_status=N` with `standard_fail_times=N` (and `sim_id`): the standard tier's error,
+//!   for its first N attempts (every attempt without `standard_fail_times`);
+//! - `error_code=CODE`: the error's code in the provider's envelope (OpenAI `code`, Anthropic
+//!   `error.type`, Gemini `status`), e.g. `insufficient_quota`;
+//! - `retry_after=S`: a `Retry-After: S` header on the error;
+//! - `flex_header_delay_ms`, `standard_header_delay_ms`: the wait before the response head (a
+//!   provider that accepted the connection and says nothing);
+//! - `cut_after=N`: the stream breaks (the connection is reset) after N events; `end_after=N`:
+//!   it ends cleanly after N events, without its final ones; `flex_cut_after=N`: the same break,
+//!   on the flex tier only (`flex_cut_after=0`: a stream broken before it starts);
 //! - `flex_fail_times=N` with `sim_id=ID`: the first N flex attempts with that id fail with the
 //!   capacity error, later ones succeed (without `sim_id` the directive text is the key);
 //! - `flex_error_rate=0.3`: probability of the flex capacity error;
@@ -34,6 +45,15 @@ pub struct Directive {
     pub tool: Option<String>,
     pub served_tier: Option<String>,
     pub sim_id: Option<String>,
+    pub standard_status: Option<u16>,
+    pub standard_fail_times: Option<u32>,
+    pub error_code: Option<String>,
+    pub retry_after: Option<u64>,
+    pub flex_header_delay_ms: Option<u64>,
+    pub standard_header_delay_ms: Option<u64>,
+    pub cut_after: Option<usize>,
+    pub end_after: Option<usize>,
+    pub flex_cut_after: Option<usize>,
     /// Every `key=value` token seen, space-separated, in order (keys the `flex_fail_times`
     /// counter when there is no `sim_id`).
     pub text: String,
@@ -86,6 +106,17 @@ impl Directive {
             "tool" | "tool_call" => self.tool = Some(value.to_owned()).filter(|v| !v.is_empty()),
             "served_tier" => self.served_tier = Some(value.to_ascii_lowercase()),
             "sim_id" => self.sim_id = Some(value.to_owned()),
+            "standard_status" => {
+                self.standard_status = value.parse().ok().filter(|status| *status >= 400)
+            }
+            "standard_fail_times" => self.standard_fail_times = value.parse().ok(),
+            "error_code" => self.error_code = Some(value.to_owned()).filter(|v| !v.is_empty()),
+            "retry_after" => self.retry_after = value.parse().ok(),
+            "flex_header_delay_ms" => self.flex_header_delay_ms = value.parse().ok(),
+            "standard_header_delay_ms" => self.standard_header_delay_ms = value.parse().ok(),
+            "cut_after" => self.cut_after = value.parse().ok(),
+            "end_after" => self.end_after = value.parse().ok(),
+            "flex_cut_after" => self.flex_cut_after = value.parse().ok(),
             _ => tracing::debug!(key, "sim: unknown directive key"),
         }
     }

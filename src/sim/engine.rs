@@ -46,6 +46,10 @@ pub(crate) struct SimError {
     pub kind: ErrorKind,
     pub message: String,
     pub param: Option<&'static str>,
+    /// The provider's error code, when a directive names one (`error_code=`).
+    pub code: Option<String>,
+    /// A `Retry-After` header in seconds (`retry_after=`).
+    pub retry_after: Option<u64>,
 }
 
 impl SimError {
@@ -55,6 +59,8 @@ impl SimError {
             kind: ErrorKind::InvalidRequest,
             message: message.into(),
             param,
+            code: None,
+            retry_after: None,
         }
     }
 
@@ -64,6 +70,8 @@ impl SimError {
             kind: ErrorKind::Authentication,
             message: message.into(),
             param: None,
+            code: None,
+            retry_after: None,
         }
     }
 
@@ -83,6 +91,8 @@ impl SimError {
                       now (simulated). Retry with exponential backoff, or use the standard tier."
                 .to_owned(),
             param: None,
+            code: None,
+            retry_after: None,
         }
     }
 
@@ -106,7 +116,26 @@ impl SimError {
                 status.as_u16()
             ),
             param: None,
+            code: None,
+            retry_after: None,
         }
+    }
+
+    /// The error a tier's `flex_status` / `standard_status` asks for: a capacity error for 429,
+    /// 503 and 529, else like `status=`.
+    fn tier_error(status: u16) -> Self {
+        if matches!(status, 429 | 503 | 529) {
+            Self::capacity(status)
+        } else {
+            Self::directed(status)
+        }
+    }
+
+    /// With the directive's code and retry hint.
+    fn with(mut self, knobs: &Knobs) -> Self {
+        self.code = knobs.error_code.clone();
+        self.retry_after = knobs.retry_after;
+        self
     }
 }
 
@@ -120,6 +149,16 @@ pub(crate) struct Knobs {
     flex_error_rate: f64,
     status: Option<u16>,
     fail_key: String,
+    standard_status: Option<u16>,
+    standard_fail_times: Option<u32>,
+    error_code: Option<String>,
+    retry_after: Option<u64>,
+    flex_header_delay: Duration,
+    standard_header_delay: Duration,
+    /// Break the stream (`Err`) or end it cleanly (`Ok`) after this many events.
+    pub cut: Option<Result<usize, usize>>,
+    /// Break the flex tier's stream after this many events.
+    flex_cut: Option<usize>,
     /// Wait between two output tokens (zero: unlimited).
     pub token_interval: Duration,
     pub output_tokens: u32,
@@ -133,9 +172,18 @@ pub(crate) struct Admission {
     pub guard: ServeGuard,
     pub start_delay: Duration,
     pub token_interval: Duration,
+    /// The wait before the response head.
+    pub head_delay: Duration,
 }
 
 impl Admission {
+    /// Waits before the response head (a `*_header_delay_ms` directive).
+    pub(crate) async fn wait_head(&self) {
+        if !self.head_delay.is_zero() {
+            tokio::time::sleep(self.head_delay).await;
+        }
+    }
+
     /// For a non-streaming answer of `steps` paced tokens: waits as long as the stream would
     /// have taken. Dropped meanwhile (client gone), the request counts as cancelled.
     pub(crate) async fn wait_whole_answer(mut self, steps: u64) {
@@ -209,6 +257,14 @@ impl SimState {
                 "priority" => Some(Tier::Priority),
                 _ => None,
             }),
+            standard_status: d.standard_status,
+            standard_fail_times: d.standard_fail_times,
+            error_code: d.error_code,
+            retry_after: d.retry_after,
+            flex_header_delay: Duration::from_millis(d.flex_header_delay_ms.unwrap_or(0)),
+            standard_header_delay: Duration::from_millis(d.standard_header_delay_ms.unwrap_or(0)),
+            cut: d.cut_after.map(Err).or(d.end_after.map(Ok)),
+            flex_cut: d.flex_cut_after,
             fail_key: d.sim_id.unwrap_or(d.text),
         }
     }
@@ -223,24 +279,47 @@ impl SimState {
         let stats = self.stats();
         stats.count_request(provider, tier);
         if let Some(status) = knobs.status {
-            return Err(SimError::directed(status));
+            return Err(SimError::directed(status).with(knobs));
         }
-        let start_delay = match tier {
+        let (start_delay, head_delay) = match tier {
             Tier::Flex => {
                 if let Some(status) = self.flex_capacity_error(knobs) {
                     stats.count_capacity_error(provider, tier);
-                    return Err(SimError::capacity(status));
+                    return Err(SimError::tier_error(status).with(knobs));
                 }
-                knobs.flex_delay
+                (knobs.flex_delay, knobs.flex_header_delay)
             }
-            Tier::Standard => knobs.standard_delay,
-            Tier::Priority => knobs.priority_delay,
+            Tier::Standard => {
+                if let Some(status) = self.standard_error(knobs) {
+                    return Err(SimError::tier_error(status).with(knobs));
+                }
+                (knobs.standard_delay, knobs.standard_header_delay)
+            }
+            Tier::Priority => (knobs.priority_delay, Duration::ZERO),
         };
         Ok(Admission {
-            guard: ServeGuard::new(stats.clone(), provider, tier),
+            guard: ServeGuard::new(stats.clone(), provider, tier).cut(match tier {
+                Tier::Flex => knobs.flex_cut.map(Err).or(knobs.cut),
+                _ => knobs.cut,
+            }),
             start_delay,
             token_interval: knobs.token_interval,
+            head_delay,
         })
+    }
+
+    /// The standard tier's directed error, if this attempt gets one.
+    fn standard_error(&self, knobs: &Knobs) -> Option<u16> {
+        let status = knobs.standard_status?;
+        let Some(fail_times) = knobs.standard_fail_times else {
+            return Some(status);
+        };
+        let mut attempts = self.flex_attempts();
+        let attempt = attempts
+            .entry(format!("standard:{}", knobs.fail_key))
+            .or_insert(0);
+        *attempt = attempt.saturating_add(1);
+        (*attempt <= fail_times).then_some(status)
     }
 
     /// The capacity error status, if this flex attempt gets one.
@@ -258,6 +337,14 @@ impl SimState {
                 .then(|| knobs.flex_status.unwrap_or(DEFAULT_CAPACITY_STATUS));
         }
         knobs.flex_status
+    }
+}
+
+/// Adds the error's `Retry-After` header, if it has one.
+pub(crate) fn retry_after_header(err: &SimError, resp: &mut axum::response::Response) {
+    if let Some(secs) = err.retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
     }
 }
 

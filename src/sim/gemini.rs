@@ -56,6 +56,7 @@ async fn serve(
     let knobs = state.knobs(&conversation);
     let tier = tier(&request)?;
     let admission = state.admit(Provider::Gemini, tier, &knobs)?;
+    admission.wait_head().await;
     let max_tokens = request["generationConfig"]["maxOutputTokens"].as_u64();
     let draft = Draft {
         model,
@@ -112,6 +113,8 @@ fn not_found(rest: &str) -> SimError {
              method (use :generateContent or :streamGenerateContent)."
         ),
         param: None,
+        code: None,
+        retry_after: None,
     }
 }
 
@@ -244,6 +247,7 @@ impl Draft<'_> {
             guard,
             start_delay,
             token_interval,
+            ..
         } = admission;
         let mut script = Script::default();
         script.start_content(start_delay);
@@ -269,12 +273,15 @@ fn error_response(err: SimError) -> Response {
         ErrorKind::Capacity | ErrorKind::Overloaded => "UNAVAILABLE",
         ErrorKind::Server => "INTERNAL",
     };
+    let status = err.code.as_deref().unwrap_or(status);
     let body = json!({"error": {
         "code": err.status.as_u16(),
         "message": err.message,
         "status": status,
     }});
-    (err.status, Json(body)).into_response()
+    let mut resp = (err.status, Json(body)).into_response();
+    super::engine::retry_after_header(&err, &mut resp);
+    resp
 }
 
 #[cfg(test)]

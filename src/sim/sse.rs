@@ -2,7 +2,6 @@
 //! and pauses; playing it back costs one timer per pause and nothing else. Frames between two
 //! pauses go out as one chunk.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,6 +19,46 @@ enum Step {
     Pause(Duration),
     /// The first content-bearing event follows.
     Start,
+    /// The stream breaks here (the connection is reset): a `cut_after` directive.
+    Break,
+}
+
+/// Keeps the first `n` events of `steps`; then the stream breaks (`Err`) or ends (`Ok`).
+fn cut_steps(steps: Vec<Step>, cut: Result<usize, usize>) -> Vec<Step> {
+    let (Ok(n) | Err(n)) = cut;
+    let mut out = Vec::new();
+    let mut seen = 0;
+    for step in steps {
+        match step {
+            Step::Frame(frame) => {
+                let mut end = 0;
+                while seen < n {
+                    match frame[end..].windows(2).position(|w| w == b"\n\n") {
+                        Some(p) => {
+                            end += p + 2;
+                            seen += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if seen < n {
+                    out.push(Step::Frame(frame));
+                    continue;
+                }
+                if end > 0 {
+                    out.push(Step::Frame(frame.slice(..end)));
+                }
+                if cut.is_err() {
+                    // Let the events before the cut reach the wire before the reset.
+                    out.push(Step::Pause(Duration::from_millis(20)));
+                    out.push(Step::Break);
+                }
+                return out;
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// An SSE stream, written ahead of time.
@@ -97,8 +136,12 @@ impl Script {
         headers: &[(HeaderName, HeaderValue)],
     ) -> Response {
         self.flush();
+        let steps = match guard.cut {
+            Some(cut) => cut_steps(self.steps, cut),
+            None => self.steps,
+        };
         let playback = Playback {
-            steps: self.steps.into_iter(),
+            steps: steps.into_iter(),
             guard,
         };
         let body = Body::from_stream(futures_util::stream::unfold(playback, next_frame));
@@ -123,11 +166,16 @@ struct Playback {
     guard: ServeGuard,
 }
 
-async fn next_frame(mut playback: Playback) -> Option<(Result<Bytes, Infallible>, Playback)> {
+async fn next_frame(mut playback: Playback) -> Option<(Result<Bytes, std::io::Error>, Playback)> {
     while let Some(step) = playback.steps.next() {
         match step {
             Step::Pause(delay) => tokio::time::sleep(delay).await,
             Step::Start => playback.guard.start(),
+            Step::Break => {
+                playback.guard.finish();
+                let cut = std::io::Error::other("sim: stream cut by a cut_after directive");
+                return Some((Err(cut), playback));
+            }
             Step::Frame(frame) => {
                 if playback.steps.as_slice().is_empty() {
                     playback.guard.finish();

@@ -173,6 +173,8 @@ pub(crate) struct ServeGuard {
     finished: bool,
     /// Still counted in `in_flight`.
     in_flight: bool,
+    /// Break (`Err`) or end (`Ok`) the stream after this many events.
+    pub(crate) cut: Option<Result<usize, usize>>,
 }
 
 impl ServeGuard {
@@ -185,6 +187,7 @@ impl ServeGuard {
             started: false,
             finished: false,
             in_flight: true,
+            cut: None,
         }
     }
 
@@ -192,6 +195,12 @@ impl ServeGuard {
         if std::mem::take(&mut self.in_flight) {
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Cuts the stream it serves after some events (a `cut_after` / `end_after` directive).
+    pub(crate) fn cut(mut self, cut: Option<Result<usize, usize>>) -> Self {
+        self.cut = cut;
+        self
     }
 
     /// The first content is about to go out.

@@ -553,6 +553,10 @@ impl StreamEncoder {
 }
 
 impl Encoder for StreamEncoder {
+    fn set_served(&mut self, served: Tier) {
+        self.served = served;
+    }
+
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>) {
         match ev {
             StreamEvent::Start {

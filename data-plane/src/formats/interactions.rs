@@ -765,6 +765,10 @@ fn thought_step() -> Value {
 }
 
 impl Encoder for StreamEncoder {
+    fn set_served(&mut self, served: Tier) {
+        self.served = served;
+    }
+
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>) {
         if self.finished {
             return;

@@ -21,6 +21,9 @@ use crate::sse::Event;
 /// reports in its own field.
 pub trait Encoder: Send {
     fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<Event>);
+    /// The tier the provider reported serving, learned after the encoder was made (the final
+    /// events report it).
+    fn set_served(&mut self, served: Tier);
 }
 
 /// `service_tier` as the OpenAI-shaped formats (Responses, Chat Completions) report it: OpenAI's

@@ -49,7 +49,7 @@ pub use local::LocalLimiter;
 pub use redis_limiter::{scope_keys, RedisLimiter};
 
 use crate::error::ApiError;
-use crate::formats::{CallerFormat, RawBody};
+use crate::formats::CallerFormat;
 use crate::snapshot::Indexed;
 
 /// The sliding window of rpm and tpm.
@@ -538,7 +538,7 @@ impl Limits {
             return Ok(None);
         }
         self.ensure_maintenance();
-        let (input, output) = estimate::worst_case_tokens(ask.body, ask.format);
+        let (input, output) = ask.worst;
         let (day, month) = answer::day_and_month(answer::unix_ms());
         let demand = Demand {
             lease: ask.request_id.to_string(),
@@ -877,7 +877,8 @@ pub struct Ask<'a> {
     pub model: Option<&'a Model>,
     /// The request asks for the priority tier (reserved at its price).
     pub priority: bool,
-    pub body: &'a RawBody,
+    /// Its estimated input and its output cap: [`estimate::worst_case_tokens`] of its body.
+    pub worst: (u64, u64),
     pub format: CallerFormat,
     /// The lease id.
     pub request_id: &'a str,

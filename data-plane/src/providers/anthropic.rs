@@ -32,7 +32,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use flex_shared::catalog::{Provider, Tier};
 use http::{HeaderValue, StatusCode};
-use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Map, Value};
 
@@ -92,7 +91,7 @@ pub fn request(
     req: &canonical::Request,
     tier: AskTier,
     key: &SecretString,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     let bytes = serde_json::to_vec(&body(req, tier)?).map_err(|e| internal(e.to_string()))?;
     let url = format!("{}/v1/messages", base.trim_end_matches('/'));
     let mut key_value = HeaderValue::from_str(key.expose_secret()).map_err(|_| {
@@ -104,7 +103,7 @@ pub fn request(
         .header("anthropic-version", API_VERSION)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "text/event-stream")
-        .body(Full::new(Bytes::from(bytes)))
+        .body(Bytes::from(bytes))
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,7 +122,7 @@ pub fn raw_request(
     body: Bytes,
     stream: bool,
     caller_headers: &http::HeaderMap,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     let url = format!("{}/v1/messages", base.trim_end_matches('/'));
     let mut key_value = HeaderValue::from_str(key.expose_secret()).map_err(|_| {
         internal("the stored Anthropic key contains characters not allowed in a header".into())
@@ -148,7 +147,7 @@ pub fn raw_request(
     if let Some(beta) = caller_headers.get("anthropic-beta") {
         builder = builder.header("anthropic-beta", beta.clone());
     }
-    builder.body(Full::new(body)).map_err(|e| {
+    builder.body(body).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "bad_upstream_url",

@@ -28,7 +28,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use flex_shared::catalog::{Provider, Tier};
 use http::StatusCode;
-use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Map, Value};
 
@@ -114,7 +113,7 @@ pub fn request(
     req: &Request,
     tier: AskTier,
     key: &SecretString,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     let url = url(base, &req.model)?;
     let body = serde_json::to_vec(&body(req, tier)?).map_err(|e| {
         ApiError::new(
@@ -123,11 +122,16 @@ pub fn request(
             format!("Internal error: the Gemini request could not be serialized: {e}."),
         )
     })?;
+    // Sensitive: never put in HTTP/2's header compression table.
+    let mut auth = http::HeaderValue::from_str(key.expose_secret()).map_err(|_| {
+        ApiError::internal("the stored Gemini key contains characters not allowed in a header")
+    })?;
+    auth.set_sensitive(true);
     http::Request::post(&url)
-        .header("x-goog-api-key", key.expose_secret())
+        .header("x-goog-api-key", auth)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "text/event-stream")
-        .body(Full::new(Bytes::from(body)))
+        .body(Bytes::from(body))
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

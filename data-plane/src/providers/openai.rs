@@ -2,7 +2,6 @@
 
 use bytes::Bytes;
 use flex_shared::catalog::{Provider, Tier};
-use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::AskTier;
@@ -50,13 +49,16 @@ pub fn request(
     key: &SecretString,
     body: Bytes,
     stream: bool,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     let url = format!("{}{}", base.trim_end_matches('/'), api.path());
+    // Sensitive: never put in HTTP/2's header compression table.
+    let mut auth = http::HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
+        .map_err(|_| {
+            ApiError::internal("the stored OpenAI key contains characters not allowed in a header")
+        })?;
+    auth.set_sensitive(true);
     http::Request::post(&url)
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", key.expose_secret()),
-        )
+        .header(http::header::AUTHORIZATION, auth)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(
             http::header::ACCEPT,
@@ -66,7 +68,7 @@ pub fn request(
                 "application/json"
             },
         )
-        .body(Full::new(body))
+        .body(body)
         .map_err(|e| {
             ApiError::new(
                 http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -221,7 +223,7 @@ pub fn translated_request(
     req: &c::Request,
     tier: AskTier,
     key: &SecretString,
-) -> Result<http::Request<Full<Bytes>>, ApiError> {
+) -> Result<http::Request<Bytes>, ApiError> {
     let bytes = serde_json::to_vec(&body(req, tier))
         .map(Bytes::from)
         .unwrap_or_default();

@@ -37,6 +37,7 @@ async fn serve(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Result<Res
     let knobs = state.knobs(&conversation);
     let tier = tier(request.get("service_tier"), &knobs)?;
     let admission = state.admit(Provider::OpenAi, tier, &knobs)?;
+    admission.wait_head().await;
     let max_tokens = request["max_completion_tokens"]
         .as_u64()
         .or(request["max_tokens"].as_u64());
@@ -187,6 +188,7 @@ impl Draft<'_> {
             guard,
             start_delay,
             token_interval,
+            ..
         } = admission;
         let mut script = Script::default();
         script.start_content(start_delay);

@@ -115,13 +115,21 @@ fn error_response(err: SimError) -> Response {
         ErrorKind::Overloaded => ("server_error", Some("server_overloaded")),
         ErrorKind::Server => ("server_error", None),
     };
+    // `error_code=insufficient_quota` reads like OpenAI's: the type is the code too.
+    let (kind, code) = match err.code.as_deref() {
+        Some("insufficient_quota") => ("insufficient_quota", Some("insufficient_quota")),
+        Some(c) => (kind, Some(c)),
+        None => (kind, code),
+    };
     let body = json!({"error": {
         "message": err.message,
         "type": kind,
         "param": err.param,
         "code": code,
     }});
-    (err.status, request_id_header(), Json(body)).into_response()
+    let mut resp = (err.status, request_id_header(), Json(body)).into_response();
+    super::engine::retry_after_header(&err, &mut resp);
+    resp
 }
 
 #[cfg(test)]

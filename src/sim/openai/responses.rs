@@ -30,6 +30,7 @@ async fn serve(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Result<Res
     let knobs = state.knobs(&conversation);
     let tier = tier(request.get("service_tier"), &knobs)?;
     let admission = state.admit(Provider::OpenAi, tier, &knobs)?;
+    admission.wait_head().await;
     let max_tokens = request.get("max_output_tokens").and_then(Value::as_u64);
     let draft = Draft {
         request: &request,
@@ -215,6 +216,7 @@ impl Draft<'_> {
             guard,
             start_delay,
             token_interval,
+            ..
         } = admission;
         let item_id = self.item_id();
         let mut events = Events::default();
