@@ -23,7 +23,8 @@ use flex_control_plane::domain::LimitChanges;
 use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::formats::CallerFormat;
 use flex_data_plane::limits::{
-    Demand, LimitKind, Limits, LimitsConfig, Scope, ScopeLimits, DEFAULT_LEASE_TTL,
+    Decision, Demand, LeaseRef, LimitKind, Limiter, Limits, LimitsConfig, RedisLimiter, Scope,
+    ScopeLimits, Settlement, DEFAULT_LEASE_TTL,
 };
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::ProxyConfig;
@@ -134,6 +135,40 @@ async fn admissions(
     all
 }
 
+/// `n` admissions one at a time straight on the Redis limiter, each settled (awaited, not timed)
+/// before the next: the script's own round trip, with no settle queued beside it.
+async fn raw_admissions(l: &RedisLimiter, scopes: &[ScopeLimits], n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let d = Demand {
+            lease: format!("raw-{i}"),
+            scopes: scopes.to_vec(),
+            tokens: 1200,
+            cost_micros: 900,
+            day: "20250101".into(),
+            month: "202501".into(),
+        };
+        let t0 = Instant::now();
+        let decision = l.admit(&d).await.unwrap();
+        out.push(t0.elapsed());
+        assert!(matches!(decision, Decision::Granted(_)));
+        l.settle(&Settlement {
+            lease: Arc::new(LeaseRef {
+                lease: d.lease.clone(),
+                scopes: d.scopes.clone(),
+                day: d.day.clone(),
+                month: d.month.clone(),
+            }),
+            tokens: 70,
+            cost_micros: 450,
+        })
+        .await
+        .unwrap();
+    }
+    out.sort_unstable();
+    out
+}
+
 async fn http_run(
     url: &str,
     auth: &str,
@@ -221,6 +256,19 @@ async fn main() {
         pct(&pings, 0.99),
         pct(&pings, 0.999)
     );
+    let raw = RedisLimiter::new(&url, Duration::from_secs(1), DEFAULT_LEASE_TTL).unwrap();
+    for (what, scopes) in [
+        ("key: rpm, tpm, concurrency", &key_only),
+        ("org + key: all five", &both),
+    ] {
+        let lat = raw_admissions(&raw, scopes, n).await;
+        println!(
+            "| Redis, script alone (settle awaited between) | {what} | 1 | {:.0} | {:.0} | {:.0} | |",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            pct(&lat, 0.999)
+        );
+    }
     for (name, lim) in [("Redis", &limits), ("in process", &local)] {
         for (what, scopes) in [
             ("key: rpm, tpm, concurrency", &key_only),
@@ -245,6 +293,18 @@ async fn main() {
         m.contains("limits_fail_open_total 0"),
         "Redis was unreachable during the run:\n{m}"
     );
+    // Redis's own time per script call (admissions and settles together).
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for line in info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
+    {
+        println!("redis {line}");
+    }
 
     // ---- one proxy, limits off vs on ------------------------------------------------------
     let dir = tempfile::tempdir().unwrap();

@@ -227,7 +227,9 @@ pub struct ControlArgs {
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
     /// The Redis the proxies count limits in (their --redis-url): `flex admin limits show`
-    /// then reports requests, tokens and requests in flight against each limit.
+    /// then reports requests, tokens and requests in flight against each limit, and every 15 s
+    /// the budgets' spend in Redis is raised to the ledger's where Redis holds less (a Redis
+    /// that restarted empty).
     #[arg(long, env = "FLEX_REDIS_URL")]
     pub redis_url: Option<String>,
     #[command(flatten)]

@@ -143,6 +143,23 @@ impl flex_control_plane::limits::LimitCounters for SharedCounters {
             })
         })
     }
+    fn raise_spend<'a>(
+        &'a self,
+        entry: &'a flex_shared::proto::control::LimitEntry,
+        day_micros: i64,
+        month_micros: i64,
+    ) -> flex_control_plane::limits::BoxFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move {
+            flex_data_plane::limits::raise_spend_entry(
+                self.0.as_ref(),
+                entry,
+                day_micros,
+                month_micros,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
+    }
 }
 
 fn base_urls(u: &UpstreamArgs, fallback: Option<(&str, &str)>) -> BaseUrls {
@@ -752,6 +769,27 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         cp.set_limit_counters(Arc::new(SharedCounters(Arc::new(limiter))));
         println!("reading limit counters from Redis at {}", redact_url(url));
+        // A Redis that restarts without persistence forgets the day's and month's spend: the
+        // ledger's is put back.
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match cp.reconcile_budgets().await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("budget reconciliation with Redis works again");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "budget reconciliation failed; retrying");
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(flex_control_plane::limits::RECONCILE_EVERY).await;
+            }
+        });
     }
     // Usage from the proxies: the durable consumer on FLEX_USAGE into the ledger.
     let _usage_consumer = match &args.nats_url {

@@ -726,6 +726,32 @@ async fn limits_hold_exactly_across_three_proxies_sharing_redis() {
     assert_eq!(count(&after, 200, ""), 90, "exact again once Redis is back");
     assert_eq!(count(&after, 429, "rate_limit_exceeded"), 60);
 
+    // The restarted Redis forgot the budget's spend; the control plane puts the ledger's back
+    // (every 15 s), and the spent budget refuses again.
+    let t0 = Instant::now();
+    loop {
+        let shown = fleet.show(&key_c);
+        if shown["usage"]["daily_budget_micros"]["counted"] == spend {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the budget's spend was not reconciled into Redis: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = chat(
+        &fleet.http,
+        &fleet.base(1),
+        &api_c,
+        &chat_body("Spend some #sim output_tokens=40", 50),
+    )
+    .await;
+    assert_eq!(r.code(), "budget_exceeded", "{}", r.body);
+    sent += 1;
+    let (rows, after) = fleet.ledger(&key_c, sent as i64).await;
+    assert_eq!((rows, after), (sent as i64, spend));
+
     // ---- every request has exactly one ledger row ---------------------------------------
     let (rows, _) = fleet.ledger(&key_a, 450).await;
     assert_eq!(rows, 450);

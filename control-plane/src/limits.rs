@@ -53,7 +53,18 @@ pub trait LimitCounters: Send + Sync {
         &'a self,
         entry: &'a pb::LimitEntry,
     ) -> BoxFuture<'a, std::result::Result<CounterReading, String>>;
+    /// Raises the counters' settled spend of the current UTC day and month to at least these
+    /// (the ledger's), never lowering it.
+    fn raise_spend<'a>(
+        &'a self,
+        entry: &'a pb::LimitEntry,
+        day_micros: i64,
+        month_micros: i64,
+    ) -> BoxFuture<'a, std::result::Result<(), String>>;
 }
+
+/// How often [`ControlPlane::reconcile_budgets`] runs under `flex control --redis-url`.
+pub const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn scope_key(key_id: &str) -> Option<&str> {
     let k = key_id.trim();
@@ -195,6 +206,43 @@ impl ControlPlane {
             counters: String::new(),
             counters_error: String::new(),
         }
+    }
+
+    /// Puts the ledger's spend into the counters where they hold less (a Redis that restarted
+    /// without persistence forgot the day's and month's spend): for every scope with a budget,
+    /// the counters' settled spend becomes at least the ledger's since the start of the UTC day
+    /// and month. Both are lower bounds of the true spend (events still on their way, settles
+    /// lost with Redis), so the larger is too. Returns the scopes reconciled.
+    pub async fn reconcile_budgets(&self) -> Result<usize> {
+        let Some(counters) = self.limit_counters() else {
+            return Ok(0);
+        };
+        let now = timefmt::now();
+        let (day, _) = day_bounds(now);
+        let (month, _) = month_bounds(now);
+        let entries: Vec<pb::LimitEntry> = self
+            .state()
+            .limits
+            .values()
+            .filter(|e| e.daily_budget_micros > 0 || e.monthly_budget_micros > 0)
+            .cloned()
+            .collect();
+        let mut done = 0;
+        for e in &entries {
+            let key = scope_key(&e.key_id);
+            let d = self.store.spend_since(&e.org_id, key, day).await?;
+            let m = self.store.spend_since(&e.org_id, key, month).await?;
+            if d == 0 && m == 0 {
+                continue;
+            }
+            counters.raise_spend(e, d, m).await.map_err(|why| {
+                Error::Internal(format!(
+                    "the limit counters cannot be reached to reconcile budgets: {why}"
+                ))
+            })?;
+            done += 1;
+        }
+        Ok(done)
     }
 
     /// The scope's limits, each with the current use against it (see the module docs).

@@ -237,9 +237,8 @@ pub(crate) fn refused(
             resets.clone().unwrap_or_default()
         ),
         LimitKind::Tpm if too_large => format!(
-            "This request may use up to {} tokens (its estimated input plus its output cap, {}), more than the tokens-per-minute limit of {who} ({value}): it can never be admitted under that limit.",
-            r.requested,
-            if d.tokens > 0 { "max_tokens or the default of 4096" } else { "" }
+            "This request may use up to {} tokens (its estimated input, a quarter of its bytes, plus its output cap: max_tokens, or 4096 when it sets none), more than the tokens-per-minute limit of {who} ({value}): it can never be admitted under that limit.",
+            d.tokens
         ),
         LimitKind::Tpm => format!(
             "Rate limit reached for {who} on tokens per minute: the limit is {value}, {} tokens are counted in the last 60 s (requests in flight at their worst case) and this request may use up to {}. Enough frees in {} (at {}).",

@@ -315,6 +315,18 @@ pub trait Limiter: Send + Sync + 'static {
         micros: i64,
     ) -> BoxFuture<'a, Result<(), LimiterError>>;
     fn ping(&self) -> BoxFuture<'_, Result<(), LimiterError>>;
+    /// Raises the settled spend of the day and month to at least these (the ledger's), never
+    /// lowers it: what a Redis that restarted empty has forgotten comes back.
+    fn raise_spend<'a>(
+        &'a self,
+        _s: &'a ScopeLimits,
+        _day: &'a str,
+        _month: &'a str,
+        _day_micros: i64,
+        _month_micros: i64,
+    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// What a proxy does with requests under a limit while Redis cannot be reached.
@@ -680,6 +692,26 @@ impl Limits {
     }
 }
 
+/// Raises the settled spend of `entry`'s scope for the current UTC day and month to at least
+/// these (see [`Limiter::raise_spend`]).
+pub async fn raise_spend_entry(
+    limiter: &dyn Limiter,
+    entry: &pb::LimitEntry,
+    day_micros: i64,
+    month_micros: i64,
+) -> Result<(), LimiterError> {
+    let (day, month) = answer::day_and_month(answer::unix_ms());
+    limiter
+        .raise_spend(
+            &ScopeLimits::from_entry(entry),
+            &day,
+            &month,
+            day_micros,
+            month_micros,
+        )
+        .await
+}
+
 /// The counters of `entry`'s scope in `limiter`, for the current UTC day and month.
 pub async fn read_entry(
     limiter: &dyn Limiter,
@@ -740,7 +772,14 @@ impl Gate {
 
 /// The background work of a shared limiter; ends when the limits are dropped.
 async fn maintain(gate: std::sync::Weak<Gate>) {
-    let mut last_refresh = tokio::time::Instant::now();
+    // The first refresh at the first tick: the fleet size is known early.
+    let mut last_refresh = {
+        let now = tokio::time::Instant::now();
+        let ttl = gate
+            .upgrade()
+            .map_or(DEFAULT_LEASE_TTL, |g| g.cfg.lease_ttl);
+        now.checked_sub(ttl).unwrap_or(now)
+    };
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(g) = gate.upgrade() else {

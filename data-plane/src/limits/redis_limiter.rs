@@ -249,6 +249,17 @@ redis.call('PEXPIRE', KEYS[2], 35 * 86400000)
 return 1
 "#;
 
+/// KEYS: day and month spend. ARGV: at least this much for each.
+const RAISE_SPEND: &str = r#"
+if num(redis.call('GET', KEYS[1])) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', 3 * 86400000)
+end
+if num(redis.call('GET', KEYS[2])) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', 35 * 86400000)
+end
+return 1
+"#;
+
 const PROXIES_KEY: &str = "flex:lim:proxies";
 
 /// The 10 keys of a scope, for the day and month given.
@@ -278,6 +289,7 @@ struct Scripts {
     fleet: Script,
     read: Script,
     add_spend: Script,
+    raise_spend: Script,
 }
 
 /// The Redis limiter (see the module docs).
@@ -318,6 +330,7 @@ impl RedisLimiter {
                 fleet: common(FLEET),
                 read: common(READ),
                 add_spend: common(ADD_SPEND),
+                raise_spend: common(RAISE_SPEND),
             }),
             lease_ttl,
             timeout,
@@ -542,6 +555,32 @@ impl Limiter for RedisLimiter {
                         .key(&keys[8])
                         .key(&keys[9])
                         .arg(micros)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn raise_spend<'a>(
+        &'a self,
+        s: &'a ScopeLimits,
+        day: &'a str,
+        month: &'a str,
+        day_micros: i64,
+        month_micros: i64,
+    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+        Box::pin(async move {
+            let keys = scope_keys(s, day, month);
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .bounded(
+                    self.scripts
+                        .raise_spend
+                        .key(&keys[8])
+                        .key(&keys[9])
+                        .arg(day_micros.max(0))
+                        .arg(month_micros.max(0))
                         .invoke_async(&mut conn),
                 )
                 .await?;

@@ -304,6 +304,43 @@ async fn a_killed_proxys_leases_expire_and_refreshed_ones_do_not() {
     assert_eq!((r.day_settled_micros, r.reserved_micros), (250, 600));
 }
 
+#[tokio::test]
+async fn the_ledgers_spend_raises_what_a_restarted_redis_forgot_and_never_lowers_it() {
+    let mut redis = TestRedis::start();
+    let l = RedisLimiter::new(&redis.url(), Duration::from_secs(2), DEFAULT_LEASE_TTL).unwrap();
+    let mut b = scope("org_raise", None);
+    b.daily_budget_micros = 1000;
+    let d = demand(1, std::slice::from_ref(&b), 1, 400);
+    granted(l.admit(&d).await.unwrap());
+    settle(&l, &d, 1, 400).await;
+    // Redis restarts empty: the day's spend is gone, the budget would be whole again.
+    redis.stop();
+    redis.restart();
+    let l = RedisLimiter::new(&redis.url(), Duration::from_secs(2), DEFAULT_LEASE_TTL).unwrap();
+    assert_eq!(
+        l.read(&b, "20250101", "202501")
+            .await
+            .unwrap()
+            .day_settled_micros,
+        0
+    );
+    // The control plane's reconciliation puts the ledger's spend back.
+    l.raise_spend(&b, "20250101", "202501", 400, 400)
+        .await
+        .unwrap();
+    l.raise_spend(&b, "20250101", "202501", 100, 100)
+        .await
+        .unwrap();
+    let r = l.read(&b, "20250101", "202501").await.unwrap();
+    assert_eq!((r.day_settled_micros, r.month_settled_micros), (400, 400));
+    let r = refused(
+        l.admit(&demand(2, std::slice::from_ref(&b), 1, 700))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((r.kind, r.used), (LimitKind::DailyBudget, 400));
+}
+
 fn org_limits(rpm: u64) -> Vec<ScopeLimits> {
     let mut s = scope("org_gate", None);
     s.rpm = rpm;
