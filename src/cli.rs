@@ -153,6 +153,34 @@ pub struct NatsAuthArgs {
     pub nats_key: Option<PathBuf>,
 }
 
+/// Where limit counters live, and what happens when they cannot be reached (`up` and `proxy`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsArgs {
+    /// Redis for the rate-limit, concurrency and budget counters the proxies share, e.g.
+    /// redis://127.0.0.1:6379 (redis://:PASSWORD@HOST:6379/DB). Without it each process counts
+    /// on its own: exact for one proxy, but every proxy of a fleet then allows the whole limit.
+    #[arg(long, env = "FLEX_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// When Redis cannot be reached: `open` admits requests under a limit on this proxy's share
+    /// of it (the limit divided by the proxies last seen in Redis; counted in
+    /// limits_fail_open_total), `closed` refuses them (503 limits_unavailable). Requests without
+    /// limits are never affected; either way the proxy counts in Redis again once it answers.
+    #[arg(long, env = "FLEX_LIMITS_FAIL", default_value = "open", value_parser = ["open", "closed"])]
+    pub limits_fail: String,
+    /// The longest wait for Redis on one admission, in ms; that request then follows
+    /// --limits-fail, and three in a row (or a refused connection) make Redis unreachable.
+    #[arg(long, env = "FLEX_REDIS_TIMEOUT_MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+    /// How long a request's concurrency slot and budget reservation outlive a proxy that died
+    /// holding them, in seconds (live proxies refresh theirs every third of it).
+    #[arg(long, env = "FLEX_LIMITS_LEASE_TTL_SECS", default_value_t = 30)]
+    pub limits_lease_ttl_secs: u64,
+    /// The number of proxies sharing the limits, for the local shares of --limits-fail open
+    /// (default: the proxies seen in Redis in the last lease TTL).
+    #[arg(long, env = "FLEX_LIMITS_FLEET_SIZE")]
+    pub limits_fleet_size: Option<u64>,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Also start the provider simulator and create a ready-to-use `demo` org.
@@ -178,6 +206,8 @@ pub struct UpArgs {
     pub dashboard_url: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub limits: LimitsArgs,
     #[command(flatten)]
     pub drain: DrainArgs,
     #[command(flatten)]
@@ -247,6 +277,12 @@ pub struct ControlArgs {
     pub api_base_url: Option<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    /// The Redis the proxies count limits in (their --redis-url): `flex admin limits show`
+    /// then reports requests, tokens and requests in flight against each limit, and every 15 s
+    /// the budgets' spend in Redis is raised to the ledger's where Redis holds less (a Redis
+    /// that restarted empty).
+    #[arg(long, env = "FLEX_REDIS_URL")]
+    pub redis_url: Option<String>,
     #[command(flatten)]
     pub otlp: OtlpArgs,
 }
@@ -315,6 +351,8 @@ pub struct ProxyArgs {
     pub proxy_id: Option<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub limits: LimitsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
 }

@@ -29,8 +29,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cli::{ControlArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
+use crate::cli::{ControlArgs, LimitsArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
 use crate::sim::{self, SimConfig};
+use flex_data_plane::limits::{FailMode, Limiter, Limits, LimitsConfig, RedisLimiter};
 
 /// Writes `contents` to a new file readable only by its owner (mode 0600).
 fn write_private(path: &Path, contents: &str) -> Result<()> {
@@ -74,6 +75,92 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
         // Set only when traces are exported.
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()
+    }
+}
+
+/// The limits of a proxy: counters in Redis with `--redis-url`, else in this process.
+pub fn limits_of(args: &LimitsArgs, proxy_id: &str, embedded: bool) -> Result<Limits> {
+    let fail = FailMode::parse(&args.limits_fail).unwrap_or_default();
+    let Some(url) = &args.redis_url else {
+        if !embedded {
+            tracing::warn!("no --redis-url: this proxy counts rate limits, concurrency and budgets on its own, so each proxy of a fleet allows the whole of every limit. Give every proxy the same --redis-url (e.g. redis://127.0.0.1:6379) to share the counters");
+        }
+        return Ok(Limits::in_process());
+    };
+    let cfg = LimitsConfig {
+        fail,
+        lease_ttl: Duration::from_secs(args.limits_lease_ttl_secs.max(1)),
+        fleet_size: args.limits_fleet_size.filter(|n| *n > 0),
+        proxy_id: proxy_id.to_string(),
+    };
+    let limits = Limits::redis(
+        url,
+        Duration::from_millis(args.redis_timeout_ms.max(1)),
+        cfg,
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "limits counted in Redis at {} (--limits-fail {})",
+        redact_url(url),
+        fail.as_str()
+    );
+    Ok(limits)
+}
+
+/// A URL without its password (for logs).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The data plane's counters, read by the control plane for `flex admin limits show`.
+pub struct SharedCounters(pub Arc<dyn Limiter>);
+
+impl flex_control_plane::limits::LimitCounters for SharedCounters {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    fn read<'a>(
+        &'a self,
+        entry: &'a flex_shared::proto::control::LimitEntry,
+    ) -> flex_control_plane::limits::BoxFuture<
+        'a,
+        std::result::Result<flex_control_plane::limits::CounterReading, String>,
+    > {
+        Box::pin(async move {
+            let r = flex_data_plane::limits::read_entry(self.0.as_ref(), entry)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(flex_control_plane::limits::CounterReading {
+                requests: r.requests,
+                tokens: r.tokens,
+                window_clear_at_ms: r.window_clear_at_ms,
+                in_flight: r.in_flight,
+                reserved_micros: r.reserved_micros,
+                day_settled_micros: r.day_settled_micros,
+                month_settled_micros: r.month_settled_micros,
+            })
+        })
+    }
+    fn raise_spend<'a>(
+        &'a self,
+        entry: &'a flex_shared::proto::control::LimitEntry,
+        day_micros: i64,
+        month_micros: i64,
+    ) -> flex_control_plane::limits::BoxFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move {
+            flex_data_plane::limits::raise_spend_entry(
+                self.0.as_ref(),
+                entry,
+                day_micros,
+                month_micros,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -634,6 +721,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
     let (metrics_listener, metrics_url) =
         metrics_listener(args.metrics.metrics_listen, true).await?;
+    let limits = limits_of(&args.limits, EMBEDDED_PROXY_ID, true)?;
+    cp.set_limit_counters(Arc::new(SharedCounters(limits.limiter())));
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
@@ -652,6 +741,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                     flex_control_plane::metrics::metrics().encode_into(out, &cp.proxies().list());
                 }
             }))),
+            limits,
             ..proxy_config(&args.upstream, urls)
         },
         tls,
@@ -843,6 +933,37 @@ pub async fn control(args: ControlArgs) -> Result<()> {
             .await?
             .with_master_key_file(&key_file),
     );
+    if let Some(url) = &args.redis_url {
+        let limiter = RedisLimiter::new(
+            url,
+            Duration::from_secs(1),
+            flex_data_plane::limits::DEFAULT_LEASE_TTL,
+        )
+        .map_err(anyhow::Error::msg)?;
+        cp.set_limit_counters(Arc::new(SharedCounters(Arc::new(limiter))));
+        println!("reading limit counters from Redis at {}", redact_url(url));
+        // A Redis that restarts without persistence forgets the day's and month's spend: the
+        // ledger's is put back.
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match cp.reconcile_budgets().await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("budget reconciliation with Redis works again");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "budget reconciliation failed; retrying");
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(flex_control_plane::limits::RECONCILE_EVERY).await;
+            }
+        });
+    }
     // Usage from the proxies: the durable consumer on FLEX_USAGE into the ledger.
     let _usage_consumer = match &args.nats_url {
         Some(url) => {
@@ -1041,6 +1162,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         .clone()
         .or(certified)
         .unwrap_or_else(|| format!("proxy-{}-{}", hostname(), std::process::id()));
+    let limits_proxy_id = proxy_id.clone();
     // Snapshots: gRPC Watch and/or the JetStream stream (both feed the same store).
     if let Some(endpoint) = &endpoint {
         tokio::spawn(snapshot::follow_grpc(
@@ -1063,7 +1185,10 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     println!("proxy listening on {}", listener.local_addr()?);
     let (upstream, tls) = upstream_and_tls(&args.upstream)?;
     let (metrics, _) = metrics_listener(args.metrics.metrics_listen, false).await?;
-    let cfg = proxy_config(&args.upstream, base_urls(&args.upstream, None));
+    let cfg = ProxyConfig {
+        limits: limits_of(&args.limits, &limits_proxy_id, false)?,
+        ..proxy_config(&args.upstream, base_urls(&args.upstream, None))
+    };
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();

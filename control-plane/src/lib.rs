@@ -17,6 +17,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc_trace;
 pub mod ledger_stream;
+pub mod limits;
 pub mod metrics;
 pub mod projection;
 pub mod proxies;
@@ -128,6 +129,8 @@ pub struct ControlPlane {
     proxies: ProxyRegistry,
     /// Set to `true` to end every open Watch stream (graceful shutdown waits for streams).
     stop_streams: watch::Sender<bool>,
+    /// The proxies' shared limit counters, read for `GetLimits` (none: use unknown).
+    limit_counters: RwLock<Option<Arc<dyn limits::LimitCounters>>>,
     _poller: AbortOnDrop,
 }
 
@@ -241,6 +244,7 @@ impl ControlPlane {
             projection,
             proxies: ProxyRegistry::default(),
             stop_streams: watch::channel(false).0,
+            limit_counters: RwLock::new(None),
             _poller: AbortOnDrop(poller),
         })
     }
@@ -1016,7 +1020,11 @@ impl ControlPlane {
         self.catch_up().await?;
         let state = self.state();
         self.org_or_not_found(&state, org_id)?;
-        let mut streams = vec![domain::org_stream(org_id), domain::billing_stream(org_id)];
+        let mut streams = vec![
+            domain::org_stream(org_id),
+            domain::billing_stream(org_id),
+            domain::limits_stream(org_id, None),
+        ];
         streams.extend(
             Provider::ALL
                 .iter()
@@ -1027,7 +1035,12 @@ impl ControlPlane {
                 .api_keys
                 .values()
                 .filter(|k| k.org_id == org_id)
-                .map(|k| domain::api_key_stream(&k.key_id)),
+                .flat_map(|k| {
+                    [
+                        domain::api_key_stream(&k.key_id),
+                        domain::limits_stream(org_id, Some(&k.key_id)),
+                    ]
+                }),
         );
         let events = self.store.read_streams(&streams).await?;
         Ok(events
@@ -1146,4 +1159,6 @@ pub(crate) fn delta_entries(d: &pb::SnapshotDelta) -> usize {
         + d.upsert_provider_keys.len()
         + d.remove_provider_keys.len()
         + d.upsert_models.len()
+        + d.upsert_limits.len()
+        + d.remove_limits.len()
 }

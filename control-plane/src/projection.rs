@@ -154,6 +154,8 @@ pub struct State {
     pub models: OrdMap<String, pb::ModelEntry>,
     /// Dashboard users, memberships and invites (never in a snapshot).
     pub accounts: Accounts,
+    /// Limits by (org_id, key_id; empty = the org's own), shipped in every snapshot.
+    pub limits: OrdMap<(String, String), pb::LimitEntry>,
     /// Events this build could not decode (seq), skipped so the rest still folds.
     pub undecodable: Vec<u64>,
     /// What the snapshot at `last_seq` holds, kept current as events fold.
@@ -170,6 +172,7 @@ pub struct SnapshotContent {
     pub api_keys: OrdMap<String, pb::ApiKeyEntry>,
     pub provider_keys: OrdMap<(String, String), pb::ProviderKeyEntry>,
     pub models: OrdMap<String, pb::ModelEntry>,
+    pub limits: OrdMap<(String, String), pb::LimitEntry>,
     pub hash: ContentHash,
 }
 
@@ -181,6 +184,7 @@ pub struct Changes {
     api_keys: BTreeMap<String, Option<pb::ApiKeyEntry>>,
     provider_keys: BTreeMap<(String, String), Option<pb::ProviderKeyEntry>>,
     models: BTreeMap<String, pb::ModelEntry>,
+    limits: BTreeMap<(String, String), Option<pb::LimitEntry>>,
 }
 
 impl Changes {
@@ -193,7 +197,11 @@ impl Changes {
     }
 
     pub fn len(&self) -> usize {
-        self.orgs.len() + self.api_keys.len() + self.provider_keys.len() + self.models.len()
+        self.orgs.len()
+            + self.api_keys.len()
+            + self.provider_keys.len()
+            + self.models.len()
+            + self.limits.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,6 +222,8 @@ impl Changes {
         );
         self.models
             .extend(later.models.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.limits
+            .extend(later.limits.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 
     /// The delta from `from_version` to the snapshot whose hash is `content_hash`.
@@ -238,6 +248,15 @@ impl Changes {
                 None => d.remove_provider_keys.push(pb::ProviderKeyRef {
                     org_id: org_id.clone(),
                     provider: provider.clone(),
+                }),
+            }
+        }
+        for ((org_id, key_id), l) in &self.limits {
+            match l {
+                Some(l) => d.upsert_limits.push(l.clone()),
+                None => d.remove_limits.push(pb::LimitRef {
+                    org_id: org_id.clone(),
+                    key_id: key_id.clone(),
                 }),
             }
         }
@@ -321,9 +340,37 @@ impl SnapshotContent {
         self.models.insert(e.id.clone(), e);
     }
 
+    fn put_limits(&mut self, e: pb::LimitEntry, changes: &mut Changes) {
+        let id = (e.org_id.clone(), e.key_id.clone());
+        if let Some(old) = self.limits.get(&id) {
+            if *old == e {
+                return;
+            }
+            self.hash.remove(8, old);
+        }
+        self.hash.add(8, &e);
+        if changes.recording {
+            changes.limits.insert(id.clone(), Some(e.clone()));
+        }
+        self.limits.insert(id, e);
+    }
+
+    fn remove_limits(&mut self, id: &(String, String), changes: &mut Changes) {
+        if let Some(old) = self.limits.remove(id) {
+            self.hash.remove(8, &old);
+            if changes.recording {
+                changes.limits.insert(id.clone(), None);
+            }
+        }
+    }
+
     /// Entries in all (for choosing between a delta and a full snapshot).
     pub fn len(&self) -> usize {
-        self.orgs.len() + self.api_keys.len() + self.provider_keys.len() + self.models.len()
+        self.orgs.len()
+            + self.api_keys.len()
+            + self.provider_keys.len()
+            + self.models.len()
+            + self.limits.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -339,6 +386,7 @@ impl SnapshotContent {
             api_keys: self.api_keys.values().cloned().collect(),
             provider_keys: self.provider_keys.values().cloned().collect(),
             models: self.models.values().cloned().collect(),
+            limits: self.limits.values().cloned().collect(),
             produced_at,
         }
     }
@@ -512,6 +560,21 @@ impl State {
             | Event::MemberRemoved { .. }
             | Event::InviteCreated { .. }
             | Event::InviteRevoked { .. } => self.fold_account(event, at),
+            Event::LimitsSet {
+                org_id,
+                key_id,
+                limits,
+            } => {
+                let entry = limits.to_entry(&org_id, key_id.as_deref());
+                let id = (org_id, key_id.unwrap_or_default());
+                self.limits.insert(id, entry.clone());
+                self.content.put_limits(entry, changes);
+            }
+            Event::LimitsCleared { org_id, key_id } => {
+                let id = (org_id, key_id.unwrap_or_default());
+                self.limits.remove(&id);
+                self.content.remove_limits(&id, changes);
+            }
             Event::BillingStatusChanged { ref org_id, .. }
             | Event::BillingPlanSet { ref org_id, .. }
             | Event::InvoiceIssued { ref org_id, .. }

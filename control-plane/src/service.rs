@@ -452,6 +452,39 @@ impl AdminService for AdminApi {
         let r = req.into_inner();
         ok(self.cp.enable_user(&meta, &r.user).await)
     }
+
+    async fn set_limits(&self, req: Request<apb::SetLimitsRequest>) -> Reply<apb::LimitsView> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        record_id("org_id", &r.org_id);
+        record_id("key_id", &r.key_id);
+        let changes = domain::LimitChanges {
+            rpm: r.rpm,
+            tpm: r.tpm,
+            concurrency: r.concurrency,
+            daily_budget_micros: r.daily_budget_micros,
+            monthly_budget_micros: r.monthly_budget_micros,
+        };
+        ok(self
+            .cp
+            .set_limits(&meta, &r.org_id, &r.key_id, &changes)
+            .await)
+    }
+
+    async fn get_limits(&self, req: Request<apb::LimitsRef>) -> Reply<apb::LimitsView> {
+        let r = req.into_inner();
+        record_id("org_id", &r.org_id);
+        record_id("key_id", &r.key_id);
+        ok(self.cp.get_limits(&r.org_id, &r.key_id).await)
+    }
+
+    async fn clear_limits(&self, req: Request<apb::LimitsRef>) -> Reply<apb::LimitsView> {
+        let meta = admin_meta(&req);
+        let r = req.into_inner();
+        record_id("org_id", &r.org_id);
+        record_id("key_id", &r.key_id);
+        ok(self.cp.clear_limits(&meta, &r.org_id, &r.key_id).await)
+    }
 }
 
 /// The control API the proxies use (mTLS when the server has a client CA).

@@ -1018,4 +1018,41 @@ impl Store {
             })
             .collect()
     }
+
+    /// The spend (`cost_micros`) in the ledger of an org, or of one of its keys, for requests
+    /// received at or after `from` (the budgets' `used`).
+    pub async fn spend_since(
+        &self,
+        org_id: &str,
+        key_id: Option<&str>,
+        from: OffsetDateTime,
+    ) -> Result<i64> {
+        let spend: i64 = match self {
+            Store::Sqlite(pool) => {
+                let mut sql = "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_ledger WHERE org_id = ? AND received_at >= ?".to_string();
+                if key_id.is_some() {
+                    sql.push_str(" AND key_id = ?");
+                }
+                let mut q = sqlx::query_scalar(&sql)
+                    .bind(org_id)
+                    .bind(timefmt::format(from));
+                if let Some(k) = key_id {
+                    q = q.bind(k);
+                }
+                q.fetch_one(pool).await?
+            }
+            Store::Postgres(pool) => {
+                let mut sql = "SELECT COALESCE(SUM(cost_micros), 0)::BIGINT FROM usage_ledger WHERE org_id = $1 AND received_at >= $2".to_string();
+                if key_id.is_some() {
+                    sql.push_str(" AND key_id = $3");
+                }
+                let mut q = sqlx::query_scalar(&sql).bind(org_id).bind(from);
+                if let Some(k) = key_id {
+                    q = q.bind(k);
+                }
+                q.fetch_one(pool).await?
+            }
+        };
+        Ok(spend)
+    }
 }

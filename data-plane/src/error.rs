@@ -6,7 +6,7 @@
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::json;
 
 use crate::formats::CallerFormat;
@@ -57,6 +57,10 @@ pub struct ApiErrorInner {
     pub example: String,
     /// A provider error to pass through untouched (status, content type, body).
     pub upstream: Option<Upstream>,
+    /// Response headers of ours (e.g. `retry-after` on a 429).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
+    /// A machine-readable object added to the error (e.g. `limit` on a 429).
+    pub detail: Option<(&'static str, serde_json::Value)>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +92,8 @@ impl ApiError {
             fix: String::new(),
             example: String::new(),
             upstream: None,
+            headers: Vec::new(),
+            detail: None,
         }))
     }
 
@@ -107,6 +113,20 @@ impl ApiError {
 
     pub fn example(mut self, e: impl Into<String>) -> Self {
         self.0.example = e.into();
+        self
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &'static str, value: HeaderValue) -> Self {
+        self.0
+            .headers
+            .push((http::HeaderName::from_static(name), value));
+        self
+    }
+
+    /// Adds `key: value` to the error object.
+    pub fn detail(mut self, key: &'static str, value: serde_json::Value) -> Self {
+        self.0.detail = Some((key, value));
         self
     }
 
@@ -174,6 +194,16 @@ impl ApiError {
 
     /// The JSON body in the caller's envelope.
     pub fn body(&self, format: CallerFormat) -> serde_json::Value {
+        let mut body = self.envelope(format);
+        if let Some((key, value)) = &self.detail {
+            if let Some(obj) = body.get_mut("error").and_then(|e| e.as_object_mut()) {
+                obj.insert((*key).to_string(), value.clone());
+            }
+        }
+        body
+    }
+
+    fn envelope(&self, format: CallerFormat) -> serde_json::Value {
         match format {
             CallerFormat::Messages => json!({
                 "type": "error",
@@ -202,7 +232,11 @@ impl ApiError {
             return resp;
         }
         let body = self.body(format);
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        for (name, value) in &self.headers {
+            resp.headers_mut().insert(name.clone(), value.clone());
+        }
+        resp
     }
 }
 

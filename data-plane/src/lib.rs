@@ -11,6 +11,7 @@ pub mod canonical;
 pub mod error;
 pub mod formats;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod passthrough;
 pub mod plane_tls;

@@ -308,6 +308,8 @@ pub struct StateCollector {
     pub snapshots: Arc<SnapshotStore>,
     pub usage: Arc<dyn UsageSink>,
     pub loser_started: Arc<std::sync::atomic::AtomicU64>,
+    /// The limiter's own series (admitted, refused by limit, fail-open/closed, counters up).
+    pub limits: Option<crate::limits::Limits>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -389,8 +391,11 @@ impl Collector for StateCollector {
         // The usage sink's own series (log, journal, delivery), from the lines it writes.
         let mut text = String::new();
         self.usage.write_metrics(&mut text);
+        if let Some(l) = &self.limits {
+            l.write_metrics(&mut text);
+        }
         for family in sink_families(&text) {
-            let help = "The usage log, its in-flight journal or its delivery (README: Metrics)";
+            let help = "The usage log and its delivery, or the limiter (README: Metrics, Limits)";
             let name = format!("flex_{}", family.name);
             if family.counter {
                 let base = name.strip_suffix("_total").unwrap_or(&name).to_string();

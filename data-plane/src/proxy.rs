@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub caller_trace: Option<CallerTrace>,
     /// More series for the same exposition (e.g. `flex up`'s in-process control plane).
     pub extra_metrics: Option<ExtraMetrics>,
+    /// Rate limits, concurrency caps and budgets (in process by default; Redis for a fleet).
+    pub limits: crate::limits::Limits,
 }
 
 /// Appends OpenMetrics families (without the end marker) to the proxy's exposition.
@@ -114,6 +116,7 @@ impl Default for ProxyConfig {
             strategy: RaceStrategy::default(),
             caller_trace: None,
             extra_metrics: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -299,6 +302,7 @@ impl Proxy {
             snapshots: snapshots.clone(),
             usage: usage.clone(),
             loser_started: loser_started.clone(),
+            limits: Some(cfg.limits.clone()),
         }));
         Self {
             snapshots,
@@ -481,8 +485,17 @@ impl Proxy {
             // Before the span is first entered: the parent of a started span is fixed.
             (link.0)(&headers, &span);
         }
+        let mut rate = None;
         let result = self
-            .serve(format, &headers, body, &request_id, t0, &mut slot.draft)
+            .serve(
+                format,
+                &headers,
+                body,
+                &request_id,
+                t0,
+                &mut slot.draft,
+                &mut rate,
+            )
             .instrument(span.clone())
             .await;
         let draft = slot.draft.take();
@@ -516,10 +529,14 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", v);
         }
+        if let Some(rate) = rate {
+            rate.apply(format, resp.headers_mut());
+        }
         resp
     }
 
     /// Validates the request and plans it; then runs its call.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         format: CallerFormat,
@@ -528,6 +545,7 @@ impl Proxy {
         request_id: &str,
         t0: Instant,
         draft: &mut Option<Draft>,
+        rate: &mut Option<crate::limits::RateHeaders>,
     ) -> Result<Response, ApiError> {
         let Caller { snapshot, key } =
             authenticate(self.snapshots.load(), format, headers, now_unix())?;
@@ -556,6 +574,7 @@ impl Proxy {
             t0,
             model: entry.clone(),
             span: tracing::Span::current(),
+            limit: None,
         });
         formats::reject_service_tier(&body)?;
         if format == CallerFormat::ChatCompletions {
@@ -608,6 +627,7 @@ impl Proxy {
         let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
             Duration::from_millis(u64::from(m.standard_start_floor_ms))
         });
+        let worst = crate::limits::estimate::worst_case_tokens(&body, format);
         let pair = match Native::of(format, provider) {
             Some(api) => {
                 if api == Native::Messages {
@@ -640,6 +660,24 @@ impl Proxy {
             stream,
             pair,
         };
+        // Limits: one admission per request (a retry inside the race is the same request); the
+        // permit settles with the usage event, the headers go on the answer.
+        let ask = crate::limits::Ask {
+            snapshot: &snapshot,
+            org_id: &key.org_id,
+            key_id: &key.key_id,
+            model: entry.as_ref(),
+            priority: matches!(plan, Plan::Direct(AskTier::Priority | AskTier::Auto)),
+            worst,
+            format,
+            request_id,
+        };
+        if let Some(admitted) = self.cfg.limits.admit(ask).await? {
+            *rate = Some(admitted.headers);
+            if let Some(d) = draft.as_mut() {
+                d.limit = Some(admitted.permit);
+            }
+        }
         // On success the answer takes the draft and reports it when it ends; on failure the
         // draft stays (with what was learned) for `handle` to report.
         self.run(&call, plan, t0, draft).await

@@ -59,6 +59,8 @@ pub(crate) struct Draft {
     /// The request's span: the answer's end records the tokens on it (the OpenTelemetry GenAI
     /// `gen_ai.usage.*` attributes), and it stays open until then.
     pub(crate) span: tracing::Span,
+    /// The request's admission under its limits, settled when the event is completed.
+    pub(crate) limit: Option<crate::limits::Permit>,
 }
 
 impl Draft {
@@ -97,6 +99,9 @@ impl Draft {
                     e.output_tokens,
                 );
             }
+        }
+        if let Some(permit) = self.limit.take() {
+            permit.settle(&self.event);
         }
         self.event
     }

@@ -53,6 +53,8 @@ pub struct Indexed {
     pub keys: KeyTable,
     pub orgs: HashMap<String, OrgEntry>,
     pub provider_keys: HashMap<(String, Provider), ProviderSecret>,
+    /// Limits by (org_id, key_id; empty = the org's own).
+    pub limits: HashMap<(String, String), pb::LimitEntry>,
     pub catalog: Catalog,
     /// The snapshot without its API keys (those are in `keys`), canonical.
     pub rest: pb::Snapshot,
@@ -123,12 +125,18 @@ impl Indexed {
         for m in &rest.models {
             overrides.push(Model::from_proto(m).map_err(ProxyError::Snapshot)?);
         }
+        let limits = rest
+            .limits
+            .iter()
+            .map(|l| ((l.org_id.clone(), l.key_id.clone()), l.clone()))
+            .collect();
         Ok(Self {
             version: rest.version,
             content_hash: rest.content_hash.clone(),
             keys,
             orgs,
             provider_keys,
+            limits,
             catalog: Catalog::with_overrides(&overrides),
             rest,
             applied_at: Instant::now(),
@@ -158,6 +166,7 @@ impl Indexed {
         let tail = pb::Snapshot {
             provider_keys: r.provider_keys.clone(),
             models: r.models.clone(),
+            limits: r.limits.clone(),
             produced_at: r.produced_at.clone(),
             ..Default::default()
         };
@@ -201,6 +210,9 @@ fn content_hash_of(rest: &pb::Snapshot, keys: &KeyTable) -> String {
     for m in &rest.models {
         h.add(6, m);
     }
+    for l in &rest.limits {
+        h.add(8, l);
+    }
     h.combine(&keys.content_sum());
     h.to_hex()
 }
@@ -214,6 +226,11 @@ fn check_rest(rest: &pb::Snapshot) -> Result<(), String> {
                 p.org_id, p.provider
             ));
         }
+    }
+    let orgs: std::collections::HashSet<&str> =
+        rest.orgs.iter().map(|o| o.org_id.as_str()).collect();
+    for l in &rest.limits {
+        rules::check_limit(l, &orgs).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -546,6 +563,8 @@ impl SnapshotStore {
                     && d.upsert_provider_keys.is_empty()
                     && d.remove_provider_keys.is_empty()
                     && d.upsert_models.is_empty()
+                    && d.upsert_limits.is_empty()
+                    && d.remove_limits.is_empty()
                 {
                     return Ok(base.version);
                 }

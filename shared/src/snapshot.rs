@@ -11,7 +11,12 @@ use std::collections::{HashMap, HashSet};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use crate::proto::control::{ApiKeyEntry, Snapshot, SnapshotDelta};
+use crate::proto::control::{ApiKeyEntry, LimitEntry, LimitRef, Snapshot, SnapshotDelta};
+
+/// The canonical order of limit entries: by org, then key (the org's own entry, key empty, first).
+pub fn limit_id(l: &LimitEntry) -> (&str, &str) {
+    (l.org_id.as_str(), l.key_id.as_str())
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
@@ -36,6 +41,7 @@ pub fn canonicalize(s: &mut Snapshot) {
     s.provider_keys
         .sort_by(|a, b| (&a.org_id, &a.provider).cmp(&(&b.org_id, &b.provider)));
     s.models.sort_by(|a, b| a.id.cmp(&b.id));
+    s.limits.sort_by(|a, b| limit_id(a).cmp(&limit_id(b)));
 }
 
 /// Whether every list is in canonical order already.
@@ -48,6 +54,9 @@ pub fn is_canonical(s: &Snapshot) -> bool {
             .windows(2)
             .all(|w| (&w[0].org_id, &w[0].provider) <= (&w[1].org_id, &w[1].provider))
         && s.models.windows(2).all(|w| w[0].id <= w[1].id)
+        && s.limits
+            .windows(2)
+            .all(|w| limit_id(&w[0]) <= limit_id(&w[1]))
 }
 
 /// The content hash of a snapshot (see the module docs).
@@ -64,6 +73,9 @@ pub fn content_hash(s: &Snapshot) -> String {
     }
     for m in &s.models {
         h.add(6, m);
+    }
+    for l in &s.limits {
+        h.add(8, l);
     }
     h.to_hex()
 }
@@ -188,6 +200,26 @@ pub fn validate(s: &Snapshot) -> Result<(), SnapshotError> {
             )));
         }
     }
+    for l in &s.limits {
+        check_limit(l, &orgs)?;
+    }
+    Ok(())
+}
+
+/// A limit entry must name a known org and carry at least one limit, with budgets not negative.
+pub fn check_limit(l: &LimitEntry, orgs: &HashSet<&str>) -> Result<(), SnapshotError> {
+    if !orgs.contains(l.org_id.as_str()) {
+        return Err(SnapshotError::Invalid(format!(
+            "limits of {}/{} belong to unknown org {}",
+            l.org_id, l.key_id, l.org_id
+        )));
+    }
+    if l.daily_budget_micros < 0 || l.monthly_budget_micros < 0 {
+        return Err(SnapshotError::Invalid(format!(
+            "limits of {}/{} have a negative budget",
+            l.org_id, l.key_id
+        )));
+    }
     Ok(())
 }
 
@@ -274,6 +306,7 @@ pub fn apply_delta_unchecked(
             None => s.models.push(m.clone()),
         }
     }
+    apply_limit_changes(&mut s.limits, &d.upsert_limits, &d.remove_limits);
     canonicalize(&mut s);
     s.version = version;
     s.content_hash = d.content_hash.clone();
@@ -281,6 +314,23 @@ pub fn apply_delta_unchecked(
         s.produced_at = d.produced_at.clone();
     }
     Ok(s)
+}
+
+/// Limits: `remove` taken out, then `upsert` put in (replacing an entry of the same org and key).
+fn apply_limit_changes(limits: &mut Vec<LimitEntry>, upsert: &[LimitEntry], remove: &[LimitRef]) {
+    if !remove.is_empty() {
+        let gone: HashSet<(&str, &str)> = remove
+            .iter()
+            .map(|r| (r.org_id.as_str(), r.key_id.as_str()))
+            .collect();
+        limits.retain(|l| !gone.contains(&limit_id(l)));
+    }
+    for l in upsert {
+        match limits.iter_mut().find(|x| limit_id(x) == limit_id(l)) {
+            Some(slot) => *slot = l.clone(),
+            None => limits.push(l.clone()),
+        }
+    }
 }
 
 /// The delta that turns `old` into `new` (both canonical).
@@ -318,6 +368,19 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
     for m in &new.models {
         if !old.models.contains(m) {
             d.upsert_models.push(m.clone());
+        }
+    }
+    for l in &new.limits {
+        if !old.limits.contains(l) {
+            d.upsert_limits.push(l.clone());
+        }
+    }
+    for l in &old.limits {
+        if !new.limits.iter().any(|n| limit_id(n) == limit_id(l)) {
+            d.remove_limits.push(LimitRef {
+                org_id: l.org_id.clone(),
+                key_id: l.key_id.clone(),
+            });
         }
     }
     d
@@ -529,6 +592,50 @@ mod tests {
         assert_eq!(d.remove_api_key_hashes.len(), 1);
         let applied = apply_delta(&old, 7, &d).expect("applies");
         assert_eq!(applied, new);
+    }
+
+    fn limit(org: &str, key: &str, rpm: u64) -> LimitEntry {
+        LimitEntry {
+            org_id: org.into(),
+            key_id: key.into(),
+            rpm,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn limits_are_hashed_diffed_and_applied() {
+        let mut old = snap(3, vec![org("a"), org("b")], vec![key("a", 1)]);
+        old.limits = vec![limit("b", "", 5), limit("a", "key_1", 7), limit("a", "", 9)];
+        canonicalize(&mut old);
+        assert_eq!(
+            old.limits.iter().map(limit_id).collect::<Vec<_>>(),
+            vec![("a", ""), ("a", "key_1"), ("b", "")]
+        );
+        old.content_hash = content_hash(&old);
+        let mut new = old.clone();
+        new.version = 4;
+        new.limits.retain(|l| l.org_id != "b");
+        new.limits[1].rpm = 70;
+        new.limits.push(limit("b", "key_9", 1));
+        canonicalize(&mut new);
+        new.content_hash = content_hash(&new);
+        assert_ne!(
+            old.content_hash, new.content_hash,
+            "limits are part of the hash"
+        );
+        let d = diff(&old, &new);
+        assert_eq!(d.upsert_limits.len(), 2);
+        assert_eq!(d.remove_limits.len(), 1);
+        assert_eq!(apply_delta(&old, 4, &d).unwrap(), new);
+        assert_eq!(validate(&new), Ok(()));
+        let mut dangling = new.clone();
+        dangling.limits.push(limit("zzz", "", 1));
+        dangling.content_hash = content_hash(&dangling);
+        assert!(matches!(
+            validate(&dangling),
+            Err(SnapshotError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! latency, token rate) from [`SimConfig`], and per request from a directive in any user text,
 //! e.g. `hello #sim flex_delay_ms=12000 flex_status=429 output_tokens=20` (see [`directive`]).
 //!
-//! Besides the provider endpoints it serves `GET /healthz`, `GET /_sim/stats` (see [`SimStats`])
-//! and `POST /_sim/reset` (zeroes the counters and the `flex_fail_times` memory).
+//! Besides the provider endpoints it serves `GET /healthz`, `GET /_sim/stats` (see [`SimStats`];
+//! with `in_flight`, the answers being served, and `max_in_flight`, the most at once: what a
+//! concurrency limit is checked against) and `POST /_sim/reset` (zeroes the counters, the
+//! high-water mark and the `flex_fail_times` memory).
 
 mod answer;
 mod anthropic;

@@ -67,6 +67,10 @@ pub struct SimStats {
     started: [AtomicU64; SLOTS],
     cancelled: [AtomicU64; SLOTS],
     capacity_errors: [AtomicU64; SLOTS],
+    /// Answers being served now (from admission until the last byte is about to go out, or the
+    /// client left), and the most there ever were at once since the last reset.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 /// A copy of the counters; `GET /_sim/stats` returns it as JSON. Every key exists, zero or not.
@@ -80,6 +84,10 @@ pub struct SimStatsSnapshot {
     pub cancelled: BTreeMap<String, u64>,
     /// Flex requests answered with the capacity error.
     pub capacity_errors: BTreeMap<String, u64>,
+    /// Answers being served now, all providers and tiers.
+    pub in_flight: u64,
+    /// The most answers served at once since the start or the last reset (a high-water mark).
+    pub max_in_flight: u64,
 }
 
 impl SimStatsSnapshot {
@@ -112,6 +120,8 @@ impl SimStats {
             started: Self::table(&self.started),
             cancelled: Self::table(&self.cancelled),
             capacity_errors: Self::table(&self.capacity_errors),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
         }
     }
 
@@ -127,6 +137,8 @@ impl SimStats {
                 counter.store(0, Ordering::Relaxed);
             }
         }
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn table(counters: &[AtomicU64; SLOTS]) -> BTreeMap<String, u64> {
@@ -159,18 +171,29 @@ pub(crate) struct ServeGuard {
     slot: usize,
     started: bool,
     finished: bool,
+    /// Still counted in `in_flight`.
+    in_flight: bool,
     /// Break (`Err`) or end (`Ok`) the stream after this many events.
     pub(crate) cut: Option<Result<usize, usize>>,
 }
 
 impl ServeGuard {
     pub(crate) fn new(stats: Arc<SimStats>, provider: Provider, tier: Tier) -> Self {
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.max_in_flight.fetch_max(now, Ordering::Relaxed);
         Self {
             stats,
             slot: slot(provider, tier),
             started: false,
             finished: false,
+            in_flight: true,
             cut: None,
+        }
+    }
+
+    fn leave(&mut self) {
+        if std::mem::take(&mut self.in_flight) {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -192,6 +215,7 @@ impl ServeGuard {
     pub(crate) fn finish(&mut self) {
         self.start();
         self.finished = true;
+        self.leave();
     }
 }
 
@@ -200,6 +224,7 @@ impl Drop for ServeGuard {
         if !self.finished {
             self.stats.cancelled[self.slot].fetch_add(1, Ordering::Relaxed);
         }
+        self.leave();
     }
 }
 
@@ -221,7 +246,22 @@ mod tests {
         assert_eq!(snap.started("gemini:priority"), 1);
         assert!(!snap.requests.contains_key("anthropic:flex"));
         assert_eq!(snap.requests("openai:default"), 0);
+        // The high-water mark of answers in flight.
+        let a = ServeGuard::new(stats.clone(), Provider::OpenAi, Tier::Standard);
+        let mut b = ServeGuard::new(stats.clone(), Provider::Gemini, Tier::Flex);
+        assert_eq!(
+            (stats.snapshot().in_flight, stats.snapshot().max_in_flight),
+            (2, 2)
+        );
+        b.finish();
+        drop(b);
+        drop(a);
+        assert_eq!(
+            (stats.snapshot().in_flight, stats.snapshot().max_in_flight),
+            (0, 2)
+        );
         stats.reset();
+        assert_eq!(stats.snapshot().max_in_flight, 0);
         assert_eq!(stats.snapshot().cancelled("openai:flex"), 0);
     }
 }

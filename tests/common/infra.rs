@@ -597,3 +597,78 @@ pub async fn request(
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).to_string()))
 }
+
+/// `redis-server` from `FLEX_TEST_REDIS_SERVER`, else on the PATH or in /usr/bin; the tests fail
+/// without it, never skip.
+pub fn redis_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEX_TEST_REDIS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
+        "/usr/bin",
+        "/usr/local/bin",
+        "/usr/sbin",
+    ]) {
+        let p = Path::new(dir).join("redis-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "redis-server not found: these tests need a real Redis (apt-get install redis-server, or \
+         set FLEX_TEST_REDIS_SERVER). They never skip."
+    )
+}
+
+/// A private redis-server on a free port of 127.0.0.1, without persistence (`--save ''
+/// --appendonly no`), that can be killed and started again on the same port.
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let mut r = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let child = Command::new(redis_server_binary())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        wait_listening(self.port, "redis-server", Duration::from_secs(10));
+    }
+
+    /// SIGKILL (its counters are gone: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

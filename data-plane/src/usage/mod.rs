@@ -493,6 +493,7 @@ pub(crate) mod test_support {
             t0: tokio::time::Instant::now(),
             model: None,
             span: tracing::Span::none(),
+            limit: None,
         }
     }
 
