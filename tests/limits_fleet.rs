@@ -103,6 +103,8 @@ struct Fleet {
     control_port: u16,
     _control: Proc,
     ports: Vec<u16>,
+    /// Each proxy's `--metrics-listen`.
+    metrics_ports: Vec<u16>,
     proxies: Vec<Proc>,
     org: String,
     http: Http,
@@ -153,6 +155,7 @@ impl Fleet {
             control_port,
             _control: control,
             ports: (0..3).map(|_| free_port()).collect(),
+            metrics_ports: (0..3).map(|_| free_port()).collect(),
             proxies: Vec::new(),
             org: String::new(),
             http: Client::builder(TokioExecutor::new())
@@ -229,6 +232,8 @@ impl Fleet {
                 "proxy".into(),
                 "--listen".into(),
                 format!("127.0.0.1:{}", self.ports[i]),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{}", self.metrics_ports[i]),
                 "--control-url".into(),
                 format!("http://127.0.0.1:{}", self.control_port),
                 "--state-dir".into(),
@@ -276,10 +281,13 @@ impl Fleet {
         }
     }
 
+    /// A series of proxy `i`'s metrics (`--metrics-listen`), by its name without `flex_`.
     async fn metric(&self, i: usize, name: &str) -> f64 {
+        let name = format!("flex_{name}");
+        let name = name.as_str();
         let (_, text) = infra::request(
             http::Method::GET,
-            &format!("{}/metrics", self.base(i)),
+            &format!("http://127.0.0.1:{}/metrics", self.metrics_ports[i]),
             None,
             None,
         )
