@@ -287,8 +287,9 @@ async fn main() {
             }
         }
     }
-    let mut m = String::new();
-    limits.write_metrics(&mut m);
+    let mut m = Vec::new();
+    limits.metrics(&mut m);
+    let m = flex_data_plane::series::text(&m);
     assert!(
         m.contains("limits_fail_open_total 0"),
         "Redis was unreachable during the run:\n{m}"
@@ -421,8 +422,9 @@ async fn main() {
             }
         }
     }
-    let mut m = String::new();
-    proxy_limits.write_metrics(&mut m);
+    let mut m = Vec::new();
+    proxy_limits.metrics(&mut m);
+    let m = flex_data_plane::series::text(&m);
     let refused: usize = LimitKind::ALL
         .iter()
         .map(|k| format!("limits_refused_total{{limit=\"{}\"}} 0", k.name()))

@@ -301,6 +301,19 @@ impl Fleet {
             .unwrap_or(f64::NAN)
     }
 
+    /// Proxy `i`'s `flex_limits_*` series, for a failure message.
+    async fn metrics_text(&self, i: usize) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_ports[i]);
+        match infra::request(http::Method::GET, &url, None, None).await {
+            Ok((_, text)) => text
+                .lines()
+                .filter(|l| l.contains("limits_"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("{url}: {e}"),
+        }
+    }
+
     async fn wait_metric(&self, i: usize, name: &str, want: impl Fn(f64) -> bool, what: &str) {
         let t0 = Instant::now();
         loop {
@@ -310,8 +323,9 @@ impl Fleet {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
-                "proxy {i}: {name} = {v}, waiting for {what}\n{}",
-                self.proxies[i].log_tail()
+                "proxy {i}: {name} = {v}, waiting for {what}\n{}\n--- its limiter metrics ---\n{}",
+                self.proxies[i].log_tail(),
+                self.metrics_text(i).await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -20,6 +20,7 @@ pub mod providers;
 pub mod proxy;
 pub mod race;
 pub mod request;
+pub mod series;
 pub mod server;
 pub mod snapshot;
 pub mod sse;

@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::series::Series;
 use crate::snapshot::SnapshotStore;
 use crate::usage::{Durable, UsageSink};
 
@@ -388,94 +389,45 @@ impl Collector for StateCollector {
             "Races whose losing tier had started too (a near-tie the provider may bill a few tokens for)",
             self.loser_started.load(std::sync::atomic::Ordering::Relaxed),
         )?;
-        // The usage sink's own series (log, journal, delivery), from the lines it writes.
-        let mut text = String::new();
-        self.usage.write_metrics(&mut text);
+        // The usage sink's own series (log, journal, delivery) and the limiter's.
+        let mut series = Vec::new();
+        self.usage.metrics(&mut series);
         if let Some(l) = &self.limits {
-            l.write_metrics(&mut text);
+            l.metrics(&mut series);
         }
-        for family in sink_families(&text) {
-            let help = "The usage log and its delivery, or the limiter (README: Metrics, Limits)";
-            let name = format!("flex_{}", family.name);
-            if family.counter {
-                let base = name.strip_suffix("_total").unwrap_or(&name).to_string();
-                let mut m = enc.encode_descriptor(
-                    &base,
-                    help,
-                    None,
-                    prometheus_client::metrics::MetricType::Counter,
-                )?;
-                for (labels, v) in &family.samples {
-                    let c = ConstCounter::new(v.max(0.0) as u64);
-                    c.encode(m.encode_family(labels)?)?;
-                }
-            } else {
-                let mut m = enc.encode_descriptor(
-                    &name,
-                    help,
-                    None,
-                    prometheus_client::metrics::MetricType::Gauge,
-                )?;
-                for (labels, v) in &family.samples {
-                    ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-                }
-            }
+        for s in &series {
+            encode_series(&mut enc, s)?;
         }
         Ok(())
     }
 }
 
-/// One family of the usage sink's lines: `# TYPE name kind`, then `name{k="v"} value` lines.
-struct SinkFamily {
-    name: String,
-    counter: bool,
-    samples: Vec<(Vec<(String, String)>, f64)>,
-}
-
-/// The families of the Prometheus text lines a usage sink writes (labels: `k="v"` pairs).
-fn sink_families(text: &str) -> Vec<SinkFamily> {
-    let mut out: Vec<SinkFamily> = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            if let Some((name, kind)) = rest.split_once(' ') {
-                out.push(SinkFamily {
-                    name: name.to_string(),
-                    counter: kind.trim() == "counter",
-                    samples: Vec::new(),
-                });
-            }
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
+/// One [`Series`] as a `flex_` family: a counter's samples end in `_total`.
+fn encode_series(enc: &mut DescriptorEncoder<'_>, s: &Series) -> std::fmt::Result {
+    let name = format!("flex_{}", s.name);
+    let kind = if s.counter {
+        prometheus_client::metrics::MetricType::Counter
+    } else {
+        prometheus_client::metrics::MetricType::Gauge
+    };
+    let mut m = enc.encode_descriptor(&name, s.help, None, kind)?;
+    for (label, v) in &s.samples {
+        let Some((k, lv)) = label else {
+            return if s.counter {
+                ConstCounter::new(v.max(0.0) as u64).encode(m)
+            } else {
+                ConstGauge::new(*v).encode(m)
+            };
         };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let labels = rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter_map(|kv| {
-                        let (k, v) = kv.split_once('=')?;
-                        Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-                    })
-                    .collect();
-                (name, labels)
-            }
-            None => (series, Vec::new()),
-        };
-        match out.iter_mut().rev().find(|f| f.name == name) {
-            Some(f) => f.samples.push((labels, v)),
-            None => out.push(SinkFamily {
-                name: name.to_string(),
-                counter: name.ends_with("_total"),
-                samples: vec![(labels, v)],
-            }),
+        let labels = [(*k, lv.as_str())];
+        let sample = m.encode_family(&labels)?;
+        if s.counter {
+            ConstCounter::new(v.max(0.0) as u64).encode(sample)?;
+        } else {
+            ConstGauge::new(*v).encode(sample)?;
         }
     }
-    out
+    Ok(())
 }
 
 /// A usage sink that counts every event into the metrics, then passes it on.
@@ -499,7 +451,7 @@ impl UsageSink for Metered {
         self.inner.opened(event);
     }
 
-    fn write_metrics(&self, out: &mut String) {
-        self.inner.write_metrics(out);
+    fn metrics(&self, out: &mut Vec<crate::series::Series>) {
+        self.inner.metrics(out);
     }
 }

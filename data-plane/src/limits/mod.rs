@@ -501,36 +501,59 @@ impl Limits {
         rt.spawn(maintain(gate));
     }
 
-    /// Prometheus lines (appended to the proxy's `/metrics`).
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    /// The limiter's series (appended to the proxy's `/metrics`).
+    pub fn metrics(&self, out: &mut Vec<crate::series::Series>) {
+        use crate::series::Series;
         let m = &self.0.metrics;
         let g = &self.0;
-        let _ = writeln!(
-            out,
-            "# TYPE limits_admitted_total counter\nlimits_admitted_total {}",
-            m.admitted.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE limits_refused_total counter");
-        for (i, k) in LimitKind::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "limits_refused_total{{limit=\"{}\"}} {}",
-                k.name(),
-                m.refused[i].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE limits_fail_open_total counter\nlimits_fail_open_total {}\n# TYPE limits_fail_closed_total counter\nlimits_fail_closed_total {}\n# TYPE limits_counter_errors_total counter\nlimits_counter_errors_total {}\n# TYPE limits_counters_up gauge\nlimits_counters_up{{counters=\"{}\"}} {}\n# TYPE limits_settles_pending gauge\nlimits_settles_pending {}\n# TYPE limits_fleet_size gauge\nlimits_fleet_size {}",
-            m.fail_open.load(Ordering::Relaxed),
-            m.fail_closed.load(Ordering::Relaxed),
-            m.errors.load(Ordering::Relaxed),
-            g.primary.kind(),
-            u8::from(g.up.load(Ordering::Relaxed)),
-            lock(&g.pending).len(),
-            g.fleet.load(Ordering::Relaxed),
-        );
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.extend([
+            Series::counter(
+                "limits_admitted",
+                "Requests admitted under an org's or a key's limits",
+                n(&m.admitted),
+            ),
+            Series::counter_by(
+                "limits_refused",
+                "Requests refused by a limit (429), by the limit",
+                "limit",
+                LimitKind::ALL
+                    .iter()
+                    .zip(&m.refused)
+                    .map(|(k, c)| (k.name().to_string(), n(c))),
+            ),
+            Series::counter(
+                "limits_fail_open",
+                "Requests admitted on local shares while the shared counters were unreachable",
+                n(&m.fail_open),
+            ),
+            Series::counter(
+                "limits_fail_closed",
+                "Requests refused (503) while the shared counters were unreachable (--limits-fail closed)",
+                n(&m.fail_closed),
+            ),
+            Series::counter(
+                "limits_counter_errors",
+                "Failed calls to the limit counters",
+                n(&m.errors),
+            ),
+            Series::gauge_with(
+                "limits_counters_up",
+                "1 while the limit counters answer (counters: redis or in-process)",
+                ("counters", g.primary.kind().to_string()),
+                f64::from(u8::from(g.up.load(Ordering::Relaxed))),
+            ),
+            Series::gauge(
+                "limits_settles_pending",
+                "Settlements of real use waiting for the shared counters",
+                lock(&g.pending).len() as f64,
+            ),
+            Series::gauge(
+                "limits_fleet_size",
+                "Proxies counting in the shared counters (local shares divide by it)",
+                g.fleet.load(Ordering::Relaxed) as f64,
+            ),
+        ]);
     }
 
     /// Admits one request under the limits of its org and key (`Ok(None)`: it has none); the

@@ -375,8 +375,9 @@ async fn fail_open_admits_a_local_share_and_recovers_when_redis_returns() {
     }
     assert_eq!(ok, 3);
     assert!(!limits.counters_up());
-    let mut m = String::new();
-    limits.write_metrics(&mut m);
+    let mut m = Vec::new();
+    limits.metrics(&mut m);
+    let m = crate::series::text(&m);
     assert!(m.contains("limits_fail_open_total 5"), "{m}");
     assert!(
         m.contains("limits_counters_up{counters=\"redis\"} 0"),

@@ -453,38 +453,81 @@ impl UsageSink for UsageWal {
         }
     }
 
-    fn write_metrics(&self, out: &mut String) {
+    fn metrics(&self, out: &mut Vec<crate::series::Series>) {
+        use crate::series::Series;
         let s = &self.shared.stats;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.push_str(&format!(
-            "# TYPE usage_log_appended_total counter\nusage_log_appended_total {}\n\
-             # TYPE usage_log_commits_total counter\nusage_log_commits_total {}\n\
-             # TYPE usage_log_delivered_total counter\nusage_log_delivered_total {}\n\
-             # TYPE usage_log_pending_bytes gauge\nusage_log_pending_bytes {}\n\
-             # TYPE usage_log_dropped_total counter\nusage_log_dropped_total{{reason=\"full\"}} {}\nusage_log_dropped_total{{reason=\"queue\"}} {}\n\
-             # TYPE usage_log_write_errors_total counter\nusage_log_write_errors_total {}\n\
-             # TYPE usage_log_corrupt_lines_total counter\nusage_log_corrupt_lines_total {}\n\
-             # TYPE usage_log_stalled_reads_total counter\nusage_log_stalled_reads_total {}\n\
-             # TYPE usage_durable_waits_total counter\nusage_durable_waits_total {}\n\
-             # TYPE usage_durable_wait_timeouts_total counter\nusage_durable_wait_timeouts_total {}\n\
-             # TYPE usage_not_durable_total counter\nusage_not_durable_total {}\n\
-             # TYPE usage_inflight_answers gauge\nusage_inflight_answers {}\n\
-             # TYPE usage_inflight_errors_total counter\nusage_inflight_errors_total {}\n",
-            g(&s.appended),
-            g(&s.commits),
-            g(&s.delivered),
-            self.pending_bytes(),
-            g(&s.dropped_full),
-            g(&s.dropped_queue),
-            g(&s.write_errors),
-            g(&s.corrupt),
-            g(&s.stalled_reads),
-            g(&s.durable.waits),
-            g(&s.durable.timeouts),
-            g(&s.durable.not_durable),
-            g(&s.inflight),
-            g(&s.inflight_errors),
-        ));
+        out.extend([
+            Series::counter(
+                "usage_log_appended",
+                "Usage events appended to the usage log (--state-dir)",
+                g(&s.appended),
+            ),
+            Series::counter(
+                "usage_log_commits",
+                "Group commits (one fsync each) of the usage log",
+                g(&s.commits),
+            ),
+            Series::counter(
+                "usage_log_delivered",
+                "Usage events of the log that the control plane acknowledged",
+                g(&s.delivered),
+            ),
+            Series::gauge(
+                "usage_log_pending_bytes",
+                "Bytes of the usage log not yet acknowledged (delivery lag)",
+                self.pending_bytes() as f64,
+            ),
+            Series::counter_by(
+                "usage_log_dropped",
+                "Usage events dropped: the log at its size bound (full), or the writer's queue full or closed (queue)",
+                "reason",
+                [
+                    ("full".to_string(), g(&s.dropped_full)),
+                    ("queue".to_string(), g(&s.dropped_queue)),
+                ],
+            ),
+            Series::counter(
+                "usage_log_write_errors",
+                "Failed writes of the usage log (retried)",
+                g(&s.write_errors),
+            ),
+            Series::counter(
+                "usage_log_corrupt_lines",
+                "Lines of the usage log that could not be read back (skipped)",
+                g(&s.corrupt),
+            ),
+            Series::counter(
+                "usage_log_stalled_reads",
+                "Delivery rounds that found undelivered bytes but could read nothing (and backed off)",
+                g(&s.stalled_reads),
+            ),
+            Series::counter(
+                "usage_durable_waits",
+                "Answers that waited for their usage event to be durable",
+                g(&s.durable.waits),
+            ),
+            Series::counter(
+                "usage_durable_wait_timeouts",
+                "Answers released before their usage event was durable (--usage-durable-wait-ms)",
+                g(&s.durable.timeouts),
+            ),
+            Series::counter(
+                "usage_not_durable",
+                "Answers whose usage event could not be made durable (log full, write error, writer gone)",
+                g(&s.durable.not_durable),
+            ),
+            Series::gauge(
+                "usage_inflight_answers",
+                "Answers open in the journal (recorded as interrupted if the proxy stops)",
+                g(&s.inflight) as f64,
+            ),
+            Series::counter(
+                "usage_inflight_errors",
+                "Failed writes of the in-flight journal",
+                g(&s.inflight_errors),
+            ),
+        ]);
     }
 }
 
@@ -701,9 +744,9 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let w = wal.clone();
         std::thread::spawn(move || {
-            let mut m = String::new();
-            w.write_metrics(&mut m);
-            let _ = tx.send((w.pending_bytes(), m));
+            let mut m = Vec::new();
+            w.metrics(&mut m);
+            let _ = tx.send((w.pending_bytes(), crate::series::text(&m)));
         });
         let (pending, metrics) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(pending, 0, "not published while the lock is held");
@@ -852,8 +895,9 @@ mod tests {
         assert!(wal.emit_durable(event(2)).wait().await);
         // An error event whose upstream never started is not in the journal.
         assert!(wal.emit_durable(event(9)).wait().await);
-        let mut m = String::new();
-        wal.write_metrics(&mut m);
+        let mut m = Vec::new();
+        wal.metrics(&mut m);
+        let m = crate::series::text(&m);
         assert!(m.contains("usage_inflight_answers 2"), "{m}");
         // A stop that loses the queue and the writer's memory (what a kill leaves is the files).
         drop(wal);
@@ -893,8 +937,9 @@ mod tests {
         assert!(b.wait().await);
         assert!(!c.wait().await);
         assert_eq!(wal.stats().dropped_full.load(Ordering::Relaxed), 1);
-        let mut m = String::new();
-        wal.write_metrics(&mut m);
+        let mut m = Vec::new();
+        wal.metrics(&mut m);
+        let m = crate::series::text(&m);
         assert!(
             m.contains("usage_log_dropped_total{reason=\"full\"} 1"),
             "{m}"

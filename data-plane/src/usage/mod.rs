@@ -42,8 +42,8 @@ pub trait UsageSink: Send + Sync {
     /// event (`interrupted`) on the next start. The default has nothing to record.
     fn opened(&self, _event: UsageEvent) {}
 
-    /// Appends the sink's Prometheus text lines to the proxy's `/metrics`.
-    fn write_metrics(&self, _out: &mut String) {}
+    /// Appends the sink's own series (log, journal, delivery) to the proxy's `/metrics`.
+    fn metrics(&self, _out: &mut Vec<crate::series::Series>) {}
 }
 
 /// Counters of the bounded wait for durability (shared by every [`Durable`] of one sink).
@@ -280,10 +280,11 @@ impl UsageSink for ChannelSink {
         }
     }
 
-    fn write_metrics(&self, out: &mut String) {
-        out.push_str(&format!(
-            "# TYPE usage_dropped_total counter\nusage_dropped_total {}\n",
-            self.dropped()
+    fn metrics(&self, out: &mut Vec<crate::series::Series>) {
+        out.push(crate::series::Series::counter(
+            "usage_dropped",
+            "Usage events dropped because the queue to the control plane was full or closed",
+            self.dropped(),
         ));
     }
 }

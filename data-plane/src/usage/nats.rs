@@ -135,11 +135,17 @@ impl UsageSink for UsageQueue {
         self.notify.notify_one();
     }
 
-    fn write_metrics(&self, out: &mut String) {
-        out.push_str(&format!(
-            "# TYPE usage_queue_length gauge\nusage_queue_length {}\n# TYPE usage_dropped_total counter\nusage_dropped_total {}\n",
-            self.len(),
-            self.dropped()
+    fn metrics(&self, out: &mut Vec<crate::series::Series>) {
+        use crate::series::Series;
+        out.push(Series::gauge(
+            "usage_queue_length",
+            "Usage events queued in memory for NATS",
+            self.len() as f64,
+        ));
+        out.push(Series::counter(
+            "usage_dropped",
+            "Usage events dropped because the in-memory queue was full (no --state-dir)",
+            self.dropped(),
         ));
     }
 }
