@@ -137,16 +137,18 @@ impl Cluster {
     fn start_proxy(&self, i: usize, port: u16, state_dir: &Path) -> Proc {
         // Generous, so that "answered ⇒ durable" holds on a loaded machine too (the default is
         // 200 ms; a timeout is counted in /metrics, checked below).
-        self.start_proxy_waiting(i, port, state_dir, 5000)
+        self.start_proxy_waiting(i, port, state_dir, 5000, &[])
     }
 
-    /// A proxy whose answers wait at most `durable_wait_ms` for their usage event.
+    /// A proxy whose answers wait at most `durable_wait_ms` for their usage event, with `extra`
+    /// flags.
     fn start_proxy_waiting(
         &self,
         i: usize,
         port: u16,
         state_dir: &Path,
         durable_wait_ms: u64,
+        extra: &[&str],
     ) -> Proc {
         let mut args: Vec<String> = vec![
             "proxy".into(),
@@ -170,6 +172,7 @@ impl Cluster {
             format!("127.0.0.1:{}", metrics_port(port)),
         ];
         args.extend(self.nats_args());
+        args.extend(extra.iter().map(|a| a.to_string()));
         spawn(&format!("flex-proxy-{i}"), &self.flex, &args, &self.logs)
     }
 
@@ -244,12 +247,15 @@ fn metrics_port(port: u16) -> u16 {
     *PORTS.lock().unwrap().entry(port).or_insert_with(free_port)
 }
 
-/// A `/metrics` value of a proxy (the first line starting with `name`).
+/// A `/metrics` value of a proxy (the first sample line starting with `name`), as a whole
+/// number: counters and gauges print as `3` or `3.0`.
 fn metric(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+        .map(|v| v as u64)
 }
 
 // ----- traffic --------------------------------------------------------------------------------
@@ -1013,7 +1019,7 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
     } = sqlite_setup(tmp.path(), 2).await;
     let port = free_port();
     let state_dir = tmp.path().join("proxy");
-    let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0);
+    let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0, &[]);
     wait_ready(port, Duration::from_secs(30)).await;
     // Served once (the snapshot has the provider key), then the control plane goes down.
     let probe: HttpClient = Client::builder(TokioExecutor::new()).build_http();
@@ -1098,7 +1104,7 @@ async fn sigterm_mid_load_keeps_the_event_of_every_answer_received() {
 
     // Restarted, the proxy delivers them all.
     control = cluster.start_control();
-    proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0);
+    proxy = cluster.start_proxy_waiting(0, port, &state_dir, 0, &[]);
     wait_ready(port, Duration::from_secs(30)).await;
     let expected = logged.values().fold((0usize, 0i64, 0i64), |a, e| {
         (
@@ -1135,7 +1141,10 @@ async fn sigterm_lets_the_answers_in_flight_finish() {
     } = sqlite_setup(tmp.path(), 2).await;
     let port = free_port();
     let state_dir = tmp.path().join("proxy");
-    let mut proxy = cluster.start_proxy_waiting(0, port, &state_dir, 200);
+    // No drain delay: this test is about what a stop does once the proxy stops accepting (the
+    // delay, which keeps accepting while load balancers notice, is tests/drain.rs's).
+    let mut proxy =
+        cluster.start_proxy_waiting(0, port, &state_dir, 200, &["--drain-delay-secs", "0"]);
     wait_ready(port, Duration::from_secs(30)).await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     until_served(&client, port, &api_key).await;
