@@ -86,8 +86,9 @@ async fn ledger(s: &Stack, at_least: usize) -> Vec<(String, i64, String)> {
     }
 }
 
-/// Flex 500, 502, 504, a stream broken before it starts, and a provider that sends no head:
-/// standard answers, by the deadline; for the failures (not the stall) at once.
+/// Flex 500, 502, 504, a stream broken before it starts, a connection reset before the head, and
+/// a provider that sends no head: standard answers, by the deadline; for the failures (not the
+/// stall) at once.
 #[tokio::test]
 async fn flex_server_faults_fall_back_to_standard_by_the_deadline() {
     let s = stack().await;
@@ -96,6 +97,7 @@ async fn flex_server_faults_fall_back_to_standard_by_the_deadline() {
         ("flex_status=502", "flex_error", true),
         ("flex_status=504", "flex_error", true),
         ("flex_cut_after=0", "flex_error", true),
+        ("flex_reset=1", "flex_error", true),
         ("flex_header_delay_ms=60000", "flex_timeout", false),
     ];
     for pair in RACING {

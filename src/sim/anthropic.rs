@@ -270,7 +270,7 @@ fn error_response(err: SimError, request_id: &str) -> Response {
         "request_id": request_id,
     });
     let mut resp = (err.status, [request_id_header(request_id)], Json(body)).into_response();
-    super::engine::retry_after_header(&err, &mut resp);
+    super::engine::error_extras(&err, &mut resp);
     resp
 }
 

@@ -15,6 +15,8 @@
 //! - `cut_after=N`: the stream breaks (the connection is reset) after N events; `end_after=N`:
 //!   it ends cleanly after N events, without its final ones; `flex_cut_after=N`: the same break,
 //!   on the flex tier only (`flex_cut_after=0`: a stream broken before it starts);
+//! - `flex_reset=1`: the flex tier closes the connection (HTTP/1.1) or resets the stream
+//!   (HTTP/2) instead of answering: no response head at all;
 //! - `flex_fail_times=N` with `sim_id=ID`: the first N flex attempts with that id fail with the
 //!   capacity error, later ones succeed (without `sim_id` the directive text is the key);
 //! - `flex_error_rate=0.3`: probability of the flex capacity error;
@@ -54,6 +56,7 @@ pub struct Directive {
     pub cut_after: Option<usize>,
     pub end_after: Option<usize>,
     pub flex_cut_after: Option<usize>,
+    pub flex_reset: bool,
     /// Every `key=value` token seen, space-separated, in order (keys the `flex_fail_times`
     /// counter when there is no `sim_id`).
     pub text: String,
@@ -117,6 +120,7 @@ impl Directive {
             "cut_after" => self.cut_after = value.parse().ok(),
             "end_after" => self.end_after = value.parse().ok(),
             "flex_cut_after" => self.flex_cut_after = value.parse().ok(),
+            "flex_reset" => self.flex_reset = matches!(value, "1" | "true"),
             _ => tracing::debug!(key, "sim: unknown directive key"),
         }
     }

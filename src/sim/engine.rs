@@ -50,6 +50,8 @@ pub(crate) struct SimError {
     pub code: Option<String>,
     /// A `Retry-After` header in seconds (`retry_after=`).
     pub retry_after: Option<u64>,
+    /// No answer at all: the connection is closed or the stream reset (`flex_reset=1`).
+    pub reset: bool,
 }
 
 impl SimError {
@@ -61,6 +63,7 @@ impl SimError {
             param,
             code: None,
             retry_after: None,
+            reset: false,
         }
     }
 
@@ -72,6 +75,7 @@ impl SimError {
             param: None,
             code: None,
             retry_after: None,
+            reset: false,
         }
     }
 
@@ -93,6 +97,7 @@ impl SimError {
             param: None,
             code: None,
             retry_after: None,
+            reset: false,
         }
     }
 
@@ -118,6 +123,7 @@ impl SimError {
             param: None,
             code: None,
             retry_after: None,
+            reset: false,
         }
     }
 
@@ -159,6 +165,7 @@ pub(crate) struct Knobs {
     pub cut: Option<Result<usize, usize>>,
     /// Break the flex tier's stream after this many events.
     flex_cut: Option<usize>,
+    flex_reset: bool,
     /// Wait between two output tokens (zero: unlimited).
     pub token_interval: Duration,
     pub output_tokens: u32,
@@ -265,6 +272,7 @@ impl SimState {
             standard_header_delay: Duration::from_millis(d.standard_header_delay_ms.unwrap_or(0)),
             cut: d.cut_after.map(Err).or(d.end_after.map(Ok)),
             flex_cut: d.flex_cut_after,
+            flex_reset: d.flex_reset,
             fail_key: d.sim_id.unwrap_or(d.text),
         }
     }
@@ -283,6 +291,11 @@ impl SimState {
         }
         let (start_delay, head_delay) = match tier {
             Tier::Flex => {
+                if knobs.flex_reset {
+                    let mut err = SimError::directed(500);
+                    err.reset = true;
+                    return Err(err);
+                }
                 if let Some(status) = self.flex_capacity_error(knobs) {
                     stats.count_capacity_error(provider, tier);
                     return Err(SimError::tier_error(status).with(knobs));
@@ -341,12 +354,22 @@ impl SimState {
 }
 
 /// Adds the error's `Retry-After` header, if it has one.
-pub(crate) fn retry_after_header(err: &SimError, resp: &mut axum::response::Response) {
+/// What every provider's error response carries besides its envelope: a `Retry-After` header,
+/// and the mark that makes the server reset instead of answering.
+pub(crate) fn error_extras(err: &SimError, resp: &mut axum::response::Response) {
     if let Some(secs) = err.retry_after {
         resp.headers_mut()
             .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
     }
+    if err.reset {
+        resp.extensions_mut().insert(ResetConnection);
+    }
 }
+
+/// A response marked so is never sent: the server closes the connection (HTTP/1.1) or resets
+/// the stream (HTTP/2) instead, as a provider's crashed backend or a load balancer does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ResetConnection;
 
 /// Why a provider key was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -115,6 +115,7 @@ fn not_found(rest: &str) -> SimError {
         param: None,
         code: None,
         retry_after: None,
+        reset: false,
     }
 }
 
@@ -280,7 +281,7 @@ fn error_response(err: SimError) -> Response {
         "status": status,
     }});
     let mut resp = (err.status, Json(body)).into_response();
-    super::engine::retry_after_header(&err, &mut resp);
+    super::engine::error_extras(&err, &mut resp);
     resp
 }
 

@@ -115,14 +115,52 @@ pub async fn serve_with_stats(
     cfg: SimConfig,
     stats: Arc<SimStats>,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Small SSE frames must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
+    let router = router_with_stats(cfg, stats);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(err) => {
+                // Out of file descriptors or a connection aborted while queued: go on.
+                tracing::debug!(error = %err, "sim: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Small SSE frames must not wait for Nagle's algorithm.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(error = %err, "sim: could not set TCP_NODELAY");
         }
+        tokio::spawn(serve_connection(tcp, router.clone()));
+    }
+}
+
+/// Serves one connection. A response marked [`engine::ResetConnection`] is not sent: the
+/// service fails instead, so hyper closes the HTTP/1.1 connection or resets the HTTP/2 stream.
+async fn serve_connection(tcp: tokio::net::TcpStream, router: Router) {
+    use tower::ServiceExt as _;
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let router = router.clone();
+        async move {
+            let resp = match router.oneshot(req.map(axum::body::Body::new)).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+            if resp.extensions().get::<engine::ResetConnection>().is_some() {
+                return Err(std::io::Error::other(
+                    "sim: connection reset by a flex_reset directive",
+                ));
+            }
+            Ok(resp)
+        }
     });
-    axum::serve(listener, router_with_stats(cfg, stats)).await
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(err) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+        .await
+    {
+        tracing::debug!(error = %err, "sim: connection ended with an error");
+    }
 }
 
 /// A simulator running in the background on 127.0.0.1 (for tests and the demo); it stops when
@@ -194,5 +232,27 @@ mod tests {
         assert_eq!(stats["requests"]["gemini:standard"], 0);
         let reset = sim.post("/_sim/reset", vec![], &json!({})).await.json();
         assert_eq!(reset["requests"]["openai:flex"], 0);
+    }
+
+    /// `flex_reset=1`: no response head at all on flex, over HTTP/1.1 (the connection closes)
+    /// and HTTP/2 (the stream is reset); standard on the same server answers.
+    #[tokio::test]
+    async fn flex_reset_answers_with_no_head() {
+        for sim in [
+            TestSim::start(SimConfig::default()).await,
+            TestSim::start_h2(SimConfig::default()).await,
+        ] {
+            for tier in ["flex", "default"] {
+                let body =
+                    json!({"model": "o3", "input": "hi #sim flex_reset=1", "service_tier": tier});
+                let got = sim.try_post("/v1/responses", &body).await;
+                if tier == "flex" {
+                    let err = got.expect_err("a reset, not a response");
+                    assert!(!err.is_connect(), "the connection was made: {err:?}");
+                } else {
+                    assert_eq!(got.unwrap().status(), 200);
+                }
+            }
+        }
     }
 }

@@ -102,6 +102,19 @@ impl TestSim {
             .unwrap()
     }
 
+    /// A POST of `body` whose transport error is returned, not a panic.
+    pub(crate) async fn try_post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        let request = Request::post(format!("{}{path}", self.handle.base_url()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        self.client.request(request).await
+    }
+
     pub(crate) async fn post(
         &self,
         path: &str,

@@ -128,7 +128,7 @@ fn error_response(err: SimError) -> Response {
         "code": code,
     }});
     let mut resp = (err.status, request_id_header(), Json(body)).into_response();
-    super::engine::retry_after_header(&err, &mut resp);
+    super::engine::error_extras(&err, &mut resp);
     resp
 }
 
