@@ -1,0 +1,98 @@
+//! Writing the newest applied snapshot to the state dir, on its own thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::Indexed;
+
+pub(super) const STATE_FILE: &str = "snapshot.pb";
+
+/// Persists the newest applied snapshot on its own thread, off the request and update paths
+/// (at a million keys a write is about 100 MB): the newest version waiting wins, so a burst of
+/// updates costs one write, and a proxy that dies before a write completes warm-starts from
+/// the previous file and catches up with a delta.
+pub(super) struct Persister {
+    pending: Mutex<PersistSlot>,
+    wake: std::sync::Condvar,
+    /// The version last written (0 = none yet).
+    pub(super) written: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct PersistSlot {
+    next: Option<Arc<Indexed>>,
+    closed: bool,
+}
+
+impl Persister {
+    pub(super) fn start(dir: PathBuf) -> Option<Arc<Self>> {
+        let p = Arc::new(Self {
+            pending: Mutex::new(PersistSlot::default()),
+            wake: std::sync::Condvar::new(),
+            written: std::sync::atomic::AtomicU64::new(0),
+        });
+        let worker = p.clone();
+        match std::thread::Builder::new()
+            .name("snapshot-persist".into())
+            .spawn(move || worker.run(&dir))
+        {
+            Ok(_) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the snapshot persister; snapshots will not be persisted");
+                None
+            }
+        }
+    }
+
+    fn run(&self, dir: &Path) {
+        loop {
+            let next = {
+                let Ok(mut slot) = self.pending.lock() else {
+                    return;
+                };
+                loop {
+                    if let Some(next) = slot.next.take() {
+                        break next;
+                    }
+                    if slot.closed {
+                        return;
+                    }
+                    slot = match self.wake.wait(slot) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                }
+            };
+            match persist_to(dir, &next.encode()) {
+                Ok(()) => self
+                    .written
+                    .store(next.version, std::sync::atomic::Ordering::Release),
+                Err(e) => {
+                    tracing::warn!(error = %e, version = next.version, "could not persist the snapshot to the state dir")
+                }
+            }
+        }
+    }
+
+    pub(super) fn submit(&self, s: Arc<Indexed>) {
+        if let Ok(mut slot) = self.pending.lock() {
+            slot.next = Some(s);
+        }
+        self.wake.notify_one();
+    }
+
+    pub(super) fn close(&self) {
+        if let Ok(mut slot) = self.pending.lock() {
+            slot.closed = true;
+        }
+        self.wake.notify_one();
+    }
+}
+
+fn persist_to(dir: &Path, encoded: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, encoded)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE))
+}
