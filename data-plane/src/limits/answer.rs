@@ -26,58 +26,45 @@ pub(crate) fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// The UTC time of unix ms `ms` (the epoch for one out of range).
+fn utc(ms: u64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Days since 1970-01-01 of a date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Unix ms of a UTC date's midnight.
+fn midnight_ms(d: time::Date) -> u64 {
+    let t = d.midnight().assume_utc().unix_timestamp();
+    u64::try_from(t).unwrap_or(0).saturating_mul(1000)
 }
 
 /// The UTC day (`YYYYMMDD`) and month (`YYYYMM`) of a time.
 pub(crate) fn day_and_month(ms: u64) -> (String, String) {
-    let days = i64::try_from(ms / 86_400_000).unwrap_or(0);
-    let (y, m, d) = civil(days);
-    (format!("{y:04}{m:02}{d:02}"), format!("{y:04}{m:02}"))
+    let d = utc(ms).date();
+    let (y, m) = (d.year(), u8::from(d.month()));
+    (
+        format!("{y:04}{m:02}{:02}", d.day()),
+        format!("{y:04}{m:02}"),
+    )
 }
 
 /// Unix ms of the next UTC midnight and of the next first of a month after `ms`.
 fn next_day_and_month(ms: u64) -> (u64, u64) {
-    let days = i64::try_from(ms / 86_400_000).unwrap_or(0);
-    let (y, m, _) = civil(days);
-    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    let to_ms = |d: i64| u64::try_from(d).unwrap_or(0) * 86_400_000;
-    (to_ms(days + 1), to_ms(days_from_civil(ny, nm, 1)))
+    let d = utc(ms).date();
+    let next_day = d.next_day().unwrap_or(d);
+    let (y, m) = match d.month() {
+        time::Month::December => (d.year() + 1, time::Month::January),
+        m => (d.year(), m.next()),
+    };
+    let next_month = time::Date::from_calendar_date(y, m, 1).unwrap_or(next_day);
+    (midnight_ms(next_day), midnight_ms(next_month))
 }
 
 /// RFC 3339, whole seconds (rounded up), UTC.
 pub(crate) fn rfc3339(ms: u64) -> String {
-    let secs = ms.div_ceil(1000);
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (y, m, d) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = utc(ms.div_ceil(1000).saturating_mul(1000));
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// OpenAI's duration form: `250ms`, `12.4s`, `1m0s`, `6m30.5s`.
