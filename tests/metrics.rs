@@ -280,4 +280,43 @@ async fn known_traffic_gives_exact_counters() {
     // No org or key label anywhere.
     assert!(!text.contains("org_"), "{text}");
     assert!(!text.contains("key_"), "{text}");
+    dashboard_series_are_exposed(&s);
+}
+
+/// Every series the Grafana dashboard reads (`deploy/grafana/metrics.txt`: `NAME TYPE
+/// [LABELS]`) is in the exposition, with the labels the dashboard uses (a histogram through its
+/// `_bucket` samples).
+fn dashboard_series_are_exposed(s: &BTreeMap<String, f64>) {
+    let listed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/metrics.txt"),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for line in listed
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let mut parts = line.split_whitespace();
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        let labels: Vec<&str> = parts
+            .next()
+            .map(|l| l.split(',').collect())
+            .unwrap_or_default();
+        let sample = if kind == "histogram" {
+            format!("{name}_bucket")
+        } else {
+            name.to_string()
+        };
+        let found = s.keys().find(|k| {
+            k.split_once('{').is_some_and(|(n, rest)| {
+                n == sample && labels.iter().all(|l| rest.contains(&format!("{l}=\"")))
+            })
+        });
+        assert!(
+            found.is_some(),
+            "deploy/grafana/metrics.txt lists {name} ({kind}, labels {labels:?}), which the exposition lacks"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 15, "metrics.txt lists {checked} series");
 }
