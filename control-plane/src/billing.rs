@@ -1,5 +1,5 @@
-//! Billing commands: the plan and its fee, invoices computed from the usage ledger, payments, and
-//! the overdue check that makes an org `past_due`.
+//! Billing commands: the status, the plan and its fee, invoices computed from the usage ledger,
+//! payments, and the overdue check that makes an org `past_due`.
 //!
 //! Money is integer micro-dollars throughout. An invoice bills the fee on the org's flex savings
 //! over a closed period: savings = standard-tier cost − actual cost of the requests received in
@@ -17,7 +17,7 @@
 use flex_shared::proto::admin as apb;
 use time::OffsetDateTime;
 
-use crate::domain::{self, BillingAggregate, Event, Loaded, OrgAggregate};
+use crate::domain::{self, BillingAggregate, BillingStatus, Event, Loaded, OrgAggregate};
 use crate::error::{Error, Result};
 use crate::projection::Projection;
 use crate::store::{Metadata, Store, StoreError};
@@ -60,6 +60,29 @@ impl ControlPlane {
             .require(org_id)
     }
 
+    /// Sets `active` or `past_due` (declarative: setting the current status records nothing).
+    pub async fn set_billing_status(
+        &self,
+        meta: &Metadata,
+        org_id: &str,
+        status: &str,
+    ) -> Result<apb::BillingAccount> {
+        let org_id = domain::validate_id("org_id", org_id, "org_0190…")?;
+        let status = BillingStatus::parse(status)?;
+        let org = self
+            .load::<OrgAggregate>(&domain::org_stream(&org_id))
+            .await?;
+        org.state.require(&org_id)?;
+        let stream = domain::billing_stream(&org_id);
+        let billing = self.load::<BillingAggregate>(&stream).await?;
+        if let Some(event) = billing.state.set_status(&org_id, status) {
+            self.append(&stream, billing.version, &event, meta).await?;
+        } else {
+            self.catch_up().await?;
+        }
+        self.billing_view(&org_id)
+    }
+
     /// Sets the org's plan and its fee on flex savings (declarative: the same plan and fee record
     /// nothing). The fee reaches the proxies in the snapshot and applies to invoices issued from
     /// then on.
@@ -82,6 +105,18 @@ impl ControlPlane {
             self.catch_up().await?;
         }
         self.billing_view(&org_id)
+    }
+
+    pub async fn get_billing(&self, org_id: &str) -> Result<apb::BillingAccount> {
+        self.catch_up().await?;
+        self.billing_view(org_id)
+    }
+
+    /// The org's billing account from the projection, invoice status as of now.
+    fn billing_view(&self, org_id: &str) -> Result<apb::BillingAccount> {
+        self.state()
+            .billing_admin(org_id, timefmt::now())
+            .ok_or_else(|| domain::not_found_org(org_id))
     }
 
     fn invoice_view(&self, org_id: &str, invoice_id: &str) -> Result<apb::Invoice> {

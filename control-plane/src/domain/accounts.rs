@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
-use super::{clip, has_control, Aggregate, Event, OrgAggregate};
+use super::validate::{clip, has_control};
+use super::{Aggregate, Event, OrgAggregate};
 use crate::error::{Error, Result};
 use crate::timefmt;
 
