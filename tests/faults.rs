@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The failure policy end to end: the proxy against the simulator provoked by `#sim` directives,
-//! for each provider and for native and translated pairs (README "Failure policy").
+//! for each provider and for native and translated pairs (docs/failure-policy.md).
 //!
 //! Gemini has no native pair (no caller format is generateContent), and Anthropic has no flex
 //! tier, so its rows are the ones without a race (errors pass through, a cut-off answer is an

@@ -1,5 +1,5 @@
 //! The failure policy: what a provider's failure means for the request, in one table per
-//! provider (README "Failure policy" shows the same tables).
+//! provider (docs/failure-policy.md shows the same tables).
 //!
 //! - [`FailureClass::Caller`]: the request itself is wrong or cannot be paid for (400, 401, 403,
 //!   404, 413, 422, quota and billing errors). Standard would fail the same way, so it passes

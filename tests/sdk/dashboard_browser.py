@@ -5,7 +5,7 @@ Usage: python dashboard_browser.py DATA_DIR SCREENSHOT_DIR
 Prints one JSON line at the end ({"org_id", "key_id", ...}) for the Rust test to check with
 `flex admin`. On failure it saves a screenshot of the failing page and of every page it visited (taken
 when it was visited) into SCREENSHOT_DIR, and exits non-zero. With FLEX_DASHBOARD_SCREENSHOTS=1 it saves them on
-success too (the README's screenshot comes from there).
+success too (the screenshot in README.md and docs/dashboard.md comes from there).
 """
 import json
 import os
