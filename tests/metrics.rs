@@ -267,6 +267,11 @@ async fn known_traffic_gives_exact_counters() {
         ),
         1.0
     );
+    assert_eq!(
+        value(&s, "flex_usage_consumer_lag{}"),
+        0.0,
+        "no NATS, no consumer"
+    );
     assert!(
         value(&s, "flex_event_log_appends_total{}") >= 5.0,
         "the demo's org, key and provider keys"

@@ -687,3 +687,70 @@ async fn per_org_rollups_equal_the_ledger_sum_over_random_events() {
     drop(cp);
     db.drop_db().await;
 }
+
+/// The consumer's lag (`flex_usage_consumer_lag`) is what JetStream holds unacknowledged: it
+/// grows to the backlog while the ledger cannot be written (its table locked), and returns to
+/// 0 once the backlog is in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_counts_the_backlog_while_the_ledger_is_blocked() {
+    let nats = NatsServer::start();
+    let db = Pg::new().await;
+    let cp = Arc::new(ControlPlane::open(&db.url(), keyring()).await.unwrap());
+    let client = nats_client(&nats.url()).await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_or_create_stream(usage_stream_config())
+        .await
+        .unwrap();
+    let consumer = cp.spawn_usage_consumer(
+        client.clone(),
+        UsageConsumerConfig {
+            lag_interval: Duration::from_millis(50),
+            ..consumer_config()
+        },
+    );
+    let lag = || consumer.stats().lag.load(Ordering::Relaxed);
+    let until = |want: u64, what: &'static str| {
+        let t0 = Instant::now();
+        async move {
+            loop {
+                let got = lag();
+                if got == want {
+                    return;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "lag {got}, waiting for {want}: {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(0, "an empty stream").await;
+
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_ledger IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let e = event(&format!("req_lag_{i}"), "org_lag", 10);
+        js.publish(
+            nats_subject("org_lag"),
+            serde_json::to_vec(&e).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    until(20, "20 events behind a locked ledger").await;
+    lock.rollback().await.unwrap();
+    until(0, "the backlog recorded").await;
+    let (rows,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM usage_ledger WHERE org_id = 'org_lag'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 20);
+}

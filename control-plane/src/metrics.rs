@@ -1,6 +1,7 @@
 //! The control plane's Prometheus metrics, served with `--metrics-listen` (`flex control`, and
 //! inside `flex up`'s exposition): gRPC calls by method and status, their latency, event-log
-//! appends, ledger inserts, and the connected proxies by transport and snapshot version.
+//! appends, ledger inserts, the usage consumer's lag on NATS, and the connected proxies by
+//! transport and snapshot version.
 
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -44,6 +45,8 @@ pub struct ControlMetrics {
     pub call_duration: Histograms,
     pub appends: Counter,
     pub ledger_inserts: Counter,
+    /// Usage messages on NATS not yet acknowledged by this process's consumer.
+    pub usage_consumer_lag: Gauge,
 }
 
 static METRICS: LazyLock<ControlMetrics> = LazyLock::new(ControlMetrics::new);
@@ -61,6 +64,7 @@ impl ControlMetrics {
             Family::new_with_constructor(call_histogram as fn() -> Histogram);
         let appends = Counter::default();
         let ledger_inserts = Counter::default();
+        let usage_consumer_lag = Gauge::default();
         registry.register(
             "flex_admin_requests",
             "gRPC calls (admin and control services) by method and status",
@@ -81,12 +85,18 @@ impl ControlMetrics {
             "Usage events inserted into the ledger (duplicates refused by the unique request id are not counted)",
             ledger_inserts.clone(),
         );
+        registry.register(
+            "flex_usage_consumer_lag",
+            "Usage messages in FLEX_USAGE not yet acknowledged by the ledger consumer (0 without NATS)",
+            usage_consumer_lag.clone(),
+        );
         Self {
             registry,
             calls,
             call_duration,
             appends,
             ledger_inserts,
+            usage_consumer_lag,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct UsageConsumerConfig {
     pub ack_wait: Duration,
     /// Messages delivered and not yet acknowledged, at most.
     pub max_ack_pending: i64,
+    /// How often the consumer's lag is read from JetStream (`flex_usage_consumer_lag`).
+    pub lag_interval: Duration,
 }
 
 impl Default for UsageConsumerConfig {
@@ -65,6 +67,7 @@ impl Default for UsageConsumerConfig {
             linger: Duration::from_millis(20),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
+            lag_interval: Duration::from_secs(5),
         }
     }
 }
@@ -84,12 +87,17 @@ pub struct UsageConsumerStats {
     pub batches: AtomicU64,
     /// Failed database writes and NATS sessions (each retried).
     pub errors: AtomicU64,
+    /// Messages of the stream not yet acknowledged by the consumer (waiting for delivery, or
+    /// delivered and not yet in the ledger), as JetStream last reported; `u64::MAX` until the
+    /// first report.
+    pub lag: AtomicU64,
 }
 
 /// A running consumer; dropping it stops it.
 pub struct UsageConsumer {
     stats: Arc<UsageConsumerStats>,
     task: JoinHandle<()>,
+    lag_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for UsageConsumer {
@@ -112,6 +120,7 @@ impl UsageConsumer {
 impl Drop for UsageConsumer {
     fn drop(&mut self) {
         self.task.abort();
+        self.lag_task.abort();
     }
 }
 
@@ -153,6 +162,47 @@ fn problem(e: &UsageEvent) -> Option<String> {
     None
 }
 
+/// Reads the durable consumer's lag from JetStream every `every`, into `stats.lag` and the
+/// `flex_usage_consumer_lag` gauge: messages not yet acknowledged, which grows while the
+/// database or this process falls behind (the ledger write path itself never waits for it).
+async fn poll_lag(
+    js: jetstream::Context,
+    durable: String,
+    every: Duration,
+    stats: Arc<UsageConsumerStats>,
+) {
+    let mut consumer: Option<jetstream::consumer::Consumer<pull::Config>> = None;
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if consumer.is_none() {
+            consumer = match js.get_stream(NATS_STREAM).await {
+                Ok(stream) => stream.get_consumer(&durable).await.ok(),
+                Err(_) => None,
+            };
+        }
+        let Some(c) = consumer.as_mut() else {
+            continue;
+        };
+        match c.info().await {
+            Ok(info) => {
+                let lag = info
+                    .num_pending
+                    .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX));
+                stats.lag.store(lag, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .usage_consumer_lag
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "usage consumer: cannot read its lag; looking it up again");
+                consumer = None;
+            }
+        }
+    }
+}
+
 impl ControlPlane {
     /// Starts the usage consumer on `client` in the background (see the module docs).
     pub fn spawn_usage_consumer(
@@ -160,13 +210,26 @@ impl ControlPlane {
         client: async_nats::Client,
         config: UsageConsumerConfig,
     ) -> UsageConsumer {
-        let stats = Arc::new(UsageConsumerStats::default());
+        let stats = Arc::new(UsageConsumerStats {
+            lag: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        });
         let cp = self.clone();
+        let lag_task = tokio::spawn(poll_lag(
+            jetstream::new(client.clone()),
+            config.durable.clone(),
+            config.lag_interval,
+            stats.clone(),
+        ));
         let task = {
             let stats = stats.clone();
             tokio::spawn(async move { cp.consume_usage(client, config, stats).await })
         };
-        UsageConsumer { stats, task }
+        UsageConsumer {
+            stats,
+            task,
+            lag_task,
+        }
     }
 
     /// Consumes usage from JetStream into the ledger, forever: creates the stream and the durable
