@@ -2,7 +2,11 @@
 //! proxy (`start_within: "default"`, non-streaming, so there is no race), over loopback HTTP/1.1
 //! with keep-alive. Reports latency percentiles and what the proxy adds.
 //!
-//! Run: `cargo run --release --example overhead -- [REQUESTS] [CONCURRENCY] [--usage-log]`
+//! Run: `cargo run --release --example overhead -- [REQUESTS] [CONCURRENCY] [--usage-log]
+//! [--no-metrics]`
+//!
+//! `--no-metrics`: the proxy counts no request series (as `flex proxy` without
+//! `--metrics-listen`); without it every request is counted, as with a metrics listener.
 //!
 //! `--usage-log`: the proxy writes usage to the write-ahead usage log (as `flex proxy
 //! --state-dir` does: each answer's end waits for its event's group fsync), in a temp dir on the
@@ -94,6 +98,7 @@ async fn main() {
     let n = args.first().copied().unwrap_or(20_000);
     let conc = args.get(1).copied().unwrap_or(32);
     let usage_log = std::env::args().any(|a| a == "--usage-log");
+    let metrics = !std::env::args().any(|a| a == "--no-metrics");
     let dir = tempfile::tempdir().unwrap();
     let ring =
         Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "bench").unwrap());
@@ -134,6 +139,7 @@ async fn main() {
             anthropic: sim.base_url(),
             gemini: sim.base_url(),
         },
+        metrics,
         ..ProxyConfig::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -742,6 +742,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 }
             }))),
             limits,
+            metrics: metrics_listener.is_some(),
             ..proxy_config(&args.upstream, urls)
         },
         tls,
@@ -1187,6 +1188,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let (metrics, _) = metrics_listener(args.metrics.metrics_listen, false).await?;
     let cfg = ProxyConfig {
         limits: limits_of(&args.limits, &limits_proxy_id, false)?,
+        metrics: metrics.is_some(),
         ..proxy_config(&args.upstream, base_urls(&args.upstream, None))
     };
     // From here on SIGINT and SIGTERM stop the process cleanly.

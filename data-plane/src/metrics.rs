@@ -97,6 +97,8 @@ pub struct ProxyMetrics {
     pub cost: Family<CostLabels, Counter>,
     pub standard_cost: Family<CostLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// Set when nothing serves the request series (`disable`).
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 fn new_request_histogram() -> Histogram {
@@ -189,11 +191,32 @@ impl ProxyMetrics {
             cost,
             standard_cost,
             rate_limited,
+            disabled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Stops counting requests (`ProxyConfig::metrics` off): the counting calls return at once.
+    pub fn disable(&self) {
+        self.disabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn off(&self) -> bool {
+        self.disabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Observes the proxy's own time of a request (`flex_overhead_seconds`).
+    pub fn overhead(&self, d: std::time::Duration) {
+        if !self.off() {
+            self.overhead.observe(d.as_secs_f64());
         }
     }
 
     /// Counts a request that ended before it had a usage event.
     pub fn refused(&self, format: &str, status: u16) {
+        if self.off() {
+            return;
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 format: format.to_string(),
@@ -207,6 +230,9 @@ impl ProxyMetrics {
 
     /// Counts an upstream attempt.
     pub fn attempt(&self, provider: &str, tier: &str, class: &str) {
+        if self.off() {
+            return;
+        }
         self.attempts
             .get_or_create(&AttemptLabels {
                 provider: provider.to_string(),
@@ -453,5 +479,47 @@ impl UsageSink for Metered {
 
     fn metrics(&self, out: &mut Vec<crate::series::Series>) {
         self.inner.metrics(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn metrics() -> ProxyMetrics {
+        let (sink, _rx) = crate::usage::ChannelSink::new();
+        ProxyMetrics::new(StateCollector {
+            snapshots: Arc::new(SnapshotStore::new(None, None)),
+            usage: sink,
+            loser_started: Arc::default(),
+            limits: None,
+        })
+    }
+
+    /// Counted when enabled; nothing counted once disabled (no listener serves the series),
+    /// while the scrape-time series stay.
+    #[test]
+    fn a_disabled_registry_counts_nothing() {
+        for enabled in [true, false] {
+            let m = metrics();
+            if !enabled {
+                m.disable();
+            }
+            m.refused("responses", 401);
+            m.attempt("openai", "flex", "started");
+            m.overhead(std::time::Duration::from_micros(30));
+            let text = m.encode(None);
+            let counted = [
+                r#"flex_requests_total{format="responses",provider="",model="",tier="",status="401"} 1"#,
+                r#"flex_upstream_attempts_total{provider="openai",tier="flex",class="started"} 1"#,
+                "flex_overhead_seconds_count 1",
+            ];
+            for line in counted {
+                assert_eq!(text.contains(line), enabled, "{line} in:\n{text}");
+            }
+            assert!(text.contains("flex_snapshot_version"), "{text}");
+        }
     }
 }

@@ -59,6 +59,9 @@ pub struct ProxyConfig {
     pub extra_metrics: Option<ExtraMetrics>,
     /// Rate limits, concurrency caps and budgets (in process by default; Redis for a fleet).
     pub limits: crate::limits::Limits,
+    /// Counts the request series (`metrics`). The binaries turn it off when no
+    /// `--metrics-listen` serves them; the scrape-time series cost nothing until scraped.
+    pub metrics: bool,
 }
 
 /// Appends OpenMetrics families (without the end marker) to the proxy's exposition.
@@ -117,6 +120,7 @@ impl Default for ProxyConfig {
             caller_trace: None,
             extra_metrics: None,
             limits: crate::limits::Limits::default(),
+            metrics: true,
         }
     }
 }
@@ -304,15 +308,21 @@ impl Proxy {
             loser_started: loser_started.clone(),
             limits: Some(cfg.limits.clone()),
         }));
+        let usage: Arc<dyn UsageSink> = if cfg.metrics {
+            Arc::new(Metered {
+                inner: usage,
+                metrics: metrics.clone(),
+            })
+        } else {
+            metrics.disable();
+            usage
+        };
         Self {
             snapshots,
             upstream,
             cfg,
             latency: StartLatency::default(),
-            usage: Arc::new(Metered {
-                inner: usage,
-                metrics: metrics.clone(),
-            }),
+            usage,
             races_loser_started: loser_started,
             metrics,
         }
@@ -697,7 +707,7 @@ impl Proxy {
             return self.direct_body(call, *api, tier, slot).await;
         }
         let prepared = Prepared::new(call, plan)?;
-        self.metrics.overhead.observe(t0.elapsed().as_secs_f64());
+        self.metrics.overhead(t0.elapsed());
         let e = &mut slot.as_mut().ok_or_else(crate::request::lost_draft)?.event;
         let started = self
             .start_upstream(plan, t0, &call.model, call.floor, e, |tier, left| {
@@ -740,7 +750,7 @@ impl Proxy {
         // A non-streaming answer shows no sign of its start before its head, which comes with
         // the whole body: the request counts as in flight at the provider from here.
         self.opened(&d.event, tier);
-        self.metrics.overhead.observe(d.t0.elapsed().as_secs_f64());
+        self.metrics.overhead(d.t0.elapsed());
         let (provider, ask) = (call.provider.as_str(), tier.as_str());
         let resp = match self.upstream.send(&req, None).await {
             Ok(r) => r,
