@@ -89,6 +89,13 @@ pub struct UpstreamArgs {
     /// `upstream_incomplete`.
     #[arg(long, env = "FLEX_MAX_RESPONSE_MIB", default_value_t = 64)]
     pub max_response_mib: usize,
+    /// Most messages (Chat Completions, Messages) or input items (Responses, Interactions) in
+    /// one request; more get a 400 `too_many_messages`.
+    #[arg(long, env = "FLEX_MAX_MESSAGES", default_value_t = 10_000)]
+    pub max_messages: usize,
+    /// Most tools declared in one request; more get a 400 `too_many_tools`.
+    #[arg(long, env = "FLEX_MAX_TOOLS", default_value_t = 1_024)]
+    pub max_tools: usize,
 }
 
 /// Where Prometheus metrics are served, shared by every process.

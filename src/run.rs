@@ -72,6 +72,10 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
         base_urls,
         max_body_bytes: u.max_body_mib.saturating_mul(1024 * 1024),
         max_response_bytes: u.max_response_mib.saturating_mul(1024 * 1024),
+        items: flex_data_plane::request::ItemLimits {
+            max_messages: u.max_messages,
+            max_tools: u.max_tools,
+        },
         // Set only when traces are exported.
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()

@@ -1201,3 +1201,121 @@ async fn sigterm_lets_the_answers_in_flight_finish() {
         "its usage event is in the log"
     );
 }
+
+/// A hostile tenant's model ids (2 MB long, or with a NUL) get a 400 `invalid_model` before any
+/// usage event exists, and another tenant's usage keeps flowing into the ledger: over NATS and
+/// over the control plane's gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_model_ids_are_refused_and_other_tenants_usage_keeps_flowing() {
+    for use_nats in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let logs = tmp.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let key_file = tmp.path().join("master.key");
+        std::fs::write(&key_file, MasterKeyring::generate_file_text()).unwrap();
+        let sim = sim::spawn(SimConfig {
+            openai_key: Some(OPENAI_KEY.into()),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let cluster = Cluster {
+            flex: PathBuf::from(env!("CARGO_BIN_EXE_flex")),
+            logs,
+            use_nats,
+            nats_port: free_port(),
+            nats_dir: tmp.path().join("nats"),
+            cp_port: free_port(),
+            db_url: format!("sqlite://{}?mode=rwc", tmp.path().join("flex.db").display()),
+            key_file,
+            openai_url: sim.openai_base_url(),
+            gemini_url: sim.base_url(),
+        };
+        let _nats = use_nats.then(|| cluster.start_nats());
+        let _control = cluster.start_control();
+        let mut tenants = Vec::new();
+        for name in ["mallory", "alice"] {
+            let org = cluster.admin(&["org", "create", name], None)["org_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let key = cluster.admin(&["key", "create", "--org", &org, "--name", "k"], None)
+                ["api_key"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            cluster.admin(
+                &["provider-key", "set", "--org", &org, "--provider", "openai"],
+                Some(OPENAI_KEY),
+            );
+            tenants.push((org, key));
+        }
+        let [(mallory_org, mallory), (alice_org, alice)] = [tenants[0].clone(), tenants[1].clone()];
+        let port = free_port();
+        let _proxy = cluster.start_proxy(0, port, &tmp.path().join("proxy"));
+        wait_ready(port, Duration::from_secs(30)).await;
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        until_served(&client, port, &alice).await;
+        until_served(&client, port, &mallory).await;
+
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        let chat = |model: &str| {
+            json!({"model": model, "start_within": "default",
+                   "messages": [{"role": "user", "content": "hi"}]})
+        };
+        let huge = format!("gpt-{}", "a".repeat(2 * 1024 * 1024));
+        for model in [huge.as_str(), "gpt-5.5\u{0}x"] {
+            let (status, body) =
+                infra::request(http::Method::POST, &url, Some(&mallory), Some(chat(model)))
+                    .await
+                    .unwrap();
+            let what = format!("nats={use_nats} model of {} bytes", model.len());
+            assert_eq!(status, 400, "{what}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"]["code"], "invalid_model", "{what}: {body}");
+            assert!(body.len() < 2000, "{what}: the error echoes no model id");
+            for _ in 0..3 {
+                let (status, body) = infra::request(
+                    http::Method::POST,
+                    &url,
+                    Some(&alice),
+                    Some(chat("gpt-5.5")),
+                )
+                .await
+                .unwrap();
+                assert_eq!(status, 200, "{what}: {body}");
+            }
+        }
+        // Alice's six answers and her probe's are in the ledger; of Mallory's, only her probe's.
+        let db = sqlx::SqlitePool::connect(&cluster.db_url).await.unwrap();
+        let answered = |org: String| {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM usage_ledger WHERE org_id = ? AND status = 200",
+                )
+                .bind(org)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+        let t0 = Instant::now();
+        loop {
+            let a = answered(alice_org.clone()).await;
+            if a == 7 {
+                assert_eq!(
+                    answered(mallory_org.clone()).await,
+                    1,
+                    "nats={use_nats}: only Mallory's probe answered"
+                );
+                break;
+            }
+            assert!(
+                a < 7 && t0.elapsed() < Duration::from_secs(60),
+                "nats={use_nats}: alice's ledger has {a} answers, waiting for 7"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

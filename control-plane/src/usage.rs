@@ -82,15 +82,50 @@ impl ControlPlane {
     /// Records usage events in the ledger, exactly once per request id. Returns how many were new.
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<u64> {
         for (i, e) in events.iter().enumerate() {
-            if e.request_id.trim().is_empty() || e.org_id.trim().is_empty() {
+            if let Some(p) = e.ledger_problem() {
                 return Err(Error::InvalidArgument(format!(
-                    "usage event {i} has an empty request_id or org_id; both are required"
+                    "usage event {i} cannot enter the ledger: {p}. Nothing in this batch was recorded"
                 )));
             }
         }
         let inserted = self.store.insert_usage(events).await?;
         tracing::debug!(received = events.len(), inserted, "usage recorded");
         Ok(inserted)
+    }
+
+    /// Refuses events whose org does not exist, or whose key belongs to another org (a key this
+    /// control plane does not know, e.g. a synthetic one, is let through: the org is what is
+    /// billed). An unknown org is looked for again after catching up with the event log, so an
+    /// org created a moment ago on another instance is not refused.
+    async fn check_tenancy(&self, events: &[UsageEvent]) -> Result<()> {
+        let wrong = |state: &crate::projection::State| {
+            events.iter().enumerate().find_map(|(i, e)| {
+                if !state.orgs.contains_key(&e.org_id) {
+                    return Some(format!(
+                        "usage event {i}: org `{}` does not exist",
+                        domain::clip(&e.org_id)
+                    ));
+                }
+                match state.api_keys.get(&e.key_id) {
+                    Some(k) if k.org_id != e.org_id => Some(format!(
+                        "usage event {i}: key `{}` does not belong to org `{}`",
+                        domain::clip(&e.key_id),
+                        domain::clip(&e.org_id)
+                    )),
+                    _ => None,
+                }
+            })
+        };
+        if wrong(&self.state()).is_none() {
+            return Ok(());
+        }
+        self.catch_up().await?;
+        match wrong(&self.state()) {
+            None => Ok(()),
+            Some(why) => Err(Error::InvalidArgument(format!(
+                "{why}. Nothing in this batch was recorded; report usage only for orgs and keys of this control plane"
+            ))),
+        }
     }
 
     /// Parses JSON usage events (all or nothing) and records them. Returns how many are now in
@@ -107,6 +142,7 @@ impl ControlPlane {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        self.check_tenancy(&events).await?;
         self.record_usage(&events).await?;
         u32::try_from(events.len())
             .map_err(|_| Error::InvalidArgument("too many usage events in one batch".into()))

@@ -140,26 +140,7 @@ fn refused_by_database(e: &Error) -> bool {
 
 /// Why an event can never enter the ledger, if so.
 fn problem(e: &UsageEvent) -> Option<String> {
-    if let Some(p) = e.ledger_problem() {
-        return Some(p);
-    }
-    let texts = [
-        &e.request_id,
-        &e.org_id,
-        &e.key_id,
-        &e.model,
-        &e.provider,
-        &e.caller_format,
-        &e.start_within,
-        &e.served_tier,
-        &e.reason,
-        &e.outcome,
-        &e.received_at,
-    ];
-    if texts.iter().any(|t| t.contains('\0')) || e.tiers_started.iter().any(|t| t.contains('\0')) {
-        return Some("a text field contains a NUL character".into());
-    }
-    None
+    e.ledger_problem()
 }
 
 /// Reads the durable consumer's lag from JetStream every `every`, into `stats.lag` and the

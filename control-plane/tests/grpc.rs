@@ -573,6 +573,39 @@ async fn usage_over_grpc_is_counted_once(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // Events that cannot be true are refused whole, with what is wrong: an org that does not
+    // exist, a negative or huge cost, a NUL in a text field, a model id of a megabyte.
+    let forged = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&event).unwrap();
+        v["request_id"] = "req-forged".into();
+        f(&mut v);
+        v.to_string()
+    };
+    for (bad, says) in [
+        (
+            forged(&|v| v["org_id"] = "org_nobody".into()),
+            "does not exist",
+        ),
+        (forged(&|v| v["cost_micros"] = (-5).into()), "cost_micros"),
+        (
+            forged(&|v| v["standard_cost_micros"] = i64::MAX.into()),
+            "standard_cost_micros",
+        ),
+        (forged(&|v| v["model"] = "gpt\u{0}x".into()), "NUL"),
+        (
+            forged(&|v| v["model"] = "m".repeat(1 << 20).into()),
+            "model is 1048576 bytes",
+        ),
+    ] {
+        let err = control
+            .report_usage(pb::ReportUsageRequest {
+                events_json: vec![bad],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     let u = a
         .get_usage(apb::GetUsageRequest {
             org_id: org.org_id.clone(),

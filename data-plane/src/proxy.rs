@@ -59,6 +59,8 @@ pub struct ProxyConfig {
     pub extra_metrics: Option<ExtraMetrics>,
     /// Rate limits, concurrency caps and budgets (in process by default; Redis for a fleet).
     pub limits: crate::limits::Limits,
+    /// Bounds on a request's messages and tools.
+    pub items: crate::request::ItemLimits,
     /// Counts the request series (`metrics`). The binaries turn it off when no
     /// `--metrics-listen` serves them; the scrape-time series cost nothing until scraped.
     pub metrics: bool,
@@ -120,6 +122,7 @@ impl Default for ProxyConfig {
             caller_trace: None,
             extra_metrics: None,
             limits: crate::limits::Limits::default(),
+            items: crate::request::ItemLimits::default(),
             metrics: true,
         }
     }
@@ -564,6 +567,10 @@ impl Proxy {
         let sw = start_within::parse_value(sw_value.as_ref())?;
         body.remove("start_within");
         let model = formats::model(&body, format)?;
+        // Everything that reaches the usage draft (and from it the event, the span and the log
+        // lines) is checked before the draft exists.
+        crate::request::check_model_id(&model)?;
+        crate::request::check_items(&body, format, self.cfg.items)?;
         let entry = snapshot.catalog.get(&model).cloned();
         *draft = Some(Draft {
             event: UsageEvent {

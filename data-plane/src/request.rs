@@ -46,6 +46,105 @@ pub fn rfc3339_now() -> String {
         .unwrap_or_default()
 }
 
+/// The longest model id accepted (bytes). Real ids are tens of characters; the id goes into the
+/// usage event, the span, log lines and metric labels, so it is bounded before any of them.
+pub const MAX_MODEL_ID_BYTES: usize = 256;
+
+/// Bounds on the items of a request (`--max-messages`, `--max-tools`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemLimits {
+    /// Messages (Chat Completions, Messages) or input items (Responses, Interactions).
+    pub max_messages: usize,
+    pub max_tools: usize,
+}
+
+impl Default for ItemLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_tools: 1_024,
+        }
+    }
+}
+
+/// Checks the model id before it reaches the usage draft: at most [`MAX_MODEL_ID_BYTES`], of
+/// letters, digits and `. _ - : / @ +` (every provider's ids, fine-tuned ones included). The
+/// error never echoes the id (it may be megabytes, or hold control characters).
+pub fn check_model_id(model: &str) -> Result<(), ApiError> {
+    let fix = "use a model id from GET /v1/models.";
+    let example = r#"{"model": "gpt-5.5", ...}"#;
+    if model.len() > MAX_MODEL_ID_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_model",
+            format!(
+                "The model id is {} bytes long; a model id is at most {MAX_MODEL_ID_BYTES}.",
+                model.len()
+            ),
+        )
+        .param("model")
+        .fix(fix)
+        .example(example));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:/@+".contains(c);
+    if let Some((at, c)) = model.char_indices().find(|&(_, c)| !allowed(c)) {
+        let what = if c.is_control() {
+            format!("a control character (U+{:04X})", u32::from(c))
+        } else {
+            format!("`{c}`")
+        };
+        return Err(ApiError::bad_request(
+            "invalid_model",
+            format!(
+                "The model id has {what} at byte {at}; a model id is letters, digits and . _ - : / @ +."
+            ),
+        )
+        .param("model")
+        .fix(fix)
+        .example(example));
+    }
+    Ok(())
+}
+
+/// Checks the counts of messages (or input items) and tools against `limits`, without
+/// parsing the items themselves.
+pub fn check_items(
+    body: &crate::formats::RawBody,
+    format: crate::formats::CallerFormat,
+    limits: ItemLimits,
+) -> Result<(), ApiError> {
+    use crate::formats::CallerFormat;
+    let messages = match format {
+        CallerFormat::ChatCompletions | CallerFormat::Messages => "messages",
+        CallerFormat::Responses | CallerFormat::Interactions => "input",
+    };
+    for (field, max, flag) in [
+        (messages, limits.max_messages, "--max-messages"),
+        ("tools", limits.max_tools, "--max-tools"),
+    ] {
+        let Some(raw) = body.get(field) else {
+            continue;
+        };
+        // An array's length without building its items; other shapes are the format's to judge.
+        let Ok(items) = serde_json::from_str::<Vec<serde::de::IgnoredAny>>(raw.get()) else {
+            continue;
+        };
+        if items.len() > max {
+            return Err(ApiError::bad_request(
+                if field == "tools" { "too_many_tools" } else { "too_many_messages" },
+                format!(
+                    "`{field}` has {} items; this proxy accepts at most {max} ({flag}).",
+                    items.len()
+                ),
+            )
+            .param(field)
+            .fix(format!(
+                "send fewer {field} (summarize or drop old turns), or ask the operator to raise {flag}."
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -214,5 +313,81 @@ mod tests {
         assert!(
             time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339).is_ok()
         );
+    }
+
+    #[test]
+    fn model_ids_are_bounded_and_plain() {
+        for ok in [
+            "gpt-5.5",
+            "ft:gpt-4o:acme:custom:abc123",
+            "models/gemini-3.5-flash",
+            "claude-opus-4-8@2026",
+        ] {
+            assert!(check_model_id(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(MAX_MODEL_ID_BYTES + 1);
+        for (bad, says) in [
+            (long.as_str(), "257 bytes long"),
+            ("gpt\u{0}5", "control character (U+0000) at byte 3"),
+            ("gpt 5", "` ` at byte 3"),
+            ("gpt-5\n", "U+000A"),
+        ] {
+            let e = check_model_id(bad).unwrap_err();
+            assert_eq!(e.code, "invalid_model");
+            assert!(e.message.contains(says), "{}", e.message);
+            assert!(!e.message.contains(bad), "the id is not echoed");
+        }
+    }
+
+    #[test]
+    fn message_and_tool_counts_are_bounded() {
+        use crate::formats::{CallerFormat, RawBody};
+        let limits = ItemLimits {
+            max_messages: 2,
+            max_tools: 1,
+        };
+        let msg = r#"{"role": "user", "content": "hi"}"#;
+        let cases = [
+            (
+                CallerFormat::ChatCompletions,
+                format!(r#"{{"messages": [{msg},{msg}]}}"#),
+                None,
+            ),
+            (
+                CallerFormat::ChatCompletions,
+                format!(r#"{{"messages": [{msg},{msg},{msg}]}}"#),
+                Some("too_many_messages"),
+            ),
+            (
+                CallerFormat::Messages,
+                format!(r#"{{"messages": [{msg},{msg},{msg}]}}"#),
+                Some("too_many_messages"),
+            ),
+            (
+                CallerFormat::Responses,
+                r#"{"input": ["a", "b", "c"]}"#.to_string(),
+                Some("too_many_messages"),
+            ),
+            (
+                CallerFormat::Responses,
+                r#"{"input": "a long string is one input"}"#.to_string(),
+                None,
+            ),
+            (
+                CallerFormat::Interactions,
+                r#"{"input": [1, 2, 3]}"#.to_string(),
+                Some("too_many_messages"),
+            ),
+            (
+                CallerFormat::Responses,
+                r#"{"input": "x", "tools": [{}, {}]}"#.to_string(),
+                Some("too_many_tools"),
+            ),
+        ];
+        for (format, body, want) in cases {
+            let raw = RawBody::parse(body.as_bytes(), format).unwrap();
+            let got = check_items(&raw, format, limits).err().map(|e| e.code);
+            assert_eq!(got, want, "{format:?} {body}");
+        }
     }
 }

@@ -91,9 +91,18 @@ pub struct UsageEvent {
     pub provider_request_id: String,
 }
 
+/// The largest cost of one request the ledger accepts, in micro-dollars ($1,000,000).
+pub const MAX_COST_MICROS: i64 = 1_000_000_000_000;
+
+/// The longest text field of a usage event (bytes). The proxy's own fields are far shorter
+/// (a model id is at most 256 bytes); this bounds an event from any source.
+pub const MAX_TEXT_BYTES: usize = 512;
+
 impl UsageEvent {
     /// Why this event cannot enter the ledger, if it cannot: an empty `request_id` or `org_id`,
-    /// or a count beyond the ledger's signed 64-bit columns.
+    /// a count beyond the ledger's signed 64-bit columns, a cost out of
+    /// `0..=`[`MAX_COST_MICROS`], a text field over [`MAX_TEXT_BYTES`] or with a NUL (which
+    /// Postgres refuses in TEXT).
     pub fn ledger_problem(&self) -> Option<String> {
         if self.request_id.trim().is_empty() || self.org_id.trim().is_empty() {
             return Some("empty request_id or org_id; both are required".into());
@@ -111,6 +120,48 @@ impl UsageEvent {
             if i64::try_from(v).is_err() {
                 return Some(format!("{name} = {v} is out of range"));
             }
+        }
+        for (name, v) in [
+            ("cost_micros", self.cost_micros),
+            ("standard_cost_micros", self.standard_cost_micros),
+        ] {
+            if !(0..=MAX_COST_MICROS).contains(&v) {
+                return Some(format!(
+                    "{name} = {v} is out of range (0 to {MAX_COST_MICROS}, $1,000,000)"
+                ));
+            }
+        }
+        let texts = [
+            ("request_id", &self.request_id),
+            ("org_id", &self.org_id),
+            ("key_id", &self.key_id),
+            ("model", &self.model),
+            ("provider", &self.provider),
+            ("caller_format", &self.caller_format),
+            ("start_within", &self.start_within),
+            ("served_tier", &self.served_tier),
+            ("reason", &self.reason),
+            ("outcome", &self.outcome),
+            ("received_at", &self.received_at),
+            ("provider_request_id", &self.provider_request_id),
+        ];
+        let tiers = self.tiers_started.iter().map(|t| ("tiers_started", t));
+        for (name, t) in texts.into_iter().chain(tiers) {
+            if t.len() > MAX_TEXT_BYTES {
+                return Some(format!(
+                    "{name} is {} bytes long (at most {MAX_TEXT_BYTES})",
+                    t.len()
+                ));
+            }
+            if t.contains('\0') {
+                return Some(format!("{name} contains a NUL character"));
+            }
+        }
+        if self.tiers_started.len() > 3 {
+            return Some(format!(
+                "tiers_started has {} entries (at most 3)",
+                self.tiers_started.len()
+            ));
         }
         if i32::try_from(self.schema_version).is_err() {
             return Some(format!(
