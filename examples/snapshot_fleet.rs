@@ -247,6 +247,7 @@ async fn latency(args: &Args) {
             s.clone(),
             endpoint,
             format!("grpc-{i}"),
+            flex_data_plane::control_client::ProxyToken::none(),
         ));
         stores.push(("grpc", s));
     }

@@ -269,6 +269,16 @@ pub struct ControlArgs {
     /// certificate can Watch, Ack and report usage; the admin API still takes the admin token.
     #[arg(long, env = "FLEX_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// A file holding the token every proxy must present on Watch, Ack and ReportUsage
+    /// (`authorization: Bearer TOKEN`); give each proxy the same file as --proxy-token-file.
+    /// Either this or --client-ca proves a proxy (both may be given).
+    #[arg(long, env = "FLEX_PROXY_TOKEN_FILE")]
+    pub proxy_token_file: Option<PathBuf>,
+    /// Serve the control service on a non-loopback --listen with neither --client-ca nor
+    /// --proxy-token-file: anyone who reaches the port can then read every snapshot and write
+    /// usage for any org. Only for a network where every host is trusted.
+    #[arg(long, env = "FLEX_INSECURE")]
+    pub insecure: bool,
     /// Serve the dashboard (the web UI where users sign up and manage their keys, provider
     /// keys, usage and billing) on this address; without it there is no dashboard.
     #[arg(long, env = "FLEX_DASHBOARD_LISTEN")]
@@ -317,6 +327,10 @@ pub struct ProxyArgs {
     /// Name to verify in the control plane's certificate when it differs from the URL's host.
     #[arg(long, env = "FLEX_CONTROL_SERVER_NAME", requires = "control_url")]
     pub control_server_name: Option<String>,
+    /// A file holding the token to present to the control plane (`authorization: Bearer`):
+    /// the same file as the control plane's --proxy-token-file.
+    #[arg(long, env = "FLEX_PROXY_TOKEN_FILE", requires = "control_url")]
+    pub proxy_token_file: Option<PathBuf>,
     /// NATS URL: usage goes to JetStream (spooled in --state-dir while NATS is down) instead of
     /// the control plane's gRPC; snapshots follow JetStream (stream FLEX_SNAPSHOTS). At least one
     /// of --control-url and --nats-url is required.

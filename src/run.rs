@@ -910,6 +910,27 @@ async fn close_usage_log(wal: Arc<UsageWal>) {
 
 /// The admin token and the master key file `flex control` cannot run without, or an error that
 /// says how to give them.
+/// A secret from a file (surrounding whitespace is not part of it), for `flag`.
+fn read_token_file(path: &std::path::Path, flag: &str) -> Result<SecretString> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {flag} {}: create it with `openssl rand -hex 32 > {} && chmod 600 {}`",
+            path.display(),
+            path.display(),
+            path.display()
+        )
+    })?;
+    let t = text.trim();
+    if t.is_empty() {
+        bail!(
+            "{flag} {} is empty: put a random token in it, e.g. `openssl rand -hex 32 > {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(SecretString::from(t.to_string()))
+}
+
 fn control_secrets(args: &ControlArgs) -> Result<(SecretString, std::path::PathBuf)> {
     let token = match args.admin_token.as_deref().map(str::trim) {
         Some(t) if !t.is_empty() => SecretString::from(t.to_string()),
@@ -932,12 +953,31 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         _ => None,
     };
     let (token, key_file) = control_secrets(&args)?;
+    let proxy_token = args
+        .proxy_token_file
+        .as_deref()
+        .map(|f| read_token_file(f, "--proxy-token-file"))
+        .transpose()?;
+    if !args.listen.ip().is_loopback()
+        && args.client_ca.is_none()
+        && proxy_token.is_none()
+        && !args.insecure
+    {
+        bail!(
+            "flex control would serve Watch, Ack and ReportUsage on {} to anyone who reaches it (every snapshot, usage for any org), because neither --client-ca (mutual TLS) nor --proxy-token-file is given. Fix: give the proxies a token, e.g. `openssl rand -hex 32 > proxy.token && chmod 600 proxy.token`, then `flex control --proxy-token-file proxy.token …` and `flex proxy --proxy-token-file proxy.token …`; or listen on 127.0.0.1; or, on a network where every host is trusted, add --insecure",
+            args.listen
+        );
+    }
     let keyring = Arc::new(MasterKeyring::load(&key_file)?);
     let cp = Arc::new(
         ControlPlane::open(&args.database_url, keyring)
             .await?
             .with_master_key_file(&key_file),
     );
+    if let Some(t) = &proxy_token {
+        cp.require_proxy_token(t)?;
+        println!("the control service requires the proxy token of --proxy-token-file");
+    }
     if let Some(url) = &args.redis_url {
         let limiter = RedisLimiter::new(
             url,
@@ -973,7 +1013,10 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     let _usage_consumer = match &args.nats_url {
         Some(url) => {
             let client = nats_connect(url, &args.nats_auth, "flex-control").await?;
-            println!("consuming usage from NATS at {url} (stream FLEX_USAGE)");
+            println!(
+                "consuming usage from NATS at {} (stream FLEX_USAGE)",
+                redact_url(url)
+            );
             Some(cp.spawn_usage_consumer(client, UsageConsumerConfig::default()))
         }
         None => None,
@@ -982,7 +1025,10 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     let _ledger_publisher = match &args.nats_url {
         Some(url) => {
             let client = nats_connect(url, &args.nats_auth, "flex-control-ledger").await?;
-            println!("publishing the settled ledger to NATS at {url} (stream FLEX_LEDGER)");
+            println!(
+                "publishing the settled ledger to NATS at {} (stream FLEX_LEDGER)",
+                redact_url(url)
+            );
             Some(cp.spawn_ledger_publisher(client, LedgerPublisherConfig::default()))
         }
         None => None,
@@ -991,7 +1037,10 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     let _snapshot_publisher = match &args.nats_url {
         Some(url) => {
             let client = nats_connect(url, &args.nats_auth, "flex-control-snapshots").await?;
-            println!("publishing snapshots to NATS at {url} (stream FLEX_SNAPSHOTS)");
+            println!(
+                "publishing snapshots to NATS at {} (stream FLEX_SNAPSHOTS)",
+                redact_url(url)
+            );
             Some(cp.publish_snapshots_to_nats(client, NatsSnapshotConfig::default()))
         }
         None => None,
@@ -1030,8 +1079,10 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         Some(_) => println!("control plane listening on https://{addr}"),
         None => {
             println!("control plane listening on http://{addr}");
-            if !addr.ip().is_loopback() {
-                tracing::warn!(%addr, "gRPC without TLS on a non-loopback address: anyone who reaches it can watch snapshots (key hashes, sealed provider keys). Give --tls-cert/--tls-key and --client-ca");
+            if !addr.ip().is_loopback() && args.proxy_token_file.is_some() {
+                tracing::warn!(%addr, "gRPC without TLS on a non-loopback address: the proxy token, snapshots (key hashes, sealed provider keys) and usage cross the network in clear. Give --tls-cert/--tls-key");
+            } else if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "gRPC without TLS or a proxy token on a non-loopback address (--insecure): anyone who reaches it can watch snapshots (key hashes, sealed provider keys) and report usage. Give --proxy-token-file, or --tls-cert/--tls-key and --client-ca");
             }
         }
     }
@@ -1174,6 +1225,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
             store.clone(),
             endpoint.clone(),
             proxy_id.clone(),
+            proxy_token(&args)?,
         ));
     }
     if let Some(url) = &args.nats_url {
@@ -1238,6 +1290,18 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
 /// `ReportUsage`; from the write-ahead usage log in --state-dir when there is one (each event
 /// durable before its answer ends, replayed after a restart; returned too, to close it on a
 /// planned stop), else from memory.
+/// The token a proxy presents to the control service (`--proxy-token-file`), if any.
+fn proxy_token(args: &ProxyArgs) -> Result<flex_data_plane::control_client::ProxyToken> {
+    match &args.proxy_token_file {
+        Some(f) => flex_data_plane::control_client::ProxyToken::new(&read_token_file(
+            f,
+            "--proxy-token-file",
+        )?)
+        .map_err(anyhow::Error::msg),
+        None => Ok(flex_data_plane::control_client::ProxyToken::none()),
+    }
+}
+
 async fn usage_sink(
     args: &ProxyArgs,
     endpoint: Option<tonic::transport::Endpoint>,
@@ -1266,11 +1330,16 @@ async fn usage_sink(
             tokio::spawn(flex_data_plane::usage::log::deliver_grpc(
                 wal.clone(),
                 endpoint,
+                proxy_token(args)?,
             ));
             return Ok((wal.clone(), Some(wal)));
         }
         let (sink, rx) = ChannelSink::new();
-        tokio::spawn(flex_data_plane::usage::deliver_grpc(rx, endpoint));
+        tokio::spawn(flex_data_plane::usage::deliver_grpc(
+            rx,
+            endpoint,
+            proxy_token(args)?,
+        ));
         return Ok((sink, None));
     };
     let client = nats_connect(url, &args.nats_auth, "flex-proxy").await?;

@@ -90,6 +90,7 @@ async fn start_proxy(
                 .unwrap()
                 .connect_timeout(Duration::from_secs(1)),
             id.to_string(),
+            flex_data_plane::control_client::ProxyToken::none(),
         )),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

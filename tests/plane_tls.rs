@@ -97,7 +97,12 @@ fn grpc_proxy(cp: &Cp, id: &str, files: &ClientTlsFiles) -> GrpcProxy {
         .unwrap()
         .connect_timeout(Duration::from_secs(2));
     let endpoint = plane_tls::grpc_endpoint(endpoint, files, PROXY_FLAGS).unwrap();
-    let task = tokio::spawn(snapshot::follow_grpc(store.clone(), endpoint, id.into()));
+    let task = tokio::spawn(snapshot::follow_grpc(
+        store.clone(),
+        endpoint,
+        id.into(),
+        flex_data_plane::control_client::ProxyToken::none(),
+    ));
     GrpcProxy { store, task }
 }
 

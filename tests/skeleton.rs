@@ -584,6 +584,7 @@ async fn a_proxy_gets_the_snapshot_on_connect_over_grpc_watch() {
         store.clone(),
         endpoint,
         "p1".into(),
+        flex_data_plane::control_client::ProxyToken::none(),
     ));
     let want = s.cp.snapshot().version;
     let t0 = Instant::now();

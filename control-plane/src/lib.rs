@@ -89,6 +89,9 @@ pub struct ControlPlane {
     stop_streams: watch::Sender<bool>,
     /// The proxies' shared limit counters, read for `GetLimits` (none: use unknown).
     limit_counters: RwLock<Option<Arc<dyn limits::LimitCounters>>>,
+    /// The digest of the proxy token the control service requires (`--proxy-token-file`);
+    /// unset: the service trusts the connection (mutual TLS, or loopback).
+    proxy_token: std::sync::OnceLock<[u8; 32]>,
     _poller: AbortOnDrop,
 }
 
@@ -168,8 +171,30 @@ impl ControlPlane {
             proxies: ProxyRegistry::default(),
             stop_streams: watch::channel(false).0,
             limit_counters: RwLock::new(None),
+            proxy_token: std::sync::OnceLock::new(),
             _poller: AbortOnDrop(poller),
         })
+    }
+
+    /// From now on the control service (`Watch`, `Ack`, `ReportUsage`) requires
+    /// `authorization: Bearer <token>` (`flex control --proxy-token-file`). Set before serving;
+    /// only the token's digest is kept. Fails when a token is already set or `token` is empty.
+    pub fn require_proxy_token(&self, token: &secrecy::SecretString) -> Result<()> {
+        use secrecy::ExposeSecret;
+        let t = token.expose_secret().trim();
+        if t.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the proxy token is empty: put a random string (e.g. `openssl rand -hex 32`) in the --proxy-token-file".into(),
+            ));
+        }
+        self.proxy_token
+            .set(Sha256::digest(t.as_bytes()).into())
+            .map_err(|_| Error::Internal("the proxy token is already set".into()))
+    }
+
+    /// The digest of the required proxy token, if any.
+    pub(crate) fn proxy_token_digest(&self) -> Option<[u8; 32]> {
+        self.proxy_token.get().copied()
     }
 
     pub fn store(&self) -> &Store {

@@ -60,32 +60,76 @@ impl AdminAuth {
                 "the control plane has no admin token configured (set --admin-token or FLEX_ADMIN_TOKEN), so the admin API is disabled",
             ));
         };
-        let Some(value) = metadata.get("authorization") else {
-            return Err(Status::unauthenticated(format!(
-                "missing admin token: {TOKEN_HELP}"
-            )));
-        };
-        let presented = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let Some(presented) = presented else {
-            return Err(Status::unauthenticated(format!(
-                "the authorization metadata is not of the form `Bearer <token>`: {TOKEN_HELP}"
-            )));
-        };
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        if bool::from(digest.ct_eq(expected)) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(format!(
-                "wrong admin token: {TOKEN_HELP}"
-            )))
+        check_bearer(metadata, expected).map_err(|why| {
+            Status::unauthenticated(format!("{} admin token: {TOKEN_HELP}", why.as_str()))
+        })
+    }
+}
+
+/// Why a bearer token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BearerRefusal {
+    Missing,
+    Malformed,
+    Wrong,
+}
+
+impl BearerRefusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Malformed => "malformed (not `Bearer <token>`)",
+            Self::Wrong => "wrong",
         }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` against a digest in constant time (compares SHA-256
+/// digests, so neither the length nor the content of the token leaks).
+fn check_bearer(
+    metadata: &tonic::metadata::MetadataMap,
+    expected: &[u8; 32],
+) -> std::result::Result<(), BearerRefusal> {
+    let value = metadata
+        .get("authorization")
+        .ok_or(BearerRefusal::Missing)?;
+    let presented = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or(BearerRefusal::Malformed)?;
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    if bool::from(digest.ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(BearerRefusal::Wrong)
+    }
+}
+
+/// The control service's check of the proxy token, when the control plane requires one
+/// (`--proxy-token-file`); without one every call passes (mutual TLS, checked by
+/// `EnrolledProxiesLayer`, or a loopback listener protect it).
+#[derive(Clone)]
+pub struct ProxyAuth {
+    digest: Option<[u8; 32]>,
+}
+
+impl Interceptor for ProxyAuth {
+    fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        let Some(expected) = &self.digest else {
+            return Ok(req);
+        };
+        check_bearer(req.metadata(), expected).map_err(|why| {
+            Status::unauthenticated(format!(
+                "{} proxy token: this control plane requires `authorization: Bearer <token>` on Watch, Ack and ReportUsage. Fix: start the proxy with --proxy-token-file FILE holding the same token as the control plane's --proxy-token-file",
+                why.as_str()
+            ))
+        })?;
+        Ok(req)
     }
 }
 
@@ -105,10 +149,15 @@ pub fn routes(
         AdminApi { cp: cp.clone() },
         AdminAuth::new(admin_token),
     );
-    let control = ControlServiceServer::new(ControlApi {
-        cp: cp.clone(),
-        fulls: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FULLS)),
-    });
+    let control = ControlServiceServer::with_interceptor(
+        ControlApi {
+            cp: cp.clone(),
+            fulls: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FULLS)),
+        },
+        ProxyAuth {
+            digest: cp.proxy_token_digest(),
+        },
+    );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flex_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()

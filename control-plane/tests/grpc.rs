@@ -31,6 +31,7 @@ both_backends!(
     rotate_master_key_rpc_reloads_the_key_file,
     suspend_and_reactivate_toggle_the_keys_access_end_to_end,
     a_fleet_connecting_at_once_gets_its_full_snapshots_a_few_at_a_time,
+    the_control_service_requires_the_proxy_token_when_one_is_set,
 );
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -1155,4 +1156,116 @@ async fn suspend_and_reactivate_toggle_the_keys_access_end_to_end(b: Backend) {
         audit.iter().any(|l| l.ends_with("reactivated")),
         "{audit:?}"
     );
+}
+
+/// With a proxy token set (`flex control --proxy-token-file`), Watch, Ack and ReportUsage without
+/// it, or with another one, are refused UNAUTHENTICATED and record nothing; with it they work.
+async fn the_control_service_requires_the_proxy_token_when_one_is_set(b: Backend) {
+    let db = TestDb::new(b).await;
+    let cp = db.open(k1()).await;
+    cp.require_proxy_token(&SecretString::from("proxy-secret-0123456789\n".to_string()))
+        .unwrap();
+    let s = start_with(db, cp).await;
+    let mut a = admin(&s.channel, Some(TOKEN));
+    let org = a
+        .create_org(apb::CreateOrgRequest {
+            name: "guarded".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let event = usage_json("req-forged-1", &org.org_id, 5, 10, "2025-03-01T10:00:00Z");
+    let with = |token: Option<&str>| {
+        let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+            token.map(|t| format!("Bearer {t}").parse().unwrap());
+        ControlServiceClient::with_interceptor(s.channel.clone(), move |mut req: Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(req)
+        })
+    };
+    for (token, says) in [
+        (None, "missing proxy token"),
+        (Some("guess"), "wrong proxy token"),
+        (Some(TOKEN), "wrong proxy token"),
+    ] {
+        let mut c = with(token);
+        let err = c
+            .report_usage(pb::ReportUsageRequest {
+                events_json: vec![event.clone()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
+        assert!(err.message().contains(says), "{}", err.message());
+        assert!(
+            err.message().contains("--proxy-token-file"),
+            "{}",
+            err.message()
+        );
+        let err = c
+            .watch(pb::WatchRequest {
+                proxy_id: "intruder".into(),
+                have_version: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = c
+            .ack(pb::AckRequest {
+                proxy_id: "intruder".into(),
+                version: 1,
+                accepted: true,
+                error: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert!(
+        s.cp.proxies()
+            .list()
+            .iter()
+            .all(|p| p.proxy_id != "intruder"),
+        "a refused Watch registers no proxy"
+    );
+    assert_eq!(
+        usage_requests(&mut a, &org.org_id).await,
+        0,
+        "nothing was recorded"
+    );
+    let mut c = with(Some("proxy-secret-0123456789"));
+    let r = c
+        .report_usage(pb::ReportUsageRequest {
+            events_json: vec![event],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.accepted, 1);
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            proxy_id: "edge-1".into(),
+            have_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "a snapshot");
+    assert_eq!(usage_requests(&mut a, &org.org_id).await, 1);
+}
+
+async fn usage_requests(a: &mut Admin, org_id: &str) -> u64 {
+    a.get_usage(apb::GetUsageRequest {
+        org_id: org_id.to_string(),
+        from: String::new(),
+        to: String::new(),
+        group_by: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .requests
 }

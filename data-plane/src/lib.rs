@@ -8,6 +8,7 @@
 pub mod answer;
 pub mod auth;
 pub mod canonical;
+pub mod control_client;
 pub mod error;
 pub mod formats;
 pub mod ids;

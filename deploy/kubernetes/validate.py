@@ -310,6 +310,14 @@ def deployment_errors(docs: list[dict]) -> tuple[list[str], int]:
             any(key_file.startswith(mounts[v] + "/") for v in secret_vols if v in mounts),
             f"{name}: FLEX_MASTER_KEY_FILE is in a mounted Secret",
         )
+        # The control service is not open to whoever reaches it: a proxy token (in a mounted
+        # Secret) or mTLS (a client CA) on both sides.
+        token_file = env_value(c, "FLEX_PROXY_TOKEN_FILE") or ""
+        need(
+            bool(env_value(c, "FLEX_CLIENT_CA") or env_value(c, "FLEX_CONTROL_CERT"))
+            or any(token_file.startswith(mounts[v] + "/") for v in secret_vols if v in mounts),
+            f"{name}: FLEX_PROXY_TOKEN_FILE is in a mounted Secret (or mTLS is set up)",
+        )
         # Secrets named in the render exist in it (the overlay) or are the documented ones.
         secrets = {d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"}
         refs = set(secret_vols.values()) | {

@@ -7,13 +7,14 @@ use super::*;
 const MAX_GRPC_SNAPSHOT: usize = 1 << 30;
 
 /// Follows the control plane's gRPC Watch stream, reconnecting with jittered backoff forever;
-/// every applied version is acknowledged (or refused with the reason).
+/// every applied version is acknowledged (or refused with the reason). Every call carries
+/// `token` (none: the control plane trusts the connection).
 pub async fn follow_grpc(
     store: Arc<SnapshotStore>,
     endpoint: tonic::transport::Endpoint,
     proxy_id: String,
+    token: crate::control_client::ProxyToken,
 ) {
-    use flex_shared::proto::control::control_service_client::ControlServiceClient;
     let mut backoff = std::time::Duration::from_millis(100);
     // After a refused update the next Watch asks for a full snapshot (have_version 0): the
     // control plane would otherwise answer the same delta from the version we have.
@@ -25,8 +26,8 @@ pub async fn follow_grpc(
                 .await
                 .map_err(|e| format!("connect: {}", crate::plane_tls::error_chain(&e)))?;
             // A full snapshot of a million keys is ~145 MB; tonic's default limit is 4 MB.
-            let mut client =
-                ControlServiceClient::new(channel).max_decoding_message_size(MAX_GRPC_SNAPSHOT);
+            let mut client = crate::control_client::client(channel, &token)
+                .max_decoding_message_size(MAX_GRPC_SNAPSHOT);
             let mut stream = client
                 .watch(pb::WatchRequest {
                     proxy_id: proxy_id.clone(),

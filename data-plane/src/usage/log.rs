@@ -649,12 +649,15 @@ fn sync_journal(shared: &Shared, now: bool) {
 /// Delivers the log to the control plane's `ReportUsage` in order, moving the position forward
 /// after each accepted batch (the ledger deduplicates by request id), retrying with backoff.
 /// File reads and position writes run on the log's I/O thread.
-pub async fn deliver_grpc(wal: Arc<UsageWal>, endpoint: tonic::transport::Endpoint) {
-    use flex_shared::proto::control::control_service_client::ControlServiceClient;
+pub async fn deliver_grpc(
+    wal: Arc<UsageWal>,
+    endpoint: tonic::transport::Endpoint,
+    token: crate::control_client::ProxyToken,
+) {
     use flex_shared::proto::control::ReportUsageRequest;
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(5);
-    let mut client: Option<ControlServiceClient<tonic::transport::Channel>> = None;
+    let mut client: Option<crate::control_client::ControlClient> = None;
     let mut backoff = MIN_BACKOFF;
     let mut stalled = MIN_BACKOFF;
     loop {
@@ -683,7 +686,11 @@ pub async fn deliver_grpc(wal: Arc<UsageWal>, endpoint: tonic::transport::Endpoi
             true
         } else {
             if client.is_none() {
-                client = endpoint.connect().await.ok().map(ControlServiceClient::new);
+                client = endpoint
+                    .connect()
+                    .await
+                    .ok()
+                    .map(|c| crate::control_client::client(c, &token));
             }
             match client.as_mut() {
                 Some(c) => match c.report_usage(ReportUsageRequest { events_json }).await {
@@ -961,7 +968,11 @@ mod tests {
             .unwrap();
         assert!(wal.pending_bytes() > 0);
         let endpoint = tonic::transport::Endpoint::from_static("http://127.0.0.1:1");
-        let task = tokio::spawn(deliver_grpc(wal.clone(), endpoint));
+        let task = tokio::spawn(deliver_grpc(
+            wal.clone(),
+            endpoint,
+            crate::control_client::ProxyToken::none(),
+        ));
         tokio::time::sleep(Duration::from_millis(700)).await;
         task.abort();
         let stalls = wal.stats().stalled_reads.load(Ordering::Relaxed);

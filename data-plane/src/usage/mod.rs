@@ -294,10 +294,10 @@ impl UsageSink for ChannelSink {
 pub async fn deliver_grpc(
     mut rx: mpsc::Receiver<UsageEvent>,
     endpoint: tonic::transport::Endpoint,
+    token: crate::control_client::ProxyToken,
 ) {
-    use flex_shared::proto::control::control_service_client::ControlServiceClient;
     use flex_shared::proto::control::ReportUsageRequest;
-    let mut client: Option<ControlServiceClient<tonic::transport::Channel>> = None;
+    let mut client: Option<crate::control_client::ControlClient> = None;
     let mut batch: Vec<String> = Vec::new();
     loop {
         if batch.is_empty() {
@@ -315,7 +315,11 @@ pub async fn deliver_grpc(
         let mut backoff = Duration::from_millis(100);
         loop {
             if client.is_none() {
-                client = endpoint.connect().await.ok().map(ControlServiceClient::new);
+                client = endpoint
+                    .connect()
+                    .await
+                    .ok()
+                    .map(|c| crate::control_client::client(c, &token));
             }
             if let Some(c) = client.as_mut() {
                 match c
