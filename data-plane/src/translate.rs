@@ -501,4 +501,55 @@ mod tests {
             assert_eq!(sink.emitted()[0].outcome, "incomplete");
         }
     }
+
+    /// The whole answer, releasing the usage event's hold as it goes: (status, text).
+    async fn answer_of(proxy: &Proxy, sink: &GatedSink, call: Call) -> (http::StatusCode, String) {
+        let resp = response(proxy, call, AskTier::Standard).await;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        sink.release();
+        let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+        sink.release();
+        let rest = if ended {
+            String::new()
+        } else {
+            read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+        };
+        (status, format!("{text}{rest}"))
+    }
+
+    /// Gemini text chunks of `text` each, the last with the finish reason.
+    fn chunks(n: usize, text: &str) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let finish = if i + 1 == n { r#","finishReason":"STOP""# } else { "" };
+                format!(
+                    r#"{{"candidates":[{{"content":{{"role":"model","parts":[{{"text":"{text}"}}]}}{finish}}}],"usageMetadata":{{"promptTokenCount":3,"candidatesTokenCount":{i},"totalTokenCount":5}},"modelVersion":"gemini-3.5-flash","responseId":"r1"}}"#
+                )
+            })
+            .collect()
+    }
+
+    /// A provider index past the limit ends the answer as malformed through the whole path:
+    /// the caller's error event, or a 502, and usage `incomplete`.
+    #[tokio::test]
+    async fn an_index_past_the_limit_fails_the_answer_through_the_proxy() {
+        let mut data = chunks(2, "fine");
+        data[1] = data[1].replacen(r#""content""#, r#""index":1000000000000,"content""#, 1);
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, stream)).await;
+            assert!(
+                all.contains("candidate `index` 1000000000000, past the limit of 1024 items"),
+                "stream={stream}: {all}"
+            );
+            assert!(all.contains("upstream_incomplete"), "{all}");
+            assert_eq!(status, if stream { 200 } else { 502 }, "{all}");
+            assert!(!all.contains("[DONE]"), "{all}");
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
+    }
 }
