@@ -518,6 +518,19 @@ mod tests {
         (status, format!("{text}{rest}"))
     }
 
+    fn proxy_with(
+        sink: Arc<GatedSink>,
+        cfg: crate::proxy::ProxyConfig,
+        up: crate::upstream::UpstreamConfig,
+    ) -> Proxy {
+        Proxy::new(
+            Arc::new(crate::snapshot::SnapshotStore::new(None, None)),
+            crate::upstream::UpstreamClient::new(&up).unwrap_or_else(|e| panic!("{e}")),
+            cfg,
+            sink,
+        )
+    }
+
     /// Gemini text chunks of `text` each, the last with the finish reason.
     fn chunks(n: usize, text: &str) -> Vec<String> {
         (0..n)
@@ -528,6 +541,45 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// An assembled answer is bounded by `max_response_bytes`, like a non-streaming body: past
+    /// it a 502 `upstream_incomplete` naming the limit, usage `incomplete`; under it, the body.
+    #[tokio::test]
+    async fn an_assembled_answer_over_the_response_limit_is_an_error() {
+        let data = chunks(8, &"x".repeat(100));
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        let whole: usize = data.iter().map(String::len).sum();
+        for (limit, over) in [(whole / 2, true), (whole, false)] {
+            let sink = Arc::new(GatedSink::default());
+            let cfg = crate::proxy::ProxyConfig {
+                max_response_bytes: limit,
+                ..crate::proxy::ProxyConfig::default()
+            };
+            let proxy = proxy_with(
+                sink.clone(),
+                cfg,
+                crate::upstream::UpstreamConfig::default(),
+            );
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, false)).await;
+            if over {
+                assert_eq!(status, 502, "{all}");
+                let v: Value = serde_json::from_str(&all).unwrap_or_else(|e| panic!("{e}: {all}"));
+                assert_eq!(v["error"]["code"], "upstream_incomplete", "{all}");
+                let message = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains(&format!("limit of {limit} bytes (--max-response-mib)")),
+                    "{message}"
+                );
+                assert_eq!(sink.emitted()[0].outcome, "incomplete");
+                assert_eq!(sink.emitted()[0].status, 502);
+            } else {
+                assert_eq!(status, 200, "{all}");
+                assert!(all.contains(&"x".repeat(800)), "{all}");
+                assert_eq!(sink.emitted()[0].outcome, "ok");
+            }
+        }
     }
 
     /// A provider index past the limit ends the answer as malformed through the whole path:

@@ -87,7 +87,7 @@ pub enum UpstreamError {
     Idle(Duration),
     #[error("the provider's answer took longer than the limit of {0:?}")]
     Total(Duration),
-    #[error("the provider sent more than the limit of {0} bytes")]
+    #[error("the provider's answer is larger than the limit of {0} bytes (--max-response-mib)")]
     TooLarge(usize),
 }
 
