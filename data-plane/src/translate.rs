@@ -582,6 +582,42 @@ mod tests {
         }
     }
 
+    /// A stream event larger than `--max-sse-event-kib` cuts the answer off: the caller's error
+    /// event (streaming) or a 502 (assembled), usage `incomplete`.
+    #[tokio::test]
+    async fn an_upstream_event_over_the_sse_bound_cuts_the_answer_off() {
+        let mut data = chunks(2, "small");
+        data[1] = chunks(1, &"y".repeat(4096)).remove(0);
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let up = crate::upstream::UpstreamConfig {
+                max_sse_event_bytes: 1024,
+                ..crate::upstream::UpstreamConfig::default()
+            };
+            let proxy = proxy_with(sink.clone(), crate::proxy::ProxyConfig::default(), up);
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, stream)).await;
+            assert!(
+                all.contains("larger than the limit of 1024 bytes (--max-sse-event-kib)"),
+                "stream={stream}: {all}"
+            );
+            assert!(all.contains("upstream_incomplete"), "{all}");
+            assert!(!all.contains(&"y".repeat(4096)), "{all}");
+            if stream {
+                assert_eq!(status, 200);
+                assert!(
+                    all.contains("small"),
+                    "the event before it was streamed: {all}"
+                );
+                assert!(!all.contains("[DONE]"), "{all}");
+            } else {
+                assert_eq!(status, 502, "{all}");
+            }
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
+    }
+
     /// A provider index past the limit ends the answer as malformed through the whole path:
     /// the caller's error event, or a 502, and usage `incomplete`.
     #[tokio::test]
