@@ -85,7 +85,8 @@ pub struct UpstreamArgs {
         default_value_t = 100
     )]
     pub upstream_streams_per_connection: usize,
-    /// Largest non-streaming provider body read, in MiB; a longer one is cut off and reported
+    /// Largest non-streaming provider body read, and largest stream assembled into one body for
+    /// a non-streaming caller, in MiB; a longer one is cut off and reported
     /// `upstream_incomplete`.
     #[arg(long, env = "FLEX_MAX_RESPONSE_MIB", default_value_t = 64)]
     pub max_response_mib: usize,
@@ -96,6 +97,10 @@ pub struct UpstreamArgs {
     /// Most tools declared in one request; more get a 400 `too_many_tools`.
     #[arg(long, env = "FLEX_MAX_TOOLS", default_value_t = 1_024)]
     pub max_tools: usize,
+    /// Largest single event of a provider's stream, in KiB (OpenAI's final event carries the
+    /// whole response); a larger one cuts the answer off, reported `upstream_incomplete`.
+    #[arg(long, env = "FLEX_MAX_SSE_EVENT_KIB", default_value_t = 16 * 1024)]
+    pub max_sse_event_kib: usize,
 }
 
 /// Where Prometheus metrics are served, shared by every process.

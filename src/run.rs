@@ -435,6 +435,7 @@ fn upstream_and_tls(u: &UpstreamArgs) -> Result<(UpstreamConfig, Option<TlsAccep
         total_timeout: secs(u.upstream_total_timeout_secs, "upstream-total-timeout-secs")?,
         keepalive_interval: secs(u.upstream_keepalive_secs, "upstream-keepalive-secs")?,
         streams_per_connection: u.upstream_streams_per_connection.max(1),
+        max_sse_event_bytes: u.max_sse_event_kib.max(1).saturating_mul(1024),
         ..UpstreamConfig::default()
     };
     let tls = match (&u.tls_cert, &u.tls_key) {

@@ -267,13 +267,16 @@ pub(crate) fn stream(
     resp
 }
 
-/// Reads the whole upstream stream and answers with the assembled body.
+/// Reads the whole upstream stream and answers with the assembled body. The stream's events
+/// count against `limit` (`--max-response-mib`, the bound of a non-streaming provider body):
+/// past it the answer is cut off, never held in memory whole.
 pub(crate) async fn assemble(
     started: Started,
     mut draft: Draft,
     mut t: Box<dyn Transcode>,
     sink: Arc<dyn UsageSink>,
     format: CallerFormat,
+    limit: usize,
 ) -> Response {
     note_provider_request_id(&started.headers, &mut draft);
     let ask = started.tier;
@@ -282,9 +285,11 @@ pub(crate) async fn assemble(
     let mut pending: VecDeque<Event> = started.buffered.into();
     let mut rest = started.rest;
     let mut broken = None;
+    let mut over = None;
     let mut failed = false;
     let mut scratch = Vec::new();
     let mut spare = UsageEvent::default();
+    let mut read = 0usize;
     loop {
         let ev = match pending.pop_front() {
             Some(ev) => ev,
@@ -297,6 +302,11 @@ pub(crate) async fn assemble(
                 None => break,
             },
         };
+        read = read.saturating_add(ev.data.len() + ev.event.len());
+        if read > limit {
+            over = Some(crate::upstream::UpstreamError::TooLarge(limit).to_string());
+            break;
+        }
         scratch.clear();
         let usage = guard.event_mut().unwrap_or(&mut spare);
         if let Fed::Failed { .. } = t.feed(ev, &mut scratch, usage) {
@@ -308,7 +318,10 @@ pub(crate) async fn assemble(
     };
     let served = served_or(t.as_ref(), ask);
     draft.event.served_tier = served.as_str().to_string();
-    let body = t.body();
+    let body = match over {
+        Some(why) => Err(why),
+        None => t.body(),
+    };
     let body = match body {
         Ok(v) if !failed => v,
         other => {

@@ -254,8 +254,37 @@ pub struct Response {
     pub provider: Option<Provider>,
 }
 
+/// The most items a provider may number in one answer: output items, content blocks, tool calls,
+/// choices (an index is valid below it).
+///
+/// Indexes in a provider's stream chunks address the collections a decoder, an encoder or an
+/// assembler keeps (and an assembler would size a list by one), so they are upstream bytes we
+/// must not trust: one chunk with `"index": 1000000000000` must not become a terabyte
+/// allocation (an abort) or a scan of a list that long. Real answers number a handful (a Chat
+/// Completions answer has one choice; the models we route emit at most a few dozen blocks), so
+/// 1024 leaves ample room. A stream past it ends as malformed: the caller's error event, or a
+/// 502 `upstream_incomplete`, and usage `incomplete` (see [`past_limit`]).
+pub const MAX_INDEX: usize = 1024;
+
+/// A provider-driven `index` checked against [`MAX_INDEX`]; past it, why it is refused (for
+/// [`StreamEvent::malformed`]). `what` names it, e.g. `` "`output_index`" ``.
+pub fn bounded_index(provider: Provider, what: &str, n: u64) -> Result<usize, String> {
+    match usize::try_from(n) {
+        Ok(i) if i < MAX_INDEX => Ok(i),
+        _ => Err(past_limit(provider, &format!("{what} {n}"))),
+    }
+}
+
+/// Why a stream whose provider numbered `what` past [`MAX_INDEX`] is refused.
+pub fn past_limit(provider: Provider, what: &str) -> String {
+    format!(
+        "the provider ({provider}) sent {what}, past the limit of {MAX_INDEX} items in one answer; the stream is malformed and was stopped"
+    )
+}
+
 /// One event of a canonical stream. Blocks are numbered by `index` in output order; every block
-/// is opened, receives deltas, and is closed before `Finish`.
+/// is opened, receives deltas, and is closed before `Finish`. Every decoder keeps `index` below
+/// [`MAX_INDEX`] and opens fewer than [`MAX_INDEX`] blocks, whatever its provider sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     /// The stream has begun (before any content).
@@ -314,6 +343,15 @@ pub enum StreamEvent {
 }
 
 impl StreamEvent {
+    /// The error ending a stream whose provider sent malformed data (e.g. an index past
+    /// [`MAX_INDEX`]): like a cut-off answer, `upstream_incomplete` to the caller.
+    pub fn malformed(message: String) -> Self {
+        StreamEvent::Error {
+            message,
+            code: "upstream_incomplete",
+        }
+    }
+
     /// Whether this event means the provider has begun to answer (for the race).
     pub fn is_content(&self) -> bool {
         !matches!(self, StreamEvent::Start { .. })
@@ -328,9 +366,26 @@ pub struct Accumulator {
     slots: Vec<(usize, usize)>,
     pub finished: bool,
     pub error: Option<String>,
+    /// A block past [`MAX_INDEX`] was refused: every later event is ignored.
+    refused: bool,
 }
 
 impl Accumulator {
+    /// Whether a block `index` may be opened: below [`MAX_INDEX`], and fewer than that many
+    /// parts (decoders guarantee both; this keeps the assembled body bounded regardless).
+    fn may_open(&mut self, index: usize) -> bool {
+        if index < MAX_INDEX && self.response.content.len() < MAX_INDEX {
+            return true;
+        }
+        if self.error.is_none() {
+            self.error = Some(format!(
+                "the answer numbered block {index} or opened more than {MAX_INDEX} blocks, past the limit of {MAX_INDEX} items in one answer"
+            ));
+        }
+        self.refused = true;
+        false
+    }
+
     fn slot(&mut self, index: usize) -> Option<&mut Part> {
         let pos = self
             .slots
@@ -341,11 +396,18 @@ impl Accumulator {
     }
 
     fn open(&mut self, index: usize, part: Part) {
+        if !self.may_open(index) {
+            return;
+        }
         self.slots.push((index, self.response.content.len()));
         self.response.content.push(part);
     }
 
     pub fn push(&mut self, ev: &StreamEvent) {
+        if self.refused {
+            // Past a bound: the answer is malformed, and stays unfinished.
+            return;
+        }
         match ev {
             StreamEvent::Start {
                 id,
@@ -556,6 +618,48 @@ mod tests {
         }
         assert!(acc.finished);
         assert_eq!(acc.finish(), r);
+    }
+
+    #[test]
+    fn indexes_past_the_limit_are_refused() {
+        assert_eq!(bounded_index(Provider::OpenAi, "`index`", 0), Ok(0));
+        assert_eq!(
+            bounded_index(Provider::OpenAi, "`index`", MAX_INDEX as u64 - 1),
+            Ok(MAX_INDEX - 1)
+        );
+        for n in [MAX_INDEX as u64, 1025, 1_000_000_000_000, u64::MAX] {
+            match bounded_index(Provider::Gemini, "`index`", n) {
+                Err(message) => {
+                    assert!(message.contains(&format!("`index` {n}")), "{message}");
+                    assert!(message.contains("1024"), "{message}");
+                }
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+    }
+
+    /// The assembler itself refuses a block past the limit (whatever a decoder let through):
+    /// it stays unfinished with the reason, and allocates nothing by the index.
+    #[test]
+    fn the_accumulator_refuses_blocks_past_the_limit() {
+        let mut acc = Accumulator::default();
+        acc.push(&StreamEvent::TextStart { index: 0 });
+        acc.push(&StreamEvent::TextStart {
+            index: 1_000_000_000_000,
+        });
+        acc.push(&StreamEvent::Finish {
+            stop: StopReason::EndTurn,
+            usage: Usage::default(),
+        });
+        assert!(!acc.finished);
+        assert!(acc.error.as_deref().is_some_and(|e| e.contains("1024")));
+
+        let mut acc = Accumulator::default();
+        for index in 0..=MAX_INDEX {
+            acc.push(&StreamEvent::TextStart { index: index % 4 });
+        }
+        assert!(!acc.finished && acc.error.is_some(), "too many blocks");
+        assert_eq!(acc.response.content.len(), MAX_INDEX);
     }
 
     #[test]

@@ -284,22 +284,36 @@ impl Transcode for NativeTranscoder {
                     Fed::More => Fed::More,
                 }
             }
+            Mode::Assemble if self.failed.is_some() => fed,
             Mode::Assemble => {
-                match (self.api, parsed.as_ref()) {
-                    (Native::Chat, Some(v)) => self.assembler.push(v),
+                let refused = match (self.api, parsed.as_ref()) {
+                    (Native::Chat, Some(v)) => self.assembler.push(v).err(),
                     (Native::Responses, Some(v))
                         if responses::is_terminal(responses::event_type(&ev.event, v)) =>
                     {
                         self.final_response = Some(v["response"].clone());
+                        None
                     }
                     (Native::Messages, _) => {
                         self.decoded.clear();
                         self.decoder.decode(&ev, &mut self.decoded);
                         self.decoded.iter().for_each(|e| self.canonical.push(e));
+                        self.decoded.iter().find_map(|e| match e {
+                            StreamEvent::Error { message, .. } => Some(message.clone()),
+                            _ => None,
+                        })
                     }
-                    _ => {}
+                    _ => None,
+                };
+                match refused {
+                    // Malformed (e.g. an index past the limit): the answer ends failed.
+                    Some(why) if self.failed.is_none() => {
+                        self.failed = Some(why);
+                        self.ended = true;
+                        Fed::Failed { final_from: 0 }
+                    }
+                    _ => fed,
                 }
-                fed
             }
         }
     }

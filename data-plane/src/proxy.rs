@@ -46,7 +46,8 @@ pub struct ProxyConfig {
     pub base_urls: BaseUrls,
     /// Largest request body accepted (default 32 MiB: room for base64 images and PDFs).
     pub max_body_bytes: usize,
-    /// Largest non-streaming upstream body we read (default 64 MiB).
+    /// Largest non-streaming upstream body we read, and largest stream we assemble into one
+    /// body for a non-streaming caller (default 64 MiB).
     pub max_response_bytes: usize,
     /// Floor of the learned standard start latency when the catalog gives none.
     pub standard_start_floor: Duration,
@@ -737,7 +738,8 @@ impl Proxy {
             Ok(answer::stream(started, draft, t, self.usage.clone()))
         } else {
             let t = call.transcoder(Mode::Assemble, started.tier);
-            Ok(answer::assemble(started, draft, t, self.usage.clone(), call.format).await)
+            let limit = self.cfg.max_response_bytes;
+            Ok(answer::assemble(started, draft, t, self.usage.clone(), call.format, limit).await)
         }
     }
 

@@ -1,12 +1,17 @@
 //! Server-sent events: an incremental parser for upstream streams and the framing we emit.
 //!
 //! The parser accepts `\n`, `\r\n` and `\r` line endings, multi-line `data:`, comments and
-//! events split across chunks at any byte. It bounds the size of one event
-//! ([`MAX_EVENT_BYTES`]) so a broken upstream cannot grow memory without limit.
+//! events split across chunks at any byte. It bounds the size of one event (its fields and its
+//! unfinished line; [`MAX_EVENT_BYTES`] unless `--max-sse-event-kib` says otherwise) so a broken
+//! upstream cannot grow memory without limit: an event that never ends, or one `data:` line
+//! after another, fails the stream once past the bound.
 
 use bytes::{Bytes, BytesMut};
 
-/// The largest single event we accept from an upstream (16 MiB).
+/// The default bound of a single upstream event (16 MiB; `--max-sse-event-kib`). An OpenAI
+/// stream's final event (`response.completed`) carries the whole response (its output and the
+/// echoed instructions and tools), so one event may legitimately be as large as an answer body:
+/// the bound sits far above any real event, and far below what would hurt the process.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -44,27 +49,67 @@ impl Event {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SseError {
-    #[error("an upstream event exceeded {MAX_EVENT_BYTES} bytes")]
-    TooLarge,
+    /// An event grew past the parser's bound (in bytes).
+    #[error("an upstream event exceeded the limit of {0} bytes")]
+    TooLarge(usize),
 }
 
 /// Incremental SSE parser: feed bytes, take complete events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Parser {
     buf: BytesMut,
     event: String,
     data: String,
     has_data: bool,
     skip_lf: bool,
+    /// The bound of one event, in bytes.
+    max: usize,
+    /// An event went past `max`: the stream is refused from then on.
+    failed: bool,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self::with_limit(MAX_EVENT_BYTES)
+    }
 }
 
 impl Parser {
+    /// A parser bounding each event to [`MAX_EVENT_BYTES`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Feeds a chunk and appends every completed event to `out`.
+    /// A parser bounding each event to `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            event: String::new(),
+            data: String::new(),
+            has_data: false,
+            skip_lf: false,
+            max,
+            failed: false,
+        }
+    }
+
+    /// Refuses the stream: the event's bytes are dropped, every later feed fails.
+    fn too_large(&mut self) -> Result<(), SseError> {
+        self.failed = true;
+        self.buf = BytesMut::new();
+        self.data = String::new();
+        self.event = String::new();
+        self.has_data = false;
+        Err(SseError::TooLarge(self.max))
+    }
+
+    /// Feeds a chunk and appends every completed event to `out`. An event past the bound (its
+    /// fields so far and its unfinished line) is an error, and so is every feed after it; the
+    /// events completed before it in this chunk are still in `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
+        if self.failed {
+            return Err(SseError::TooLarge(self.max));
+        }
         self.buf.extend_from_slice(chunk);
         loop {
             let mut start = 0;
@@ -88,15 +133,23 @@ impl Parser {
             let line = self.buf.split_to(end + 1);
             let line = &line[start..end];
             self.line(line, out);
+            // Per line: one chunk of many `data:` lines cannot take an event far past the bound.
+            if self.data.len() + self.event.len() > self.max {
+                return self.too_large();
+            }
         }
-        if self.buf.len() + self.data.len() > MAX_EVENT_BYTES {
-            return Err(SseError::TooLarge);
+        if self.buf.len() + self.data.len() + self.event.len() > self.max {
+            return self.too_large();
         }
         Ok(())
     }
 
-    /// Ends the stream: a final event without its blank line is still delivered.
+    /// Ends the stream: a final event without its blank line is still delivered (not after the
+    /// stream was refused).
     pub fn finish(&mut self, out: &mut Vec<Event>) {
+        if self.failed {
+            return;
+        }
         if !self.buf.is_empty() {
             let rest = self.buf.split();
             self.line(&rest, out);
@@ -195,6 +248,57 @@ mod tests {
         let mut out = Vec::new();
         let big = vec![b'x'; MAX_EVENT_BYTES + 1];
         assert_eq!(p.feed(b"data: ", &mut out), Ok(()));
-        assert_eq!(p.feed(&big, &mut out), Err(SseError::TooLarge));
+        assert_eq!(
+            p.feed(&big, &mut out),
+            Err(SseError::TooLarge(MAX_EVENT_BYTES))
+        );
+    }
+
+    /// The bound holds for an event that never ends, for one `data:` line after another (in
+    /// one chunk or many), and for a long `event:` name; an event at the bound passes; after a
+    /// refusal the parser stays refused and delivers nothing more.
+    #[test]
+    fn every_way_an_event_grows_is_bounded() {
+        const MAX: usize = 64;
+        let fits = format!("data: {}\n\n", "x".repeat(MAX));
+        let mut p = Parser::with_limit(MAX);
+        let mut out = Vec::new();
+        assert_eq!(p.feed(fits.as_bytes(), &mut out), Ok(()));
+        assert_eq!(out, vec![Event::new("", "x".repeat(MAX))]);
+
+        let unended = format!("data: {}", "x".repeat(MAX + 1));
+        let many_lines = "data: 0123456789\n".repeat(MAX);
+        let long_name = format!("event: {}\ndata: x\n", "e".repeat(MAX + 1));
+        for bad in [unended, many_lines.clone(), long_name] {
+            let mut p = Parser::with_limit(MAX);
+            let mut out = Vec::new();
+            assert_eq!(
+                p.feed(bad.as_bytes(), &mut out),
+                Err(SseError::TooLarge(MAX)),
+                "{bad}"
+            );
+            assert_eq!(
+                p.feed(b"\n\ndata: later\n\n", &mut out),
+                Err(SseError::TooLarge(MAX))
+            );
+            p.finish(&mut out);
+            assert!(out.is_empty(), "{out:?}");
+        }
+
+        // The same lines a few bytes at a time: refused as soon as the event is past the bound.
+        let mut p = Parser::with_limit(MAX);
+        let mut out = Vec::new();
+        let refused = many_lines
+            .as_bytes()
+            .chunks(7)
+            .position(|c| p.feed(c, &mut out).is_err());
+        assert!(refused.is_some_and(|at| at * 7 < 2 * MAX), "{refused:?}");
+
+        // Events completed before the oversized one in the same chunk are delivered.
+        let mut p = Parser::with_limit(MAX);
+        let mut out = Vec::new();
+        let chunk = format!("data: ok\n\ndata: {}", "x".repeat(MAX + 1));
+        assert!(p.feed(chunk.as_bytes(), &mut out).is_err());
+        assert_eq!(out, vec![Event::new("", "ok")]);
     }
 }

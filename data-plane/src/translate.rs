@@ -501,4 +501,143 @@ mod tests {
             assert_eq!(sink.emitted()[0].outcome, "incomplete");
         }
     }
+
+    /// The whole answer, releasing the usage event's hold as it goes: (status, text).
+    async fn answer_of(proxy: &Proxy, sink: &GatedSink, call: Call) -> (http::StatusCode, String) {
+        let resp = response(proxy, call, AskTier::Standard).await;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        sink.release();
+        let (text, ended) = read_until_quiet(&mut body, QUIET).await;
+        sink.release();
+        let rest = if ended {
+            String::new()
+        } else {
+            read_until_quiet(&mut body, Duration::from_secs(5)).await.0
+        };
+        (status, format!("{text}{rest}"))
+    }
+
+    fn proxy_with(
+        sink: Arc<GatedSink>,
+        cfg: crate::proxy::ProxyConfig,
+        up: crate::upstream::UpstreamConfig,
+    ) -> Proxy {
+        Proxy::new(
+            Arc::new(crate::snapshot::SnapshotStore::new(None, None)),
+            crate::upstream::UpstreamClient::new(&up).unwrap_or_else(|e| panic!("{e}")),
+            cfg,
+            sink,
+        )
+    }
+
+    /// Gemini text chunks of `text` each, the last with the finish reason.
+    fn chunks(n: usize, text: &str) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let finish = if i + 1 == n { r#","finishReason":"STOP""# } else { "" };
+                format!(
+                    r#"{{"candidates":[{{"content":{{"role":"model","parts":[{{"text":"{text}"}}]}}{finish}}}],"usageMetadata":{{"promptTokenCount":3,"candidatesTokenCount":{i},"totalTokenCount":5}},"modelVersion":"gemini-3.5-flash","responseId":"r1"}}"#
+                )
+            })
+            .collect()
+    }
+
+    /// An assembled answer is bounded by `max_response_bytes`, like a non-streaming body: past
+    /// it a 502 `upstream_incomplete` naming the limit, usage `incomplete`; under it, the body.
+    #[tokio::test]
+    async fn an_assembled_answer_over_the_response_limit_is_an_error() {
+        let data = chunks(8, &"x".repeat(100));
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        let whole: usize = data.iter().map(String::len).sum();
+        for (limit, over) in [(whole / 2, true), (whole, false)] {
+            let sink = Arc::new(GatedSink::default());
+            let cfg = crate::proxy::ProxyConfig {
+                max_response_bytes: limit,
+                ..crate::proxy::ProxyConfig::default()
+            };
+            let proxy = proxy_with(
+                sink.clone(),
+                cfg,
+                crate::upstream::UpstreamConfig::default(),
+            );
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, false)).await;
+            if over {
+                assert_eq!(status, 502, "{all}");
+                let v: Value = serde_json::from_str(&all).unwrap_or_else(|e| panic!("{e}: {all}"));
+                assert_eq!(v["error"]["code"], "upstream_incomplete", "{all}");
+                let message = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains(&format!("limit of {limit} bytes (--max-response-mib)")),
+                    "{message}"
+                );
+                assert_eq!(sink.emitted()[0].outcome, "incomplete");
+                assert_eq!(sink.emitted()[0].status, 502);
+            } else {
+                assert_eq!(status, 200, "{all}");
+                assert!(all.contains(&"x".repeat(800)), "{all}");
+                assert_eq!(sink.emitted()[0].outcome, "ok");
+            }
+        }
+    }
+
+    /// A stream event larger than `--max-sse-event-kib` cuts the answer off: the caller's error
+    /// event (streaming) or a 502 (assembled), usage `incomplete`.
+    #[tokio::test]
+    async fn an_upstream_event_over_the_sse_bound_cuts_the_answer_off() {
+        let mut data = chunks(2, "small");
+        data[1] = chunks(1, &"y".repeat(4096)).remove(0);
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let up = crate::upstream::UpstreamConfig {
+                max_sse_event_bytes: 1024,
+                ..crate::upstream::UpstreamConfig::default()
+            };
+            let proxy = proxy_with(sink.clone(), crate::proxy::ProxyConfig::default(), up);
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, stream)).await;
+            assert!(
+                all.contains("larger than the limit of 1024 bytes (--max-sse-event-kib)"),
+                "stream={stream}: {all}"
+            );
+            assert!(all.contains("upstream_incomplete"), "{all}");
+            assert!(!all.contains(&"y".repeat(4096)), "{all}");
+            if stream {
+                assert_eq!(status, 200);
+                assert!(
+                    all.contains("small"),
+                    "the event before it was streamed: {all}"
+                );
+                assert!(!all.contains("[DONE]"), "{all}");
+            } else {
+                assert_eq!(status, 502, "{all}");
+            }
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
+    }
+
+    /// A provider index past the limit ends the answer as malformed through the whole path:
+    /// the caller's error event, or a 502, and usage `incomplete`.
+    #[tokio::test]
+    async fn an_index_past_the_limit_fails_the_answer_through_the_proxy() {
+        let mut data = chunks(2, "fine");
+        data[1] = data[1].replacen(r#""content""#, r#""index":1000000000000,"content""#, 1);
+        let events: Vec<(&str, &str)> = data.iter().map(|d| ("", d.as_str())).collect();
+        for stream in [true, false] {
+            let sink = Arc::new(GatedSink::default());
+            let proxy = proxy(sink.clone());
+            let base = fake_upstream(sse_response(&events)).await;
+            let (status, all) = answer_of(&proxy, &sink, call(base, stream)).await;
+            assert!(
+                all.contains("candidate `index` 1000000000000, past the limit of 1024 items"),
+                "stream={stream}: {all}"
+            );
+            assert!(all.contains("upstream_incomplete"), "{all}");
+            assert_eq!(status, if stream { 200 } else { 502 }, "{all}");
+            assert!(!all.contains("[DONE]"), "{all}");
+            assert_eq!(sink.emitted()[0].outcome, "incomplete");
+        }
+    }
 }

@@ -56,6 +56,9 @@ pub struct UpstreamConfig {
     pub streams_per_connection: usize,
     /// Connections (shards) per host at most; past it a request goes to the least loaded one.
     pub max_connections_per_host: usize,
+    /// The largest single SSE event read from a provider's stream (`--max-sse-event-kib`);
+    /// a larger one fails the stream (see [`crate::sse::MAX_EVENT_BYTES`], the default).
+    pub max_sse_event_bytes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -70,6 +73,7 @@ impl Default for UpstreamConfig {
             keepalive_timeout: Duration::from_secs(10),
             streams_per_connection: 100,
             max_connections_per_host: 64,
+            max_sse_event_bytes: crate::sse::MAX_EVENT_BYTES,
         }
     }
 }
@@ -87,8 +91,12 @@ pub enum UpstreamError {
     Idle(Duration),
     #[error("the provider's answer took longer than the limit of {0:?}")]
     Total(Duration),
-    #[error("the provider sent more than the limit of {0} bytes")]
+    #[error("the provider's answer is larger than the limit of {0} bytes (--max-response-mib)")]
     TooLarge(usize),
+    #[error(
+        "the provider sent a stream event larger than the limit of {0} bytes (--max-sse-event-kib)"
+    )]
+    EventTooLarge(usize),
 }
 
 type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -150,6 +158,8 @@ pub struct UpstreamBody {
     deadline: Instant,
     total: Duration,
     idle: Duration,
+    /// The bound of one SSE event when the body is read as a stream.
+    max_event: usize,
     _slot: Slot,
 }
 
@@ -210,10 +220,11 @@ impl UpstreamBody {
     /// The body as a stream of SSE events.
     pub fn events(self) -> EventStream {
         EventStream {
+            parser: Parser::with_limit(self.max_event),
             body: self,
-            parser: Parser::new(),
             pending: VecDeque::new(),
             done: false,
+            refused: None,
         }
     }
 }
@@ -376,6 +387,7 @@ impl UpstreamClient {
                     deadline: sent + cfg.total_timeout,
                     total: cfg.total_timeout,
                     idle: cfg.idle_timeout,
+                    max_event: cfg.max_sse_event_bytes,
                     _slot: slot,
                 },
             });
@@ -400,6 +412,8 @@ pub struct EventStream {
     parser: Parser,
     pending: VecDeque<Event>,
     done: bool,
+    /// Why the stream failed after the events still pending.
+    refused: Option<UpstreamError>,
 }
 
 impl EventStream {
@@ -410,7 +424,7 @@ impl EventStream {
                 return Some(Ok(e));
             }
             if self.done {
-                return None;
+                return self.refused.take().map(Err);
             }
             let mut out = Vec::new();
             match self.body.frame().await {
@@ -423,9 +437,12 @@ impl EventStream {
                     return Some(Err(e));
                 }
                 Some(Ok(data)) => {
-                    if self.parser.feed(&data, &mut out).is_err() {
+                    if let Err(crate::sse::SseError::TooLarge(max)) =
+                        self.parser.feed(&data, &mut out)
+                    {
+                        // The events completed before the oversized one come first.
                         self.done = true;
-                        return Some(Err(UpstreamError::TooLarge(crate::sse::MAX_EVENT_BYTES)));
+                        self.refused = Some(UpstreamError::EventTooLarge(max));
                     }
                 }
             }

@@ -81,7 +81,8 @@ pub fn chunk_has_content(chunk: &Value) -> bool {
     })
 }
 
-/// Builds a `chat.completion` body from the chunks of a stream.
+/// Builds a `chat.completion` body from the chunks of a stream. The chunks' choice and tool-call
+/// `index`es size its lists, so both are checked against [`crate::canonical::MAX_INDEX`].
 #[derive(Default)]
 pub struct Assembler {
     base: Option<Value>,
@@ -100,7 +101,9 @@ struct ChoiceAcc {
 }
 
 impl Assembler {
-    pub fn push(&mut self, chunk: &Value) {
+    /// Adds one chunk; an `index` past [`crate::canonical::MAX_INDEX`] is refused (why), and the
+    /// chunk is not applied.
+    pub fn push(&mut self, chunk: &Value) -> Result<(), String> {
         if self.base.is_none() {
             self.base = Some(chunk.clone());
         }
@@ -111,10 +114,22 @@ impl Assembler {
             self.service_tier = Some(chunk["service_tier"].clone());
         }
         let Some(choices) = chunk["choices"].as_array() else {
-            return;
+            return Ok(());
+        };
+        let index = |v: &Value, what: &str| {
+            crate::canonical::bounded_index(
+                Provider::OpenAi,
+                what,
+                v["index"].as_u64().unwrap_or(0),
+            )
         };
         for c in choices {
-            let idx = usize::try_from(c["index"].as_u64().unwrap_or(0)).unwrap_or(0);
+            let idx = index(c, "a choice `index`")?;
+            if let Some(calls) = c["delta"]["tool_calls"].as_array() {
+                for tc in calls {
+                    index(tc, "a tool call `index`")?;
+                }
+            }
             if self.choices.len() <= idx {
                 self.choices.resize_with(idx + 1, ChoiceAcc::default);
             }
@@ -131,7 +146,7 @@ impl Assembler {
             }
             if let Some(calls) = d["tool_calls"].as_array() {
                 for tc in calls {
-                    let ti = usize::try_from(tc["index"].as_u64().unwrap_or(0)).unwrap_or(0);
+                    let ti = index(tc, "a tool call `index`")?;
                     while acc.tool_calls.len() <= ti {
                         acc.tool_calls.push(json!({"id": "", "type": "function", "function": {"name": "", "arguments": ""}}));
                     }
@@ -158,6 +173,7 @@ impl Assembler {
                 acc.finish_reason = c["finish_reason"].clone();
             }
         }
+        Ok(())
     }
 
     pub fn usage(&self) -> Option<&Value> {
@@ -247,7 +263,7 @@ mod tests {
             json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]},"finish_reason":"tool_calls"}]}),
             json!({"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}),
         ] {
-            a.push(&c);
+            a.push(&c).unwrap();
         }
         let out = a.finish();
         assert_eq!(out["object"], "chat.completion");
@@ -259,6 +275,31 @@ mod tests {
         );
         assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(out["usage"]["total_tokens"], 5);
+    }
+
+    /// A choice or tool-call `index` past the limit is refused, never a list that long.
+    #[test]
+    fn an_index_past_the_limit_is_an_error() {
+        for n in [
+            1_000_000_000_000_u64,
+            1025,
+            crate::canonical::MAX_INDEX as u64,
+        ] {
+            for chunk in [
+                json!({"id":"c1","choices":[{"index":n,"delta":{"content":"Hi"},"finish_reason":null}]}),
+                json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":n,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}),
+            ] {
+                let mut a = Assembler::default();
+                let why = a.push(&chunk).unwrap_err();
+                assert!(why.contains(&format!("`index` {n}")), "{why}");
+                assert!(a.choices.is_empty(), "the chunk is not applied");
+            }
+        }
+        let mut a = Assembler::default();
+        a.push(
+            &json!({"choices":[{"index":crate::canonical::MAX_INDEX - 1,"delta":{"content":"x"}}]}),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -720,7 +761,7 @@ mod translation_tests {
             .map(|e| serde_json::from_str(&e.data).unwrap())
             .collect();
         let mut asm = Assembler::default();
-        chunks.iter().for_each(|c| asm.push(c));
+        chunks.iter().for_each(|c| asm.push(c).unwrap());
         let done = asm.finish();
         let calls = done["choices"][0]["message"]["tool_calls"]
             .as_array()

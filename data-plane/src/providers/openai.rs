@@ -269,13 +269,18 @@ pub fn usage_of(u: &Value) -> c::Usage {
     }
 }
 
-/// Responses stream → canonical events.
+/// Responses stream → canonical events. The canonical index is the provider's `output_index`,
+/// so it is checked against [`c::MAX_INDEX`], and so is the number of blocks opened.
 #[derive(Default)]
 pub struct StreamDecoder {
     /// Output indexes whose block is open, with its kind.
     open: Vec<(usize, &'static str)>,
+    /// Blocks opened so far.
+    opened: usize,
     saw_call: bool,
     served: Option<Tier>,
+    /// The stream was refused as malformed: the rest is ignored.
+    failed: bool,
 }
 
 impl StreamDecoder {
@@ -283,14 +288,45 @@ impl StreamDecoder {
         Self::default()
     }
 
-    fn ensure_open(&mut self, index: usize, kind: &'static str, out: &mut Vec<StreamEvent>) {
-        if !self.open.iter().any(|(i, _)| *i == index) {
-            self.open.push((index, kind));
-            out.push(match kind {
-                "reasoning" => StreamEvent::ReasoningStart { index },
-                _ => StreamEvent::TextStart { index },
-            });
+    /// Ends the stream as malformed.
+    fn fail(&mut self, why: String, out: &mut Vec<StreamEvent>) {
+        self.failed = true;
+        out.push(StreamEvent::malformed(why));
+    }
+
+    /// Opens a block at `index`, unless that is one block more than an answer may have.
+    fn open_block(&mut self, index: usize, kind: &'static str, out: &mut Vec<StreamEvent>) -> bool {
+        if self.opened >= c::MAX_INDEX {
+            let why = c::past_limit(
+                Provider::OpenAi,
+                &format!("more than {} output items", c::MAX_INDEX),
+            );
+            self.fail(why, out);
+            return false;
         }
+        self.opened += 1;
+        self.open.push((index, kind));
+        true
+    }
+
+    /// Opens the block at `index` unless it is open; false when the stream was refused.
+    fn ensure_open(
+        &mut self,
+        index: usize,
+        kind: &'static str,
+        out: &mut Vec<StreamEvent>,
+    ) -> bool {
+        if self.open.iter().any(|(i, _)| *i == index) {
+            return true;
+        }
+        if !self.open_block(index, kind, out) {
+            return false;
+        }
+        out.push(match kind {
+            "reasoning" => StreamEvent::ReasoningStart { index },
+            _ => StreamEvent::TextStart { index },
+        });
+        true
     }
 
     fn close(&mut self, index: usize, out: &mut Vec<StreamEvent>) {
@@ -303,11 +339,18 @@ impl StreamDecoder {
 
 impl Decoder for StreamDecoder {
     fn decode(&mut self, ev: &Event, out: &mut Vec<StreamEvent>) {
+        if self.failed {
+            return;
+        }
         let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
             return;
         };
         let t = v["type"].as_str().unwrap_or(&ev.event).to_string();
-        let index = usize::try_from(v["output_index"].as_u64().unwrap_or(0)).unwrap_or(0);
+        let index = v["output_index"].as_u64().unwrap_or(0);
+        let index = match c::bounded_index(Provider::OpenAi, "`output_index`", index) {
+            Ok(i) => i,
+            Err(why) => return self.fail(why, out),
+        };
         match t.as_str() {
             "response.created" => {
                 let r = &v["response"];
@@ -326,7 +369,9 @@ impl Decoder for StreamDecoder {
                 match item["type"].as_str() {
                     Some("function_call") => {
                         self.saw_call = true;
-                        self.open.push((index, "tool"));
+                        if !self.open_block(index, "tool", out) {
+                            return;
+                        }
                         out.push(StreamEvent::ToolCallStart {
                             index,
                             id: item["call_id"].as_str().unwrap_or_default().to_string(),
@@ -334,12 +379,16 @@ impl Decoder for StreamDecoder {
                             signature: None,
                         });
                     }
-                    Some("reasoning") => self.ensure_open(index, "reasoning", out),
+                    Some("reasoning") => {
+                        self.ensure_open(index, "reasoning", out);
+                    }
                     _ => {}
                 }
             }
             "response.output_text.delta" | "response.refusal.delta" => {
-                self.ensure_open(index, "text", out);
+                if !self.ensure_open(index, "text", out) {
+                    return;
+                }
                 out.push(StreamEvent::TextDelta {
                     index,
                     text: v["delta"].as_str().unwrap_or_default().to_string(),
@@ -352,7 +401,9 @@ impl Decoder for StreamDecoder {
                 });
             }
             "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
-                self.ensure_open(index, "reasoning", out);
+                if !self.ensure_open(index, "reasoning", out) {
+                    return;
+                }
                 out.push(StreamEvent::ReasoningDelta {
                     index,
                     text: v["delta"].as_str().unwrap_or_default().to_string(),
@@ -554,6 +605,67 @@ mod translation_tests {
             }
         );
         assert_eq!(d.served_tier(), Some(Tier::Flex));
+    }
+
+    /// The canonical events a Responses stream decodes to.
+    fn decode_all(events: &[Value]) -> Vec<StreamEvent> {
+        let mut d = StreamDecoder::new();
+        let mut out = Vec::new();
+        for v in events {
+            let name = v["type"].as_str().unwrap_or_default();
+            d.decode(&Event::new(name, v.to_string()), &mut out);
+        }
+        out
+    }
+
+    fn refused(out: &[StreamEvent]) -> Option<&str> {
+        out.iter().find_map(|e| match e {
+            StreamEvent::Error {
+                message,
+                code: "upstream_incomplete",
+            } => Some(message.as_str()),
+            _ => None,
+        })
+    }
+
+    /// An `output_index` past the limit ends the stream as malformed (no block, no allocation
+    /// by the index), and nothing after it is decoded.
+    #[test]
+    fn an_output_index_past_the_limit_is_an_error() {
+        for n in [1_000_000_000_000_u64, 1025, c::MAX_INDEX as u64] {
+            for first in [
+                json!({"type": "response.output_text.delta", "output_index": n, "delta": "Hi"}),
+                json!({"type": "response.output_item.added", "output_index": n, "item": {"type": "function_call", "call_id": "c", "name": "f"}}),
+                json!({"type": "response.function_call_arguments.delta", "output_index": n, "delta": "{}"}),
+                json!({"type": "response.reasoning_text.delta", "output_index": n, "delta": "hm"}),
+            ] {
+                let out = decode_all(&[
+                    first.clone(),
+                    json!({"type": "response.output_text.delta", "output_index": 0, "delta": "later"}),
+                    json!({"type": "response.completed", "response": {"usage": {}}}),
+                ]);
+                let why = refused(&out).unwrap_or_else(|| panic!("{n} {first}: {out:?}"));
+                assert!(why.contains(&format!("`output_index` {n}")), "{why}");
+                assert_eq!(out.len(), 1, "nothing after the error: {out:?}");
+            }
+        }
+        let ok = decode_all(&[
+            json!({"type": "response.output_text.delta", "output_index": c::MAX_INDEX - 1, "delta": "Hi"}),
+        ]);
+        assert!(refused(&ok).is_none(), "{ok:?}");
+    }
+
+    /// More blocks than an answer may have (here the same index reopened) is an error too.
+    #[test]
+    fn more_output_items_than_the_limit_is_an_error() {
+        let mut events = Vec::new();
+        for _ in 0..=c::MAX_INDEX {
+            events.push(json!({"type": "response.output_item.added", "output_index": 3, "item": {"type": "function_call", "call_id": "c", "name": "f"}}));
+        }
+        let out = decode_all(&events);
+        let why = refused(&out).unwrap_or_else(|| panic!("{:?}", out.last()));
+        assert!(why.contains("more than 1024 output items"), "{why}");
+        assert_eq!(out.len(), c::MAX_INDEX + 1);
     }
 
     #[test]

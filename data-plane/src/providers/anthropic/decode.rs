@@ -6,7 +6,7 @@ use flex_shared::catalog::{Provider, Tier};
 use serde_json::Value;
 
 use super::served_tier;
-use crate::canonical::{StopReason, StreamEvent, Usage};
+use crate::canonical::{self as c, StopReason, StreamEvent, Usage};
 use crate::providers::Decoder;
 use crate::race::EventClass;
 use crate::sse::Event;
@@ -67,7 +67,8 @@ struct Open {
 
 /// Anthropic SSE → canonical events. Blocks are renumbered densely (server-tool and redacted
 /// blocks are skipped); usage is kept from `message_start` and `message_delta` and emitted once,
-/// real, with `Finish` at `message_stop`.
+/// real, with `Finish` at `message_stop`. The provider's `index` and the number of blocks are
+/// checked against [`c::MAX_INDEX`]: past it the stream ends as malformed.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     open: Vec<Open>,
@@ -117,7 +118,13 @@ impl StreamDecoder {
         }
     }
 
-    fn open(&mut self, upstream: u64, kind: Kind) -> usize {
+    /// Opens a block: its canonical index, or `None` (the stream refused) past the limit.
+    fn open(&mut self, upstream: u64, kind: Kind, out: &mut Vec<StreamEvent>) -> Option<usize> {
+        if self.next_index >= c::MAX_INDEX {
+            let what = format!("more than {} content blocks", c::MAX_INDEX);
+            self.fail(c::past_limit(Provider::Anthropic, &what), out);
+            return None;
+        }
         let index = self.next_index;
         self.next_index += 1;
         self.open.push(Open {
@@ -126,7 +133,13 @@ impl StreamDecoder {
             kind,
             has_args: false,
         });
-        index
+        Some(index)
+    }
+
+    /// Ends the stream as malformed: nothing after it is decoded.
+    fn fail(&mut self, why: String, out: &mut Vec<StreamEvent>) {
+        out.push(StreamEvent::malformed(why));
+        self.finished = true;
     }
 
     fn close(b: &Open, out: &mut Vec<StreamEvent>) {
@@ -144,7 +157,9 @@ impl StreamDecoder {
         let text = |k: &str| cb[k].as_str().unwrap_or_default().to_string();
         match cb["type"].as_str() {
             Some("text") => {
-                let index = self.open(upstream, Kind::Text);
+                let Some(index) = self.open(upstream, Kind::Text, out) else {
+                    return;
+                };
                 out.push(StreamEvent::TextStart { index });
                 let t = text("text");
                 if !t.is_empty() {
@@ -153,7 +168,9 @@ impl StreamDecoder {
             }
             Some("tool_use") => {
                 self.saw_tool = true;
-                let index = self.open(upstream, Kind::Tool);
+                let Some(index) = self.open(upstream, Kind::Tool, out) else {
+                    return;
+                };
                 out.push(StreamEvent::ToolCallStart {
                     index,
                     id: text("id"),
@@ -171,7 +188,9 @@ impl StreamDecoder {
                 }
             }
             Some("thinking") => {
-                let index = self.open(upstream, Kind::Reasoning);
+                let Some(index) = self.open(upstream, Kind::Reasoning, out) else {
+                    return;
+                };
                 out.push(StreamEvent::ReasoningStart { index });
                 let t = text("thinking");
                 if !t.is_empty() {
@@ -260,6 +279,11 @@ impl Decoder for StreamDecoder {
             ev.event.as_str()
         };
         let index = v["index"].as_u64().unwrap_or(0);
+        if name.starts_with("content_block_") {
+            if let Err(why) = c::bounded_index(Provider::Anthropic, "`index`", index) {
+                return self.fail(why, out);
+            }
+        }
         match name {
             "message_start" => {
                 let m = &v["message"];

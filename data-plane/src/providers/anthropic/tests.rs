@@ -804,3 +804,69 @@ fn base64_decoding() {
     assert_eq!(base64_decode("YQ").unwrap(), b"a");
     assert!(base64_decode("a*b").is_none());
 }
+
+fn malformed(out: &[StreamEvent]) -> Option<&str> {
+    out.iter().find_map(|e| match e {
+        StreamEvent::Error {
+            message,
+            code: "upstream_incomplete",
+        } => Some(message.as_str()),
+        _ => None,
+    })
+}
+
+/// A content block `index` past the limit ends the stream as malformed (no panic, nothing sized
+/// by it), and the rest of the stream is ignored.
+#[test]
+fn an_index_past_the_limit_is_an_error() {
+    for n in [
+        1_000_000_000_000_u64,
+        1025,
+        crate::canonical::MAX_INDEX as u64,
+    ] {
+        for first in [
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": n, "content_block": {"type": "text", "text": ""}}),
+            ),
+            ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": n, "delta": {"type": "text_delta", "text": "x"}}),
+            ),
+            ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": n}),
+            ),
+        ] {
+            let (out, _) = run(&[
+                message_start(json!({"input_tokens": 1, "output_tokens": 1})),
+                first,
+                ev(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                ev("message_stop", json!({"type": "message_stop"})),
+            ]);
+            let why = malformed(&out).unwrap_or_else(|| panic!("{n}: {out:?}"));
+            assert!(why.contains(&format!("`index` {n}")), "{why}");
+            assert_eq!(out.len(), 2, "Start, then the error only: {out:?}");
+        }
+    }
+}
+
+/// More content blocks than the limit (the same upstream index reopened) is an error too.
+#[test]
+fn more_blocks_than_the_limit_is_an_error() {
+    let mut events = vec![message_start(
+        json!({"input_tokens": 1, "output_tokens": 1}),
+    )];
+    for _ in 0..=crate::canonical::MAX_INDEX {
+        events.push(ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ));
+    }
+    let (out, _) = run(&events);
+    let why = malformed(&out).unwrap_or_else(|| panic!("{:?}", out.last()));
+    assert!(why.contains("more than 1024 content blocks"), "{why}");
+}

@@ -6,7 +6,7 @@ use flex_shared::catalog::{Provider, Tier};
 use serde_json::Value;
 
 use super::served_tier;
-use crate::canonical::{StopReason, StreamEvent, Usage};
+use crate::canonical::{self as c, StopReason, StreamEvent, Usage};
 use crate::ids;
 use crate::providers::Decoder;
 use crate::race::EventClass;
@@ -84,7 +84,9 @@ enum Open {
     Reasoning,
 }
 
-/// Gemini SSE → canonical events.
+/// Gemini SSE → canonical events. Every part opens at most one block, so the number of blocks
+/// (and the candidate's `index`) is checked against [`c::MAX_INDEX`]: past it the stream ends as
+/// malformed.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     started: bool,
@@ -109,22 +111,40 @@ impl StreamDecoder {
         }
     }
 
-    /// The index of an open block of `kind`, opening one (and closing another kind) as needed.
-    fn ensure(&mut self, kind: Open, out: &mut Vec<StreamEvent>) -> usize {
+    /// Ends the stream as malformed: nothing after it is decoded.
+    fn fail(&mut self, why: String, out: &mut Vec<StreamEvent>) {
+        out.push(StreamEvent::malformed(why));
+        self.finished = true;
+    }
+
+    /// The index of a new block, or `None` (the stream refused) past the limit.
+    fn next_block(&mut self, out: &mut Vec<StreamEvent>) -> Option<usize> {
+        if self.next_index >= c::MAX_INDEX {
+            let what = format!("more than {} content parts", c::MAX_INDEX);
+            self.fail(c::past_limit(Provider::Gemini, &what), out);
+            return None;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        Some(index)
+    }
+
+    /// The index of an open block of `kind`, opening one (and closing another kind) as needed;
+    /// `None` when the stream was refused.
+    fn ensure(&mut self, kind: Open, out: &mut Vec<StreamEvent>) -> Option<usize> {
         if let Some((k, index)) = self.open {
             if k == kind {
-                return index;
+                return Some(index);
             }
         }
         self.close(out);
-        let index = self.next_index;
-        self.next_index += 1;
+        let index = self.next_block(out)?;
         out.push(match kind {
             Open::Text => StreamEvent::TextStart { index },
             Open::Reasoning => StreamEvent::ReasoningStart { index },
         });
         self.open = Some((kind, index));
-        index
+        Some(index)
     }
 
     fn part(&mut self, part: &Value, out: &mut Vec<StreamEvent>) {
@@ -134,8 +154,9 @@ impl StreamDecoder {
             .map(str::to_string);
         if let Some(fc) = part.get("functionCall") {
             self.close(out);
-            let index = self.next_index;
-            self.next_index += 1;
+            let Some(index) = self.next_block(out) else {
+                return;
+            };
             let id = fc["id"]
                 .as_str()
                 .filter(|s| !s.is_empty())
@@ -164,7 +185,9 @@ impl StreamDecoder {
             return;
         };
         if part["thought"].as_bool() == Some(true) {
-            let index = self.ensure(Open::Reasoning, out);
+            let Some(index) = self.ensure(Open::Reasoning, out) else {
+                return;
+            };
             if !text.is_empty() {
                 out.push(StreamEvent::ReasoningDelta {
                     index,
@@ -175,7 +198,9 @@ impl StreamDecoder {
                 out.push(StreamEvent::ReasoningSignature { index, signature });
             }
         } else if !text.is_empty() {
-            let index = self.ensure(Open::Text, out);
+            let Some(index) = self.ensure(Open::Text, out) else {
+                return;
+            };
             out.push(StreamEvent::TextDelta {
                 index,
                 text: text.to_string(),
@@ -236,9 +261,20 @@ impl Decoder for StreamDecoder {
             }
         }
         let candidate = &v["candidates"][0];
+        // One candidate is asked for; its `index` is checked like every provider-driven index.
+        if let Err(why) = c::bounded_index(
+            Provider::Gemini,
+            "candidate `index`",
+            candidate["index"].as_u64().unwrap_or(0),
+        ) {
+            return self.fail(why, out);
+        }
         if let Some(parts) = candidate["content"]["parts"].as_array() {
             for p in parts {
                 self.part(p, out);
+                if self.finished {
+                    return;
+                }
             }
         }
         let finish = candidate["finishReason"]

@@ -799,3 +799,50 @@ data: {"candidates":[{"content":{"role":"model","parts":[{"text":" word1"}]},"in
     assert_eq!(r.usage.total(), 7);
     assert_eq!(tier, Some(Tier::Standard));
 }
+
+fn malformed(out: &[StreamEvent]) -> Option<&str> {
+    out.iter().find_map(|e| match e {
+        StreamEvent::Error {
+            message,
+            code: "upstream_incomplete",
+        } => Some(message.as_str()),
+        _ => None,
+    })
+}
+
+/// A candidate `index` past the limit ends the stream as malformed, and nothing after it is
+/// decoded.
+#[test]
+fn a_candidate_index_past_the_limit_is_an_error() {
+    for n in [
+        1_000_000_000_000_u64,
+        1025,
+        crate::canonical::MAX_INDEX as u64,
+    ] {
+        let mut first = text_chunk("Hi", None, 1);
+        first["candidates"][0]["index"] = json!(n);
+        let (out, _) = decode_all(&[first, text_chunk(" there", Some("STOP"), 2)]);
+        let why = malformed(&out).unwrap_or_else(|| panic!("{n}: {out:?}"));
+        assert!(why.contains(&format!("candidate `index` {n}")), "{why}");
+        assert!(
+            !out.iter().any(|e| matches!(e, StreamEvent::Finish { .. })),
+            "{out:?}"
+        );
+    }
+}
+
+/// Parts past the limit (each function call is a block of its own) end the stream too.
+#[test]
+fn more_parts_than_the_limit_is_an_error() {
+    let parts: Vec<Value> = (0..=crate::canonical::MAX_INDEX)
+        .map(|i| json!({"functionCall": {"id": format!("c{i}"), "name": "f", "args": {}}}))
+        .collect();
+    let chunk = json!({"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0, "finishReason": "STOP"}]});
+    let (out, _) = decode_all(&[chunk]);
+    let why = malformed(&out).unwrap_or_else(|| panic!("{:?}", out.last()));
+    assert!(why.contains("more than 1024 content parts"), "{why}");
+    assert!(
+        !out.iter().any(|e| matches!(e, StreamEvent::Finish { .. })),
+        "refused before its finish reason"
+    );
+}
