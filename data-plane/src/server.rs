@@ -687,24 +687,29 @@ where
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut stopping = *stop.borrow();
+    // When the connection was told to close (the drain, or idleness): from then on, once nothing
+    // is in flight, it has IDLE_CLOSE_LINGER to finish saying goodbye before it is dropped.
+    let mut closing: Option<Instant> = None;
     if stopping {
+        closing = Some(Instant::now());
         conn.as_mut().graceful_shutdown();
     }
-    // When the watchdog closed the connection for idleness.
-    let mut closed_idle: Option<Instant> = None;
     loop {
         let idle = activity.in_flight.load(Ordering::SeqCst) == 0;
-        let wake = match (stopping, idle, closed_idle) {
-            (true, _, _) | (false, false, _) => None,
-            (false, true, None) => Some(activity.idle_deadline(limits)),
-            (false, true, Some(at)) => Some(at.max(activity.idle_since()) + IDLE_CLOSE_LINGER),
+        let wake = match (idle, closing) {
+            (false, _) => None,
+            (true, None) => Some(activity.idle_deadline(limits)),
+            (true, Some(at)) => Some(at.max(activity.idle_since()) + IDLE_CLOSE_LINGER),
         };
         tokio::select! {
             result = conn.as_mut() => return result,
             changed = stop.changed(), if !stopping => {
                 let _ = changed;
                 stopping = true;
-                conn.as_mut().graceful_shutdown();
+                if closing.is_none() {
+                    closing = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             // A request ended: the idle clock starts again.
             () = activity.ended.notified(), if !idle => {}
@@ -712,19 +717,23 @@ where
                 if activity.in_flight.load(Ordering::SeqCst) > 0 {
                     continue;
                 }
-                match closed_idle {
-                    None if Instant::now() >= activity.idle_deadline(limits) => {
+                let now = Instant::now();
+                match closing {
+                    None if now >= activity.idle_deadline(limits) => {
                         if activity.requests.load(Ordering::SeqCst) == 0 {
                             bump(&limits.stats.header_read);
                         } else {
                             bump(&limits.stats.idle);
                         }
-                        closed_idle = Some(Instant::now());
+                        closing = Some(now);
                         conn.as_mut().graceful_shutdown();
                     }
-                    None => {}
-                    // Said goodbye and still open with nothing in flight: drop it.
-                    Some(_) => return Ok(()),
+                    // Told to close, nothing in flight for the linger (hyper has flushed the
+                    // last answer), and still open: drop it.
+                    Some(at) if now >= at.max(activity.idle_since()) + IDLE_CLOSE_LINGER => {
+                        return Ok(());
+                    }
+                    None | Some(_) => {}
                 }
             }
         }
