@@ -1,12 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The proxy listener's limits against real `flex up --demo` processes on free ports, over raw
 //! sockets: a slowloris head, a silent connection, a stalled HTTP/2 preface and an idle
-//! keep-alive connection are closed by `--header-read-timeout-secs` / `--idle-timeout-secs`; a
-//! silent TLS connection by `--tls-handshake-timeout-secs`; 5,000 idle connections leave the
-//! proxy serving; at `--max-connections` the listener waits for a connection to close; an
-//! unauthenticated 32 MiB upload gets its 401 before the rest of its body is sent; a
-//! `Content-Length` over `--max-body-mib` gets 413 with nothing read; a stalled body gets 408;
-//! HTTP/2 advertises `--http2-max-concurrent-streams`.
+//! keep-alive connection are closed by `--header-read-timeout-secs` / `--idle-timeout-secs`
+//! (and a request in flight longer than both is not); a silent TLS connection by
+//! `--tls-handshake-timeout-secs`; 5,000 idle connections leave the proxy serving; at
+//! `--max-connections` the listener waits for a connection to close; an unauthenticated 32 MiB
+//! upload gets its 401 before the rest of its body is sent; a `Content-Length` over
+//! `--max-body-mib` gets 413 with nothing read; a stalled body gets 408; HTTP/2 advertises
+//! `--http2-max-concurrent-streams`.
 //!
 //! Time is only bounded from above, generously: "closed within the timeout plus 10 s", never
 //! "not before". The 5,000 idle connections need 5,000 open files in this process and 5,000 in
@@ -225,7 +226,23 @@ async fn slow_silent_and_idle_connections_are_closed() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         up.serves().await;
     };
-    tokio::join!(slowloris, preface, silent, idle, serving);
+    // A request in flight is never idle: a race whose flex starts after 4 s, longer than both
+    // timeouts, with not a byte sent before.
+    let in_flight = async {
+        let (status, body) = request(
+            http::Method::POST,
+            &format!("http://{}/v1/responses", up.addr()),
+            Some(&up.key),
+            Some(
+                json!({"model": "gpt-5.5", "input": "hi #sim flex_delay_ms=4000",
+                        "start_within": "00h-00m-30s"}),
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+    };
+    tokio::join!(slowloris, preface, silent, idle, serving, in_flight);
     assert!(
         up.metric(r#"flex_listener_timeouts_total{kind="header_read"}"#)
             .await
