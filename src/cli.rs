@@ -103,6 +103,43 @@ pub struct UpstreamArgs {
     pub max_sse_event_kib: usize,
 }
 
+/// The proxy listener's limits, shared by `up` and `proxy` (docs/security.md, "Listener
+/// limits"). Every limit must be at least 1.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenerArgs {
+    /// Longest wait for a request's headers, in seconds: an HTTP/1.1 connection waiting for a
+    /// request (new, or idle between keep-alive requests) is closed if the whole head has not
+    /// arrived within it, and a new connection (HTTP/1.1 or HTTP/2, after TLS) must start its
+    /// first request within it (slowloris, a stalled HTTP/2 preface).
+    #[arg(long, env = "FLEX_HEADER_READ_TIMEOUT_SECS", default_value_t = 15)]
+    pub header_read_timeout_secs: u64,
+    /// Longest TLS handshake on the API port (with --tls-cert), in seconds.
+    #[arg(long, env = "FLEX_TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub tls_handshake_timeout_secs: u64,
+    /// A connection with no request in flight for this many seconds is closed (HTTP/2 with a
+    /// GOAWAY); an idle HTTP/1.1 connection is also closed by --header-read-timeout-secs,
+    /// whichever is shorter.
+    #[arg(long, env = "FLEX_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// The whole request body must arrive within this many seconds of its headers, else 408
+    /// `body_read_timeout` (32 MiB in 300 s needs about 1 Mbit/s).
+    #[arg(long, env = "FLEX_BODY_READ_TIMEOUT_SECS", default_value_t = 300)]
+    pub body_read_timeout_secs: u64,
+    /// Most connections open at once on the API port. At the cap the proxy stops accepting
+    /// (new connections wait in the kernel's accept queue) until one closes; counted in
+    /// flex_listener_saturated_total. Keep the open-files limit above it (LimitNOFILE).
+    #[arg(long, env = "FLEX_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most HTTP/2 streams (requests in flight) per caller connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); a client opens another connection for more.
+    #[arg(long, env = "FLEX_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings to callers, in seconds; a ping unanswered for as
+    /// long again closes the connection (a dead peer holding its streams).
+    #[arg(long, env = "FLEX_HTTP2_KEEPALIVE_SECS", default_value_t = 20)]
+    pub http2_keepalive_secs: u64,
+}
+
 /// Where Prometheus metrics are served, shared by every process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsArgs {
@@ -216,6 +253,8 @@ pub struct UpArgs {
     /// reverse proxy); https:// makes its cookies Secure.
     #[arg(long, env = "FLEX_DASHBOARD_URL", value_parser = parse_dashboard_url)]
     pub dashboard_url: Option<String>,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -375,6 +414,8 @@ pub struct ProxyArgs {
     /// certificate's common name: the control plane refuses another.
     #[arg(long, env = "FLEX_PROXY_ID")]
     pub proxy_id: Option<String>,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]

@@ -14,6 +14,7 @@ use flex_control_plane::{ControlPlane, Metadata};
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
 use flex_data_plane::providers::BaseUrls;
 use flex_data_plane::proxy::{ExtraMetrics, Proxy, ProxyConfig};
+use flex_data_plane::server::ListenerConfig;
 use flex_data_plane::snapshot::{self, SnapshotStore};
 use flex_data_plane::upstream::{UpstreamClient, UpstreamConfig};
 use flex_data_plane::usage::log::{UsageWal, WalConfig};
@@ -29,7 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cli::{ControlArgs, LimitsArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs};
+use crate::cli::{
+    ControlArgs, LimitsArgs, ListenerArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs,
+};
 use crate::sim::{self, SimConfig};
 use flex_data_plane::limits::{FailMode, Limiter, Limits, LimitsConfig, RedisLimiter};
 
@@ -80,6 +83,54 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()
     }
+}
+
+/// The listener's limits given on the command line (each at least 1), with a warning when the
+/// open-files limit is below `--max-connections`.
+fn listener_config(l: &ListenerArgs) -> Result<ListenerConfig> {
+    let secs = |n: u64, flag: &str| -> Result<Duration> {
+        if n == 0 {
+            bail!("--{flag} must be at least 1 second (got 0): the listener never waits without a bound; e.g. --{flag} 30");
+        }
+        Ok(Duration::from_secs(n))
+    };
+    if l.max_connections == 0 {
+        bail!("--max-connections must be at least 1 (got 0); e.g. --max-connections 10000");
+    }
+    if l.http2_max_concurrent_streams == 0 {
+        bail!("--http2-max-concurrent-streams must be at least 1 (got 0); e.g. --http2-max-concurrent-streams 100");
+    }
+    if let Some(files) = open_files_limit() {
+        if files < l.max_connections as u64 + 256 {
+            tracing::warn!(
+                open_files = files,
+                max_connections = l.max_connections,
+                "this process may open only {files} files, fewer than --max-connections {} plus room for provider connections and the state dir: accepting fails (and is retried) once it runs out. Raise the limit (systemd LimitNOFILE=65536, docker --ulimit nofile=65536) or lower --max-connections",
+                l.max_connections
+            );
+        }
+    }
+    Ok(ListenerConfig {
+        header_read_timeout: secs(l.header_read_timeout_secs, "header-read-timeout-secs")?,
+        tls_handshake_timeout: secs(l.tls_handshake_timeout_secs, "tls-handshake-timeout-secs")?,
+        idle_timeout: secs(l.idle_timeout_secs, "idle-timeout-secs")?,
+        body_read_timeout: secs(l.body_read_timeout_secs, "body-read-timeout-secs")?,
+        max_connections: l.max_connections,
+        http2_max_concurrent_streams: l.http2_max_concurrent_streams,
+        http2_keepalive_interval: secs(l.http2_keepalive_secs, "http2-keepalive-secs")?,
+        ..ListenerConfig::default()
+    })
+}
+
+/// The soft limit of open files of this process (Linux: /proc/self/limits; None elsewhere).
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The limits of a proxy: counters in Redis with `--redis-url`, else in this process.
@@ -238,6 +289,7 @@ pub fn spawn_proxy_until(
     grace: Duration,
     metrics: Option<TcpListener>,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let limits = cfg.listener.clone();
     let proxy = Arc::new(Proxy::new(
         store,
         UpstreamClient::new(upstream)?,
@@ -255,7 +307,8 @@ pub fn spawn_proxy_until(
     let router = flex_data_plane::server::router(proxy);
     Ok(tokio::spawn(async move {
         if let Err(e) =
-            flex_data_plane::server::serve_until(listener, router, tls, shutdown, grace).await
+            flex_data_plane::server::serve_until(listener, router, tls, limits, shutdown, grace)
+                .await
         {
             tracing::error!(error = %e, "proxy server stopped");
         }
@@ -748,6 +801,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             }))),
             limits,
             metrics: metrics_listener.is_some(),
+            listener: listener_config(&args.listener)?,
             ..proxy_config(&args.upstream, urls)
         },
         tls,
@@ -1246,6 +1300,7 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let cfg = ProxyConfig {
         limits: limits_of(&args.limits, &limits_proxy_id, false)?,
         metrics: metrics.is_some(),
+        listener: listener_config(&args.listener)?,
         ..proxy_config(&args.upstream, base_urls(&args.upstream, None))
     };
     // From here on SIGINT and SIGTERM stop the process cleanly.

@@ -428,6 +428,23 @@ impl Collector for StateCollector {
     }
 }
 
+/// `series` as OpenMetrics `flex_` families without the end marker: what an exposition's
+/// `extra` appends (e.g. the listener's counters, `server::ListenerStats`).
+pub fn encode_series_text(out: &mut String, series: Vec<Series>) {
+    #[derive(Debug)]
+    struct Families(Vec<Series>);
+    impl Collector for Families {
+        fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+            self.0.iter().try_for_each(|s| encode_series(&mut enc, s))
+        }
+    }
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Families(series)));
+    if let Err(e) = prometheus_client::encoding::text::encode_registry(out, &registry) {
+        tracing::warn!(error = %e, "metrics: encoding failed");
+    }
+}
+
 /// One [`Series`] as a `flex_` family: a counter's samples end in `_total`.
 fn encode_series(enc: &mut DescriptorEncoder<'_>, s: &Series) -> std::fmt::Result {
     let name = format!("flex_{}", s.name);

@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     /// Counts the request series (`metrics`). The binaries turn it off when no
     /// `--metrics-listen` serves them; the scrape-time series cost nothing until scraped.
     pub metrics: bool,
+    /// The listener's limits (timeouts, connection and stream caps) and its counters.
+    pub listener: crate::server::ListenerConfig,
 }
 
 /// Appends OpenMetrics families (without the end marker) to the proxy's exposition.
@@ -125,6 +127,7 @@ impl Default for ProxyConfig {
             limits: crate::limits::Limits::default(),
             items: crate::request::ItemLimits::default(),
             metrics: true,
+            listener: crate::server::ListenerConfig::default(),
         }
     }
 }
