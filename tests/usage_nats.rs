@@ -754,3 +754,134 @@ async fn consumer_lag_counts_the_backlog_while_the_ledger_is_blocked() {
             .unwrap();
     assert_eq!(rows, 20);
 }
+
+/// One event that can never be delivered (a NUL in its model, or larger than NATS's
+/// `max_payload`) does not hold up the rest: it goes to the usage log's dead-letter file, the
+/// events behind it reach the ledger, over NATS and over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_event_goes_to_the_dead_letter_file_and_delivery_goes_on() {
+    use flex_data_plane::usage::log::DEAD_LETTER_FILE;
+    let nats = NatsServer::start();
+    let db = Pg::new().await;
+    let cp = Arc::new(ControlPlane::open(&db.url(), keyring()).await.unwrap());
+    let meta = Metadata::new("test");
+    let org = cp
+        .create_org(&meta, "dead-letters", None)
+        .await
+        .unwrap()
+        .org;
+    let client = nats_client(&nats.url()).await;
+    let _consumer = cp.spawn_usage_consumer(client.clone(), consumer_config());
+    let pool = PgPool::connect(&db.url()).await.unwrap();
+    let rows = |pool: PgPool, prefix: &'static str| async move {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage_ledger WHERE request_id LIKE $1")
+            .bind(format!("{prefix}%"))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let dead_lines = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join(DEAD_LETTER_FILE))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let until = |what: &'static str, f: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Over NATS: a NUL, then a 2 MB event (over the default 1 MB max_payload), between good ones.
+    let state = tempfile::tempdir().unwrap();
+    let wal = UsageWal::open(WalConfig::new(state.path())).unwrap();
+    let stats = Arc::new(NatsDeliveryStats::default());
+    let _delivery = spawn_log_delivery(&client, &stats, &wal);
+    let mut nul = event("req_nats_bad_nul", &org.org_id, 5);
+    nul.model = "gpt\u{0}5".into();
+    let mut big = event("req_nats_bad_big", &org.org_id, 5);
+    big.provider_request_id = "x".repeat(2 << 20);
+    wal.emit(event("req_nats_ok_1", &org.org_id, 5));
+    wal.emit(nul);
+    wal.emit(big);
+    wal.emit(event("req_nats_ok_2", &org.org_id, 5));
+    let t0 = Instant::now();
+    while rows(pool.clone(), "req_nats_ok").await < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the good events never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until("two dead letters over NATS", &|| {
+        dead_lines(state.path()).len() == 2
+    });
+    let dead = dead_lines(state.path());
+    assert_eq!(dead[0]["event"]["request_id"], "req_nats_bad_nul");
+    assert!(
+        dead[0]["reason"].as_str().unwrap().contains("NUL"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[1]["event"]["request_id"], "req_nats_bad_big");
+    assert_eq!(rows(pool.clone(), "req_nats_bad").await, 0);
+    let mut m = Vec::new();
+    wal.metrics(&mut m);
+    assert!(
+        flex_data_plane::series::text(&m).contains("usage_dead_letters_total 2"),
+        "counted"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(state.path().join(DEAD_LETTER_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Over gRPC: the control plane refuses an event of an org it does not know.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = cp.clone();
+    tokio::spawn(async move {
+        server
+            .serve_with_listener(
+                listener,
+                &SecretString::from("t".to_string()),
+                std::future::pending(),
+            )
+            .await
+    });
+    let state = tempfile::tempdir().unwrap();
+    let wal = UsageWal::open(WalConfig::new(state.path())).unwrap();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    tokio::spawn(flex_data_plane::usage::log::deliver_grpc(
+        wal.clone(),
+        endpoint,
+        flex_data_plane::control_client::ProxyToken::none(),
+    ));
+    wal.emit(event("req_grpc_ok_1", &org.org_id, 5));
+    wal.emit(event("req_grpc_bad_org", "org_nobody", 5));
+    wal.emit(event("req_grpc_ok_2", &org.org_id, 5));
+    let t0 = Instant::now();
+    while rows(pool.clone(), "req_grpc_ok").await < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the good events never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until("one dead letter over gRPC", &|| {
+        dead_lines(state.path()).len() == 1
+    });
+    let dead = dead_lines(state.path());
+    assert_eq!(dead[0]["event"]["request_id"], "req_grpc_bad_org");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{dead:?}"
+    );
+}

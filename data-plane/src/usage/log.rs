@@ -107,7 +107,15 @@ pub struct WalStats {
     pub inflight: AtomicU64,
     /// Failed writes of the in-flight journal.
     pub inflight_errors: AtomicU64,
+    /// Events a peer refused as malformed, moved to [`DEAD_LETTER_FILE`].
+    pub dead_letters: AtomicU64,
 }
+
+/// The file, beside the usage log, of usage events that can never be delivered (the control
+/// plane refused them as malformed, or they exceed what NATS accepts): one JSON line each,
+/// `{"reason": …, "event": {…}}`, so an operator can inspect and replay them. Delivery goes on
+/// past them instead of retrying one event forever while every later one waits.
+pub const DEAD_LETTER_FILE: &str = "usage-dead-letter.jsonl";
 
 type Entry = (UsageEvent, Option<oneshot::Sender<bool>>);
 
@@ -162,6 +170,46 @@ fn gone() -> std::io::Error {
 }
 
 impl UsageWal {
+    /// Moves `event` out of delivery for good: appends it with `reason` to
+    /// [`DEAD_LETTER_FILE`] (mode 0600, synced), counts it and logs it. The caller then moves
+    /// the log's position past it.
+    pub fn dead_letter(&self, event: &UsageEvent, reason: &str) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.shared
+            .stats
+            .dead_letters
+            .fetch_add(1, Ordering::Relaxed);
+        let path = self.shared.log.dir.join(DEAD_LETTER_FILE);
+        let line = serde_json::json!({"reason": reason, "event": event}).to_string() + "\n";
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(line.as_bytes())?;
+                f.sync_data()
+            });
+        match written {
+            Ok(()) => tracing::error!(
+                request_id = %event.request_id,
+                org_id = %event.org_id,
+                reason,
+                file = %path.display(),
+                "usage event refused for good; moved to the dead-letter file, delivery goes on"
+            ),
+            Err(e) => tracing::error!(
+                request_id = %event.request_id,
+                org_id = %event.org_id,
+                reason,
+                error = %e,
+                file = %path.display(),
+                "usage event refused for good and the dead-letter file cannot be written; delivery goes on"
+            ),
+        }
+    }
+
     /// Opens the log in `config.dir` and starts its writer thread (which ends once the sink is
     /// dropped or [closed](Self::close)) and its I/O thread for delivery.
     pub fn open(config: WalConfig) -> std::io::Result<Arc<Self>> {
@@ -527,6 +575,11 @@ impl UsageSink for UsageWal {
                 "Failed writes of the in-flight journal",
                 g(&s.inflight_errors),
             ),
+            Series::counter(
+                "usage_dead_letters",
+                "Usage events that can never be delivered, moved to usage-dead-letter.jsonl in the state dir",
+                g(&s.dead_letters),
+            ),
         ]);
     }
 }
@@ -646,6 +699,42 @@ fn sync_journal(shared: &Shared, now: bool) {
 
 // ----- gRPC delivery from the log ---------------------------------------------------------------
 
+/// Sends `events` one per `ReportUsage`: an event refused as malformed (`INVALID_ARGUMENT`) goes
+/// to the dead-letter file. False when the control plane became unreachable meanwhile (the
+/// chunk is sent again later; the ledger counts each request id once).
+async fn deliver_one_by_one(
+    client: &mut crate::control_client::ControlClient,
+    wal: &UsageWal,
+    events: &[&UsageEvent],
+) -> bool {
+    use flex_shared::proto::control::ReportUsageRequest;
+    for e in events {
+        let json = match serde_json::to_string(e) {
+            Ok(j) => j,
+            Err(err) => {
+                wal.dead_letter(e, &format!("cannot be serialized: {err}"));
+                continue;
+            }
+        };
+        match client
+            .report_usage(ReportUsageRequest {
+                events_json: vec![json],
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                wal.dead_letter(e, &format!("the control plane refused it: {}", s.message()));
+            }
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "usage delivery failed; retrying");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Delivers the log to the control plane's `ReportUsage` in order, moving the position forward
 /// after each accepted batch (the ledger deduplicates by request id), retrying with backoff.
 /// File reads and position writes run on the log's I/O thread.
@@ -695,6 +784,18 @@ pub async fn deliver_grpc(
             match client.as_mut() {
                 Some(c) => match c.report_usage(ReportUsageRequest { events_json }).await {
                     Ok(_) => true,
+                    Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                        // The control plane refused the batch as malformed: find the event(s)
+                        // it refuses, one at a time, and move them aside.
+                        tracing::warn!(error = %e.message(), events = chunk.events.len(), "usage batch refused as malformed; delivering it one event at a time");
+                        let events: Vec<&UsageEvent> =
+                            chunk.events.iter().map(|s| &s.event).collect();
+                        let all = deliver_one_by_one(c, &wal, &events).await;
+                        if !all {
+                            client = None;
+                        }
+                        all
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e.message(), "usage delivery failed; retrying");
                         client = None;

@@ -181,6 +181,9 @@ pub struct NatsDeliveryStats {
     pub failures: AtomicU64,
     /// Log lines that could not be read back (skipped).
     pub corrupt: AtomicU64,
+    /// Events from memory that could never be delivered, dropped (with a state dir they go
+    /// to the usage log's dead-letter file instead).
+    pub dead_letters: AtomicU64,
     /// Polls (every 100 ms) during which events waited because NATS was unreachable.
     pub unreachable_polls: AtomicU64,
 }
@@ -284,27 +287,51 @@ impl NatsDelivery {
         Ok(())
     }
 
-    /// Publishes `events` in order (pipelined) and awaits every ack.
-    async fn publish(&mut self, events: &[&UsageEvent]) -> Result<(), PublishFailure> {
+    /// Publishes `events` in order (pipelined) and awaits every ack. An event that can never be
+    /// delivered (the ledger would refuse it, or it is larger than the server's `max_payload`)
+    /// is handed to `dead` and counts as done, so it never holds up the events behind it.
+    async fn publish(
+        &mut self,
+        events: &[&UsageEvent],
+        dead: &(dyn Fn(&UsageEvent, &str) + Send + Sync),
+    ) -> Result<(), PublishFailure> {
         self.ensure_stream()
             .await
             .map_err(|error| PublishFailure { acked: 0, error })?;
-        let mut pending: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
+        let max_payload = self.client.server_info().max_payload;
+        let mut pending: Vec<Option<PublishAckFuture>> = Vec::with_capacity(events.len());
         let mut send_error = None;
         for e in events {
             let payload = match serde_json::to_vec(e) {
                 Ok(p) => p,
                 Err(err) => {
-                    send_error = Some(format!("cannot serialize usage event: {err}"));
-                    break;
+                    dead(e, &format!("cannot be serialized: {err}"));
+                    pending.push(None);
+                    continue;
                 }
             };
+            if let Some(problem) = e.ledger_problem() {
+                dead(e, &format!("the ledger would refuse it: {problem}"));
+                pending.push(None);
+                continue;
+            }
+            if max_payload > 0 && payload.len() > max_payload {
+                dead(
+                    e,
+                    &format!(
+                        "{} bytes, over the NATS server's max_payload of {max_payload}",
+                        payload.len()
+                    ),
+                );
+                pending.push(None);
+                continue;
+            }
             let msg = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(&e.request_id)
                 .expected_stream(NATS_STREAM);
             match self.js.send_publish(nats_subject(&e.org_id), msg).await {
-                Ok(ack) => pending.push(ack),
+                Ok(ack) => pending.push(Some(ack)),
                 Err(err) => {
                     send_error = Some(format!("publish failed: {err}"));
                     break;
@@ -314,6 +341,12 @@ impl NatsDelivery {
         let mut acked = 0;
         let mut ack_error = None;
         for ack in pending {
+            let Some(ack) = ack else {
+                if ack_error.is_none() {
+                    acked += 1;
+                }
+                continue;
+            };
             match ack.await {
                 Ok(a) if ack_error.is_none() => {
                     acked += 1;
@@ -358,7 +391,8 @@ impl NatsDelivery {
             // Only unreadable lines: nothing to send, move past them.
             Ok(())
         } else {
-            self.publish(&events).await
+            let dead = |e: &UsageEvent, why: &str| wal.dead_letter(e, why);
+            self.publish(&events, &dead).await
         };
         let (acked, to) = match &result {
             Ok(()) => (chunk.events.len(), Some(chunk.end)),
@@ -434,7 +468,12 @@ impl NatsDelivery {
             }
             let batch = queue.peek(self.config.batch.max(1));
             let refs: Vec<&UsageEvent> = batch.iter().collect();
-            match self.publish(&refs).await {
+            let stats = self.stats.clone();
+            let dead = move |e: &UsageEvent, why: &str| {
+                let n = stats.dead_letters.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(request_id = %e.request_id, org_id = %e.org_id, reason = why, dead_letters_total = n, "usage event can never be delivered (no --state-dir for a dead-letter file); dropped, delivery goes on");
+            };
+            match self.publish(&refs, &dead).await {
                 Ok(()) => {
                     queue.remove(batch.len());
                     retry.ok();
