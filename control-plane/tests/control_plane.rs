@@ -714,11 +714,12 @@ async fn usage_is_counted_once_per_request(b: Backend) {
     let cp = db.open(k1()).await;
     let org = cp.create_org(&meta(), "metered", None).await.unwrap().org;
     let o = &org.org_id;
+    let other = cp.create_org(&meta(), "other", None).await.unwrap().org;
     let batch: Vec<String> = [
         usage("r1", o, "flex", "2025-01-01T00:00:00Z"),
         usage("r2", o, "standard", "2025-01-15T12:00:00+02:00"),
         usage("r3", o, "flex", "2025-02-01T00:00:00.250Z"),
-        usage("r4", "org_other", "flex", "2025-01-02T00:00:00Z"),
+        usage("r4", &other.org_id, "flex", "2025-01-02T00:00:00Z"),
     ]
     .iter()
     .map(|e| serde_json::to_string(e).unwrap())
