@@ -97,6 +97,11 @@ pub struct UpstreamArgs {
     /// Most tools declared in one request; more get a 400 `too_many_tools`.
     #[arg(long, env = "FLEX_MAX_TOOLS", default_value_t = 1_024)]
     pub max_tools: usize,
+    /// Also export requests and spend per org (`flex_org_requests_total{org}`,
+    /// `flex_org_cost_micros_total{org}`) for at most this many orgs, the rest as
+    /// `org="_other"`; 0 (the default) exports no org label at all.
+    #[arg(long, env = "FLEX_METRICS_ORG_LABEL_MAX", default_value_t = 0)]
+    pub metrics_org_label_max: usize,
     /// Largest single event of a provider's stream, in KiB (OpenAI's final event carries the
     /// whole response); a larger one cuts the answer off, reported `upstream_incomplete`.
     #[arg(long, env = "FLEX_MAX_SSE_EVENT_KIB", default_value_t = 16 * 1024)]

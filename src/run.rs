@@ -79,6 +79,7 @@ fn proxy_config(u: &UpstreamArgs, base_urls: BaseUrls) -> ProxyConfig {
             max_messages: u.max_messages,
             max_tools: u.max_tools,
         },
+        metrics_org_label_max: u.metrics_org_label_max,
         // Set only when traces are exported.
         caller_trace: crate::telemetry::caller_trace(),
         ..ProxyConfig::default()

@@ -65,6 +65,37 @@ pub struct ProviderLabels {
     pub provider: String,
 }
 
+/// The opt-in per-org series (`--metrics-org-label-max`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrgLabels {
+    /// An org id, or `_other` past the cap.
+    pub org: String,
+}
+
+/// The orgs that have their own label value, at most `cap` (0: no per-org series).
+#[derive(Debug, Default)]
+struct OrgCap {
+    cap: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl OrgCap {
+    /// The label value of `org`: its id while fewer than `cap` orgs have one, else `_other`.
+    fn label(&self, org: &str) -> String {
+        let Ok(mut seen) = self.seen.lock() else {
+            return "_other".into();
+        };
+        if seen.contains(org) {
+            return org.to_string();
+        }
+        if seen.len() < self.cap {
+            seen.insert(org.to_string());
+            return org.to_string();
+        }
+        "_other".into()
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `rate`, `tokens`, `concurrency`, `budget`.
@@ -97,6 +128,11 @@ pub struct ProxyMetrics {
     pub cost: Family<CostLabels, Counter>,
     pub standard_cost: Family<CostLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// `flex_org_requests_total{org}`, `flex_org_cost_micros_total{org}`: only with
+    /// [`ProxyMetrics::with_org_label_cap`] (off by default: an org label multiplies series).
+    pub org_requests: Family<OrgLabels, Counter>,
+    pub org_cost: Family<OrgLabels, Counter>,
+    orgs: OrgCap,
     /// Set when nothing serves the request series (`disable`).
     disabled: std::sync::atomic::AtomicBool,
 }
@@ -123,6 +159,8 @@ impl ProxyMetrics {
         let cost = Family::<CostLabels, Counter>::default();
         let standard_cost = Family::<CostLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
+        let org_requests = Family::<OrgLabels, Counter>::default();
+        let org_cost = Family::<OrgLabels, Counter>::default();
         registry.register(
             "flex_requests",
             "Requests answered, by caller format, provider, model, served tier and HTTP status",
@@ -191,8 +229,31 @@ impl ProxyMetrics {
             cost,
             standard_cost,
             rate_limited,
+            org_requests,
+            org_cost,
+            orgs: OrgCap::default(),
             disabled: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Also counts requests and spend per org (`flex_org_requests_total{org}`,
+    /// `flex_org_cost_micros_total{org}`), for at most `cap` orgs (the first seen); the rest
+    /// together as `org="_other"`. `cap` 0 keeps them off.
+    pub fn with_org_label_cap(mut self, cap: usize) -> Self {
+        if cap > 0 {
+            self.registry.register(
+                "flex_org_requests",
+                "Requests answered, by org (opt-in: --metrics-org-label-max; past the cap, org=\"_other\")",
+                self.org_requests.clone(),
+            );
+            self.registry.register(
+                "flex_org_cost_micros",
+                "Spend at the served tier in micro-dollars, by org (opt-in: --metrics-org-label-max)",
+                self.org_cost.clone(),
+            );
+        }
+        self.orgs.cap = cap;
+        self
     }
 
     /// Stops counting requests (`ProxyConfig::metrics` off): the counting calls return at once.
@@ -247,6 +308,17 @@ impl ProxyMetrics {
         let provider = ProviderLabels {
             provider: e.provider.clone(),
         };
+        if self.orgs.cap > 0 {
+            let org = OrgLabels {
+                org: self.orgs.label(&e.org_id),
+            };
+            self.org_requests.get_or_create(&org).inc();
+            if e.cost_micros > 0 {
+                self.org_cost
+                    .get_or_create(&org)
+                    .inc_by(e.cost_micros.unsigned_abs());
+            }
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 format: e.caller_format.clone(),
@@ -537,6 +609,42 @@ mod tests {
                 assert_eq!(text.contains(line), enabled, "{line} in:\n{text}");
             }
             assert!(text.contains("flex_snapshot_version"), "{text}");
+            assert!(!text.contains("org"), "no org series unless asked for");
         }
+    }
+
+    /// The opt-in per-org series: the first `cap` orgs by id, the rest as `_other`.
+    #[test]
+    fn per_org_series_are_capped() {
+        let m = metrics().with_org_label_cap(2);
+        for (org, n) in [
+            ("org_a", 3),
+            ("org_b", 1),
+            ("org_c", 2),
+            ("org_d", 1),
+            ("org_a", 1),
+        ] {
+            for _ in 0..n {
+                m.observe(&UsageEvent {
+                    org_id: org.into(),
+                    cost_micros: 10,
+                    ..UsageEvent::default()
+                });
+            }
+        }
+        let text = m.encode(None);
+        for line in [
+            r#"flex_org_requests_total{org="org_a"} 4"#,
+            r#"flex_org_requests_total{org="org_b"} 1"#,
+            r#"flex_org_requests_total{org="_other"} 3"#,
+            r#"flex_org_cost_micros_total{org="org_a"} 40"#,
+            r#"flex_org_cost_micros_total{org="_other"} 30"#,
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"org="org_c""#) && !text.contains(r#"org="org_d""#),
+            "{text}"
+        );
     }
 }

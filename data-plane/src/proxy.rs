@@ -62,6 +62,9 @@ pub struct ProxyConfig {
     pub limits: crate::limits::Limits,
     /// Bounds on a request's messages and tools.
     pub items: crate::request::ItemLimits,
+    /// Per-org request and spend series for at most this many orgs (0: none; the rest as
+    /// `_other`).
+    pub metrics_org_label_max: usize,
     /// Counts the request series (`metrics`). The binaries turn it off when no
     /// `--metrics-listen` serves them; the scrape-time series cost nothing until scraped.
     pub metrics: bool,
@@ -126,6 +129,7 @@ impl Default for ProxyConfig {
             extra_metrics: None,
             limits: crate::limits::Limits::default(),
             items: crate::request::ItemLimits::default(),
+            metrics_org_label_max: 0,
             metrics: true,
             listener: crate::server::ListenerConfig::default(),
         }
@@ -309,12 +313,15 @@ impl Proxy {
         usage: Arc<dyn UsageSink>,
     ) -> Self {
         let loser_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let metrics = Arc::new(ProxyMetrics::new(StateCollector {
-            snapshots: snapshots.clone(),
-            usage: usage.clone(),
-            loser_started: loser_started.clone(),
-            limits: Some(cfg.limits.clone()),
-        }));
+        let metrics = Arc::new(
+            ProxyMetrics::new(StateCollector {
+                snapshots: snapshots.clone(),
+                usage: usage.clone(),
+                loser_started: loser_started.clone(),
+                limits: Some(cfg.limits.clone()),
+            })
+            .with_org_label_cap(cfg.metrics_org_label_max),
+        );
         let usage: Arc<dyn UsageSink> = if cfg.metrics {
             Arc::new(Metered {
                 inner: usage,
