@@ -158,7 +158,10 @@ pub async fn connect(args: &AdminArgs) -> Result<Client> {
     let endpoint = endpoint.unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
     let token = token.ok_or_else(|| anyhow!("no admin token: pass --token, set FLEX_ADMIN_TOKEN, or --data-dir of a local `flex up` (which holds admin-token)"))?;
     let channel = Channel::from_shared(endpoint.clone()).with_context(|| {
-        format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)")
+        format!(
+            "invalid admin endpoint `{}` (expected e.g. http://127.0.0.1:50051)",
+            flex_shared::redact::url(&endpoint)
+        )
     })?;
     let tls = ClientTlsFiles {
         ca: args.ca.clone(),
@@ -174,7 +177,8 @@ pub async fn connect(args: &AdminArgs) -> Result<Client> {
                 ""
             };
             format!(
-                "cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?{tls_hint}"
+                "cannot reach the admin API at {}; is `flex up` or `flex control` running?{tls_hint}",
+                flex_shared::redact::url(&endpoint)
             )
         })?;
     let value: MetadataValue<_> = format!("Bearer {token}")
