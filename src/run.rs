@@ -701,7 +701,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .trim()
         .to_string();
     let key_path = dir.join("master.key");
-    load_or_create(&key_path, MasterKeyring::generate_file_text)?;
+    // The key file's text, wiped at once: the keyring reads the file itself.
+    drop(secrecy::zeroize::Zeroizing::new(load_or_create(
+        &key_path,
+        MasterKeyring::generate_file_text,
+    )?));
     let keyring = Arc::new(MasterKeyring::load(&key_path)?);
     let db = format!("sqlite://{}?mode=rwc", dir.join("flex.db").display());
     let cp = Arc::new(
