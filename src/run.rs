@@ -548,11 +548,12 @@ pub async fn nats_connect(
             .await
             .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
     }
-    if let (Some(user), Some(password)) = (&auth.nats_user, &auth.nats_password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
+    // async-nats takes plain Strings: the secrets leave their SecretString only here.
+    if let (Some(user), Some(password)) = (&auth.nats_user, auth.password()?) {
+        opts = opts.user_and_password(user.clone(), password.expose_secret().to_string());
     }
-    if let Some(token) = &auth.nats_token {
-        opts = opts.token(token.clone());
+    if let Some(token) = auth.token()? {
+        opts = opts.token(token.expose_secret().to_string());
     }
     let tls = ClientTlsFiles {
         ca: auth.nats_ca.clone(),
@@ -990,10 +991,15 @@ fn read_token_file(path: &std::path::Path, flag: &str) -> Result<SecretString> {
 }
 
 fn control_secrets(args: &ControlArgs) -> Result<(SecretString, std::path::PathBuf)> {
-    let token = match args.admin_token.as_deref().map(str::trim) {
+    let given = crate::cli::secret_from(
+        args.admin_token.as_ref(),
+        args.admin_token_file.as_deref(),
+        "--admin-token-file",
+    )?;
+    let token = match given.as_ref().map(|t| t.expose_secret().trim()) {
         Some(t) if !t.is_empty() => SecretString::from(t.to_string()),
         _ => bail!(
-            "flex control needs an admin token (operators present it to the admin API as `authorization: Bearer TOKEN`): pass --admin-token or set FLEX_ADMIN_TOKEN, e.g. FLEX_ADMIN_TOKEN=$(openssl rand -hex 32) flex control …"
+            "flex control needs an admin token (operators present it to the admin API as `authorization: Bearer TOKEN`): pass --admin-token-file FILE (or FLEX_ADMIN_TOKEN_FILE), or set FLEX_ADMIN_TOKEN, e.g. `openssl rand -hex 32 > admin.token && chmod 600 admin.token` then flex control --admin-token-file admin.token …"
         ),
     };
     let Some(key_file) = args.master_key_file.clone() else {
