@@ -128,7 +128,7 @@ async fn proxies_prove_themselves_with_the_proxy_token() {
                     "--endpoint",
                     &cp_url,
                     "--token-file",
-                    &admin_token_file(&dir).display().to_string(),
+                    &admin_token_file(dir).display().to_string(),
                     "--json",
                 ])
                 .args(args),
