@@ -25,6 +25,7 @@ use flex_control_plane::ledger_stream::{LedgerRow, LEDGER_SCHEMA_VERSION, LEDGER
 use flex_data_plane::plane_tls::{self, ClientTlsFiles};
 use flex_shared::usage::subject_token;
 use futures_util::StreamExt;
+use secrecy::ExposeSecret;
 
 /// Where NATS replies go for this consumer (deploy/nats/nats-server.conf gives the analytics
 /// user this inbox prefix only).
@@ -65,11 +66,11 @@ async fn connect(args: &Args) -> Result<async_nats::Client> {
             .await
             .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
     }
-    if let (Some(user), Some(password)) = (&auth.nats_user, &auth.nats_password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
+    if let (Some(user), Some(password)) = (&auth.nats_user, auth.password()?) {
+        opts = opts.user_and_password(user.clone(), password.expose_secret().to_string());
     }
-    if let Some(token) = &auth.nats_token {
-        opts = opts.token(token.clone());
+    if let Some(token) = auth.token()? {
+        opts = opts.token(token.expose_secret().to_string());
     }
     let tls = ClientTlsFiles {
         ca: auth.nats_ca.clone(),

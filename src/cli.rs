@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use secrecy::SecretString;
 
 use crate::admin_cli::AdminArgs;
 use crate::telemetry::OtlpArgs;
@@ -174,27 +175,41 @@ pub struct DrainArgs {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NatsAuthArgs {
     /// NATS credentials file (JWT + NKey seed, as `nsc` writes it).
-    #[arg(long, env = "FLEX_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token"])]
+    #[arg(long, env = "FLEX_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token", "nats_token_file"])]
     pub nats_creds: Option<PathBuf>,
-    /// NATS user (with --nats-password).
+    /// NATS user (with --nats-password or --nats-password-file).
     #[arg(
         long,
         env = "FLEX_NATS_USER",
-        requires = "nats_password",
-        conflicts_with = "nats_token"
+        requires = "nats_password_source",
+        conflicts_with_all = ["nats_token", "nats_token_file"]
     )]
     pub nats_user: Option<String>,
-    /// NATS password for --nats-user.
+    /// NATS password for --nats-user (visible in `ps`: prefer --nats-password-file).
     #[arg(
         long,
         env = "FLEX_NATS_PASSWORD",
         hide_env_values = true,
-        requires = "nats_user"
+        requires = "nats_user",
+        group = "nats_password_source",
+        value_parser = secret
     )]
-    pub nats_password: Option<String>,
-    /// NATS token.
-    #[arg(long, env = "FLEX_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
+    pub nats_password: Option<SecretString>,
+    /// A file holding the NATS password for --nats-user (surrounding whitespace ignored).
+    #[arg(
+        long,
+        env = "FLEX_NATS_PASSWORD_FILE",
+        requires = "nats_user",
+        group = "nats_password_source",
+        conflicts_with = "nats_password"
+    )]
+    pub nats_password_file: Option<PathBuf>,
+    /// NATS token (visible in `ps`: prefer --nats-token-file).
+    #[arg(long, env = "FLEX_NATS_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub nats_token: Option<SecretString>,
+    /// A file holding the NATS token (surrounding whitespace ignored).
+    #[arg(long, env = "FLEX_NATS_TOKEN_FILE", conflicts_with = "nats_token")]
+    pub nats_token_file: Option<PathBuf>,
     /// PEM CA certificate(s) to trust for NATS over TLS (default: the system roots). Any of
     /// --nats-ca/--nats-cert makes TLS required.
     #[arg(long, env = "FLEX_NATS_CA")]
@@ -300,9 +315,13 @@ pub struct ControlArgs {
     /// gRPC listen address (admin API and the proxies' Watch).
     #[arg(long, env = "FLEX_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// The admin token operators must present (required, by flag or env).
-    #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    /// The admin token operators must present (required: this, or --admin-token-file; on the
+    /// command line it is visible in `ps`, so prefer the file or the variable).
+    #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub admin_token: Option<SecretString>,
+    /// A file holding the admin token (surrounding whitespace ignored).
+    #[arg(long, env = "FLEX_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
     /// Master key file: 64 hex characters, or `key_id=hex` lines (first = active); required, by
     /// flag or env.
     #[arg(long, env = "FLEX_MASTER_KEY_FILE")]
@@ -460,6 +479,66 @@ pub struct SimArgs {
     pub tokens_per_sec: u64,
 }
 
+/// A secret given as a flag value: held as a [`SecretString`] from the moment it is parsed.
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s.to_string()))
+}
+
+/// The secret in `path`, for `flag`: surrounding whitespace (a trailing newline) is not part of
+/// it; a missing, unreadable or empty file is an error naming the flag and the file.
+pub fn read_secret_file(path: &std::path::Path, flag: &str) -> anyhow::Result<SecretString> {
+    let text = secrecy::zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {flag} {}: {e}. Create it with e.g. `openssl rand -hex 32 > {} && chmod 600 {}`",
+            path.display(),
+            path.display(),
+            path.display()
+        )
+    })?);
+    let t = text.trim();
+    if t.is_empty() {
+        anyhow::bail!(
+            "{flag} {} is empty: put the secret in it, e.g. `openssl rand -hex 32 > {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(SecretString::from(t.to_string()))
+}
+
+/// A secret given either as `value` (a flag or variable) or in `file` (its `-file` flag).
+pub fn secret_from(
+    value: Option<&SecretString>,
+    file: Option<&std::path::Path>,
+    file_flag: &str,
+) -> anyhow::Result<Option<SecretString>> {
+    match (value, file) {
+        (_, Some(path)) => read_secret_file(path, file_flag).map(Some),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, None) => Ok(None),
+    }
+}
+
+impl NatsAuthArgs {
+    /// The NATS password, from --nats-password or --nats-password-file.
+    pub fn password(&self) -> anyhow::Result<Option<SecretString>> {
+        secret_from(
+            self.nats_password.as_ref(),
+            self.nats_password_file.as_deref(),
+            "--nats-password-file",
+        )
+    }
+
+    /// The NATS token, from --nats-token or --nats-token-file.
+    pub fn token(&self) -> anyhow::Result<Option<SecretString>> {
+        secret_from(
+            self.nats_token.as_ref(),
+            self.nats_token_file.as_deref(),
+            "--nats-token-file",
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -471,6 +550,7 @@ mod tests {
         ("admin endpoint", "FLEX_ADMIN_ENDPOINT"),
         ("admin ca", "FLEX_ADMIN_CA"),
         ("admin token", "FLEX_ADMIN_TOKEN"),
+        ("admin token-file", "FLEX_ADMIN_TOKEN_FILE"),
     ];
 
     fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -495,6 +575,80 @@ mod tests {
         for sub in cmd.get_subcommands() {
             check(sub, &format!("{path} {}", sub.get_name()), missing);
         }
+    }
+
+    #[test]
+    fn secret_files_exclude_their_flag_and_are_read_trimmed() {
+        use super::{read_secret_file, Command};
+        use clap::Parser;
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "  s3cret-token\n").unwrap();
+        let f = file.to_str().unwrap();
+        let control = |extra: &[&str]| {
+            let mut argv = vec!["flex", "control", "--database-url", "sqlite::memory:"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let err = control(&["--admin-token", "x", "--admin-token-file", f]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let err = control(&["--nats-token", "x", "--nats-token-file", f]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let err = control(&[
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "x",
+            "--nats-password-file",
+            f,
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        // A user needs a password, from the flag or the file.
+        assert!(control(&["--nats-user", "u"]).is_err());
+        let Command::Control(args) = control(&["--nats-user", "u", "--nats-password-file", f])
+            .unwrap()
+            .command
+        else {
+            panic!("not control")
+        };
+        let pw = args.nats_auth.password().unwrap().unwrap();
+        assert_eq!(pw.expose_secret(), "s3cret-token");
+        assert!(!format!("{args:?}").contains("s3cret"), "Debug redacts");
+        let Command::Control(args) = control(&["--nats-token", "tok"]).unwrap().command else {
+            panic!("not control")
+        };
+        assert_eq!(
+            args.nats_auth.token().unwrap().unwrap().expose_secret(),
+            "tok"
+        );
+        assert!(!format!("{args:?}").contains("tok\""), "Debug redacts");
+        assert!(Cli::try_parse_from([
+            "flex",
+            "admin",
+            "--token",
+            "x",
+            "--token-file",
+            f,
+            "org",
+            "list"
+        ])
+        .is_err());
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let e = read_secret_file(&empty, "--admin-token-file")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--admin-token-file") && e.contains("is empty"),
+            "{e}"
+        );
+        let e = read_secret_file(&dir.path().join("none"), "--nats-token-file")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read --nats-token-file"), "{e}");
     }
 
     #[test]

@@ -163,12 +163,9 @@ pub fn limits_of(args: &LimitsArgs, proxy_id: &str, embedded: bool) -> Result<Li
     Ok(limits)
 }
 
-/// A URL without its password (for logs).
+/// A URL without its credentials (for logs and errors): [`flex_shared::redact::url`].
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+    flex_shared::redact::url(url)
 }
 
 /// The data plane's counters, read by the control plane for `flex admin limits show`.
@@ -552,11 +549,12 @@ pub async fn nats_connect(
             .await
             .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
     }
-    if let (Some(user), Some(password)) = (&auth.nats_user, &auth.nats_password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
+    // async-nats takes plain Strings: the secrets leave their SecretString only here.
+    if let (Some(user), Some(password)) = (&auth.nats_user, auth.password()?) {
+        opts = opts.user_and_password(user.clone(), password.expose_secret().to_string());
     }
-    if let Some(token) = &auth.nats_token {
-        opts = opts.token(token.clone());
+    if let Some(token) = auth.token()? {
+        opts = opts.token(token.expose_secret().to_string());
     }
     let tls = ClientTlsFiles {
         ca: auth.nats_ca.clone(),
@@ -566,7 +564,10 @@ pub async fn nats_connect(
     };
     let opts = plane_tls::nats_options(opts, &tls)?;
     opts.connect(url).await.with_context(|| {
-        format!("invalid --nats-url `{url}` (expected e.g. nats://127.0.0.1:4222)")
+        format!(
+            "invalid --nats-url `{}` (expected e.g. nats://127.0.0.1:4222)",
+            redact_url(url)
+        )
     })
 }
 
@@ -697,13 +698,16 @@ async fn ensure_demo(
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let dir = &args.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    private_dir(dir, "--data-dir")?;
     let token = load_or_create(&dir.join("admin-token"), || format!("{}\n", random_hex(32)))?
         .trim()
         .to_string();
     let key_path = dir.join("master.key");
-    load_or_create(&key_path, MasterKeyring::generate_file_text)?;
+    // The key file's text, wiped at once: the keyring reads the file itself.
+    drop(secrecy::zeroize::Zeroizing::new(load_or_create(
+        &key_path,
+        MasterKeyring::generate_file_text,
+    )?));
     let keyring = Arc::new(MasterKeyring::load(&key_path)?);
     let db = format!("sqlite://{}?mode=rwc", dir.join("flex.db").display());
     let cp = Arc::new(
@@ -988,10 +992,15 @@ fn read_token_file(path: &std::path::Path, flag: &str) -> Result<SecretString> {
 }
 
 fn control_secrets(args: &ControlArgs) -> Result<(SecretString, std::path::PathBuf)> {
-    let token = match args.admin_token.as_deref().map(str::trim) {
+    let given = crate::cli::secret_from(
+        args.admin_token.as_ref(),
+        args.admin_token_file.as_deref(),
+        "--admin-token-file",
+    )?;
+    let token = match given.as_ref().map(|t| t.expose_secret().trim()) {
         Some(t) if !t.is_empty() => SecretString::from(t.to_string()),
         _ => bail!(
-            "flex control needs an admin token (operators present it to the admin API as `authorization: Bearer TOKEN`): pass --admin-token or set FLEX_ADMIN_TOKEN, e.g. FLEX_ADMIN_TOKEN=$(openssl rand -hex 32) flex control …"
+            "flex control needs an admin token (operators present it to the admin API as `authorization: Bearer TOKEN`): pass --admin-token-file FILE (or FLEX_ADMIN_TOKEN_FILE), or set FLEX_ADMIN_TOKEN, e.g. `openssl rand -hex 32 > admin.token && chmod 600 admin.token` then flex control --admin-token-file admin.token …"
         ),
     };
     let Some(key_file) = args.master_key_file.clone() else {
@@ -1027,7 +1036,13 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     let keyring = Arc::new(MasterKeyring::load(&key_file)?);
     let cp = Arc::new(
         ControlPlane::open(&args.database_url, keyring)
-            .await?
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the event store at --database-url {}",
+                    redact_url(&args.database_url)
+                )
+            })?
             .with_master_key_file(&key_file),
     );
     if let Some(t) = &proxy_token {
@@ -1190,14 +1205,24 @@ async fn spawn_control_dashboard(
     Ok(())
 }
 
+/// Creates `dir` owner-only (0700), or narrows an existing one and the files in it (written by
+/// earlier builds under the umask) to 0700 and 0600; what cannot be narrowed is warned about.
+fn private_dir(dir: &Path, flag: &str) -> Result<()> {
+    flex_shared::private_fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create {flag} {}", dir.display()))?;
+    for (path, e) in flex_shared::private_fs::restrict(dir) {
+        tracing::warn!(path = %path.display(), error = %e, "{flag}: cannot make this owner-only (0700 for the directory, 0600 for its files); fix its owner or mode");
+    }
+    Ok(())
+}
+
 /// Takes the advisory lock `DIR/lock` (released when the file is dropped or the process exits,
 /// even by a crash): two proxies sharing a state dir would interleave their usage logs and
 /// overwrite each other's snapshot, so the second one refuses to start.
 pub fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create --state-dir {}", dir.display()))?;
+    private_dir(dir, "--state-dir")?;
     let path = dir.join("lock");
-    let file = std::fs::OpenOptions::new()
+    let file = flex_shared::private_fs::options()
         .create(true)
         .write(true)
         .truncate(false)
@@ -1241,7 +1266,10 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         Some(control_url) => Some(
             tonic::transport::Endpoint::from_shared(control_url.clone())
                 .with_context(|| {
-                    format!("invalid --control-url `{control_url}` (expected e.g. http://127.0.0.1:50051)")
+                    format!(
+                        "invalid --control-url `{}` (expected e.g. http://127.0.0.1:50051)",
+                        redact_url(control_url)
+                    )
                 })?
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(10))
@@ -1286,7 +1314,10 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     }
     if let Some(url) = &args.nats_url {
         let client = nats_connect(url, &args.nats_auth, "flex-proxy-snapshots").await?;
-        println!("following snapshots on NATS at {url} (stream FLEX_SNAPSHOTS)");
+        println!(
+            "following snapshots on NATS at {} (stream FLEX_SNAPSHOTS)",
+            redact_url(url)
+        );
         tokio::spawn(snapshot::follow_nats_client(
             store.clone(),
             client,
@@ -1406,7 +1437,10 @@ async fn usage_sink(
     };
     let sink = source.sink();
     spawn_nats_delivery(source, client, NatsDeliveryConfig::default());
-    println!("usage goes to NATS at {url} (stream FLEX_USAGE)");
+    println!(
+        "usage goes to NATS at {} (stream FLEX_USAGE)",
+        redact_url(url)
+    );
     Ok((sink, wal))
 }
 
@@ -1440,6 +1474,27 @@ pub async fn sim(args: SimArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_of_an_earlier_build_is_made_owner_only_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("proxy-1");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let seg = state.join("usage-wal.1.jsonl");
+        std::fs::write(&seg, "").unwrap();
+        std::fs::set_permissions(&seg, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _held = lock_state_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&seg), 0o600);
+        assert_eq!(mode(&state.join("lock")), 0o600);
+        let fresh = dir.path().join("new/proxy-2");
+        let _held2 = lock_state_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join("lock")), 0o600);
+    }
 
     #[test]
     fn a_state_dir_serves_one_proxy_at_a_time() {

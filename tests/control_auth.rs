@@ -30,6 +30,13 @@ fn flex() -> Command {
     cmd
 }
 
+/// `DIR/admin.token` holding [`ADMIN_TOKEN`] with surrounding whitespace, as an editor leaves it.
+fn admin_token_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("admin.token");
+    std::fs::write(&path, format!("  {ADMIN_TOKEN}\n\n")).unwrap();
+    path
+}
+
 fn control(dir: &Path, listen: &str, extra: &[&str]) -> Command {
     let mut cmd = flex();
     cmd.args(["control", "--database-url"])
@@ -37,7 +44,10 @@ fn control(dir: &Path, listen: &str, extra: &[&str]) -> Command {
             "sqlite://{}?mode=rwc",
             dir.join("flex.db").display()
         ))
-        .args(["--admin-token", ADMIN_TOKEN, "--master-key-file"])
+        // The admin token from a file (trimmed), as deploy/ gives it: never on the command line.
+        .arg("--admin-token-file")
+        .arg(admin_token_file(dir))
+        .arg("--master-key-file")
         .arg(dir.join("master.key"))
         .args(["--listen", listen])
         .args(extra);
@@ -117,8 +127,8 @@ async fn proxies_prove_themselves_with_the_proxy_token() {
                     "admin",
                     "--endpoint",
                     &cp_url,
-                    "--token",
-                    ADMIN_TOKEN,
+                    "--token-file",
+                    &admin_token_file(dir).display().to_string(),
                     "--json",
                 ])
                 .args(args),

@@ -140,8 +140,13 @@ impl ControlPlane {
             .max_reconnects(None)
             .connect(url)
             .await
-            .map_err(|e| crate::error::Error::Internal(format!("NATS {url}: {e}")))?;
-        tracing::info!(url, stream = %cfg.stream, "publishing snapshots to NATS");
+            .map_err(|e| {
+                crate::error::Error::Internal(format!(
+                    "NATS {}: {e}",
+                    flex_shared::redact::url(url)
+                ))
+            })?;
+        tracing::info!(url = %flex_shared::redact::url(url), stream = %cfg.stream, "publishing snapshots to NATS");
         Ok(self.publish_snapshots_to_nats(client, cfg))
     }
 

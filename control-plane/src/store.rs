@@ -197,7 +197,11 @@ impl Store {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
+                // FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a power
+                // loss can roll back committed events and ledger rows whose JetStream messages
+                // were already acked (the usage consumer acks after the commit) and whose
+                // commands were already answered. FULL fsyncs the WAL at every commit.
+                .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
             let memory = url.contains(":memory:") || url.contains("mode=memory");

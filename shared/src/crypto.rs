@@ -16,6 +16,7 @@ use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rand::RngCore;
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -72,10 +73,14 @@ fn fingerprint(key: &[u8; 32]) -> String {
 impl MasterKeyring {
     /// Reads a master key file (see the module docs for the format).
     pub fn load(path: &Path) -> Result<Self, CryptoError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CryptoError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // The file's text is key material: wiped once parsed.
+        let text =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|source| CryptoError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            );
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -97,14 +102,20 @@ impl MasterKeyring {
                 Some((id, h)) => (Some(id.trim().to_string()), h.trim()),
                 None => (None, line),
             };
-            let bytes = hex::decode(hexpart).map_err(|_| err("not hexadecimal"))?;
-            let key: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| err("a master key must be exactly 32 bytes (64 hex characters)"))?;
+            // Every copy of the key's bytes is wiped when dropped; the one kept is in a SecretBox.
+            let bytes = Zeroizing::new(hex::decode(hexpart).map_err(|_| err("not hexadecimal"))?);
+            let mut key = Box::new([0u8; 32]);
+            if bytes.len() != key.len() {
+                return Err(err(
+                    "a master key must be exactly 32 bytes (64 hex characters)",
+                ));
+            }
+            key.copy_from_slice(&bytes);
+            let key = SecretBox::new(key);
             let id = match id {
                 Some(id) if id.is_empty() => return Err(err("empty key id before `=`")),
                 Some(id) => id,
-                None => fingerprint(&key),
+                None => fingerprint(key.expose_secret()),
             };
             if keys.contains_key(&id) {
                 return Err(err("duplicate key id"));
@@ -112,7 +123,7 @@ impl MasterKeyring {
             if active.is_none() {
                 active = Some(id.clone());
             }
-            keys.insert(id, SecretBox::new(Box::new(key)));
+            keys.insert(id, key);
         }
         let active = active.ok_or_else(|| CryptoError::Empty {
             path: origin.to_string(),
@@ -122,9 +133,9 @@ impl MasterKeyring {
 
     /// Generates the text of a new master key file (one random key).
     pub fn generate_file_text() -> String {
-        let mut key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut key);
-        format!("{}\n", hex::encode(key))
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::thread_rng().fill_bytes(key.as_mut());
+        format!("{}\n", hex::encode(key.as_ref()))
     }
 
     pub fn active_key_id(&self) -> &str {
@@ -147,9 +158,10 @@ impl MasterKeyring {
 
     /// Encrypts `secret` for (org, provider) under the active master key.
     pub fn seal(&self, org_id: &str, provider: &str, secret: &str) -> Result<Sealed, CryptoError> {
-        let mut dek = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut dek);
-        let dek_cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dek));
+        // Wiped when dropped, on every path (not a loop the optimizer may remove).
+        let mut dek = Zeroizing::new([0u8; 32]);
+        rand::thread_rng().fill_bytes(dek.as_mut());
+        let dek_cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(dek.as_ref()));
         let aad = aad(org_id, provider, &self.active);
         let nonce = random_nonce();
         let ciphertext = dek_cipher
@@ -162,7 +174,6 @@ impl MasterKeyring {
             )
             .map_err(|_| CryptoError::Decrypt)?;
         let (wrapped_dek, dek_nonce) = self.wrap(&dek, &aad, &self.active)?;
-        dek.iter_mut().for_each(|b| *b = 0);
         Ok(Sealed {
             master_key_id: self.active.clone(),
             wrapped_dek,
@@ -192,23 +203,28 @@ impl MasterKeyring {
         org_id: &str,
         provider: &str,
         s: &Sealed,
-    ) -> Result<[u8; 32], CryptoError> {
+    ) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
         if s.dek_nonce.len() != 12 || s.nonce.len() != 12 {
             return Err(CryptoError::Malformed("nonces must be 12 bytes"));
         }
         let aad = aad(org_id, provider, &s.master_key_id);
-        let dek = self
-            .cipher(&s.master_key_id)?
-            .decrypt(
-                Nonce::from_slice(&s.dek_nonce),
-                Payload {
-                    msg: &s.wrapped_dek,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| CryptoError::Decrypt)?;
-        dek.try_into()
-            .map_err(|_| CryptoError::Malformed("data key must be 32 bytes"))
+        let dek = Zeroizing::new(
+            self.cipher(&s.master_key_id)?
+                .decrypt(
+                    Nonce::from_slice(&s.dek_nonce),
+                    Payload {
+                        msg: &s.wrapped_dek,
+                        aad: aad.as_bytes(),
+                    },
+                )
+                .map_err(|_| CryptoError::Decrypt)?,
+        );
+        let mut out = Zeroizing::new([0u8; 32]);
+        if dek.len() != out.len() {
+            return Err(CryptoError::Malformed("data key must be 32 bytes"));
+        }
+        out.copy_from_slice(&dek);
+        Ok(out)
     }
 
     /// Decrypts a sealed secret bound to (org, provider).
@@ -218,20 +234,23 @@ impl MasterKeyring {
         provider: &str,
         s: &Sealed,
     ) -> Result<SecretString, CryptoError> {
-        let mut dek = self.unwrap_dek(org_id, provider, s)?;
+        let dek = self.unwrap_dek(org_id, provider, s)?;
         let aad = aad(org_id, provider, &s.master_key_id);
-        let plain = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dek))
-            .decrypt(
-                Nonce::from_slice(&s.nonce),
-                Payload {
-                    msg: &s.ciphertext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| CryptoError::Decrypt);
-        dek.iter_mut().for_each(|b| *b = 0);
-        let text = String::from_utf8(plain?).map_err(|_| CryptoError::Malformed("not UTF-8"))?;
-        Ok(SecretString::from(text))
+        // The decrypted bytes are wiped when dropped, whether or not they are UTF-8; the key
+        // lives on only in the SecretString (wiped in turn when it is dropped).
+        let plain = Zeroizing::new(
+            Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(dek.as_ref()))
+                .decrypt(
+                    Nonce::from_slice(&s.nonce),
+                    Payload {
+                        msg: &s.ciphertext,
+                        aad: aad.as_bytes(),
+                    },
+                )
+                .map_err(|_| CryptoError::Decrypt)?,
+        );
+        let text = std::str::from_utf8(&plain).map_err(|_| CryptoError::Malformed("not UTF-8"))?;
+        Ok(SecretString::from(text.to_owned()))
     }
 
     /// Re-seals under the active master key (rotation). The secret is decrypted and re-encrypted

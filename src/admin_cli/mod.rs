@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use flex_data_plane::plane_tls::{self, ClientTlsFiles, FlagNames};
 use flex_shared::proto::admin::admin_service_client::AdminServiceClient;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -41,9 +42,13 @@ pub struct AdminArgs {
     /// roots).
     #[arg(long, env = "FLEX_ADMIN_CA")]
     pub ca: Option<PathBuf>,
-    /// Admin token (sent as `authorization: Bearer …`).
-    #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Admin token (sent as `authorization: Bearer …`; on the command line it is visible in
+    /// `ps`, so prefer --token-file or the variable).
+    #[arg(long, env = "FLEX_ADMIN_TOKEN", hide_env_values = true, value_parser = admin_secret)]
+    pub token: Option<SecretString>,
+    /// A file holding the admin token (surrounding whitespace ignored).
+    #[arg(long, env = "FLEX_ADMIN_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Data dir of a local `flex up`: endpoint and token are read from there.
     #[arg(long, env = "FLEX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -122,6 +127,10 @@ const ADMIN_FLAGS: FlagNames = FlagNames {
 #[derive(Clone)]
 pub struct Auth(MetadataValue<tonic::metadata::Ascii>);
 
+fn admin_secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s.to_string()))
+}
+
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
@@ -132,14 +141,14 @@ impl tonic::service::Interceptor for Auth {
 /// The admin endpoint and token of a local `flex up` from its data dir: `admin-endpoint` (written
 /// at every start, so it names the running instance), else the `admin_endpoint` of `demo.json`
 /// (data dirs of older builds), and `admin-token`.
-fn read_local(dir: &Path) -> (Option<String>, Option<String>) {
+fn read_local(dir: &Path) -> (Option<String>, Option<SecretString>) {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name))
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
-    let token = read("admin-token");
+    let token = read("admin-token").map(SecretString::from);
     let endpoint = read("admin-endpoint").or_else(|| {
         read("demo.json")
             .and_then(|s| serde_json::from_str::<Value>(&s).ok())
@@ -149,16 +158,24 @@ fn read_local(dir: &Path) -> (Option<String>, Option<String>) {
 }
 
 pub async fn connect(args: &AdminArgs) -> Result<Client> {
-    let (mut endpoint, mut token) = (args.endpoint.clone(), args.token.clone());
+    let mut endpoint = args.endpoint.clone();
+    let mut token = crate::cli::secret_from(
+        args.token.as_ref(),
+        args.token_file.as_deref(),
+        "--token-file",
+    )?;
     if let Some(dir) = &args.data_dir {
         let (e, t) = read_local(dir);
         endpoint = endpoint.or(e);
         token = token.or(t);
     }
     let endpoint = endpoint.unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
-    let token = token.ok_or_else(|| anyhow!("no admin token: pass --token, set FLEX_ADMIN_TOKEN, or --data-dir of a local `flex up` (which holds admin-token)"))?;
+    let token = token.ok_or_else(|| anyhow!("no admin token: pass --token-file FILE (or FLEX_ADMIN_TOKEN_FILE), set FLEX_ADMIN_TOKEN, or --data-dir of a local `flex up` (which holds admin-token)"))?;
     let channel = Channel::from_shared(endpoint.clone()).with_context(|| {
-        format!("invalid admin endpoint `{endpoint}` (expected e.g. http://127.0.0.1:50051)")
+        format!(
+            "invalid admin endpoint `{}` (expected e.g. http://127.0.0.1:50051)",
+            flex_shared::redact::url(&endpoint)
+        )
     })?;
     let tls = ClientTlsFiles {
         ca: args.ca.clone(),
@@ -174,12 +191,16 @@ pub async fn connect(args: &AdminArgs) -> Result<Client> {
                 ""
             };
             format!(
-                "cannot reach the admin API at {endpoint}; is `flex up` or `flex control` running?{tls_hint}"
+                "cannot reach the admin API at {}; is `flex up` or `flex control` running?{tls_hint}",
+                flex_shared::redact::url(&endpoint)
             )
         })?;
-    let value: MetadataValue<_> = format!("Bearer {token}")
+    let bearer = secrecy::zeroize::Zeroizing::new(format!("Bearer {}", token.expose_secret()));
+    let mut value: MetadataValue<_> = bearer
         .parse()
         .context("the admin token contains characters not allowed in a header")?;
+    // Kept out of HTTP/2's header compression table.
+    value.set_sensitive(true);
     Ok(AdminServiceClient::with_interceptor(channel, Auth(value)))
 }
 

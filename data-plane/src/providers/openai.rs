@@ -52,10 +52,11 @@ pub fn request(
 ) -> Result<http::Request<Bytes>, ApiError> {
     let url = format!("{}{}", base.trim_end_matches('/'), api.path());
     // Sensitive: never put in HTTP/2's header compression table.
-    let mut auth = http::HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-        .map_err(|_| {
-            ApiError::internal("the stored OpenAI key contains characters not allowed in a header")
-        })?;
+    // The header's text is wiped once copied into the header value.
+    let bearer = secrecy::zeroize::Zeroizing::new(format!("Bearer {}", key.expose_secret()));
+    let mut auth = http::HeaderValue::from_str(&bearer).map_err(|_| {
+        ApiError::internal("the stored OpenAI key contains characters not allowed in a header")
+    })?;
     auth.set_sensitive(true);
     http::Request::post(&url)
         .header(http::header::AUTHORIZATION, auth)
@@ -90,6 +91,20 @@ mod tests {
         assert_eq!(served_tier("default"), Some(Tier::Standard));
         assert_eq!(served_tier("flex"), Some(Tier::Flex));
         assert_eq!(served_tier("priority"), Some(Tier::Priority));
+    }
+
+    #[test]
+    fn the_authorization_header_is_sensitive() {
+        let key = SecretString::from("sk-test".to_string());
+        for api in [Api::Responses, Api::Chat] {
+            let http = request("http://sim:1/v1", api, &key, Bytes::new(), true).unwrap();
+            let auth = &http.headers()[http::header::AUTHORIZATION];
+            assert_eq!(auth, "Bearer sk-test");
+            assert!(
+                auth.is_sensitive(),
+                "kept out of HTTP/2's header compression"
+            );
+        }
     }
 }
 

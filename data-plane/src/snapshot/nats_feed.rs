@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use flex_shared::private_fs;
+
 use super::*;
 
 /// Where a NATS follower stands in the snapshot stream, next to the persisted snapshot: the
@@ -18,9 +20,9 @@ fn read_nats_position(dir: &Path) -> Option<(u64, u64)> {
 }
 
 fn write_nats_position(dir: &Path, version: u64, seq: u64) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    private_fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{NATS_POSITION_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{version} {seq}\n"))?;
+    private_fs::write(&tmp, format!("{version} {seq}\n"))?;
     std::fs::rename(&tmp, dir.join(NATS_POSITION_FILE))
 }
 
@@ -102,7 +104,7 @@ pub async fn follow_nats(store: Arc<SnapshotStore>, nats_url: String, proxy_id: 
     {
         Ok(c) => c,
         Err(e) => {
-            let why = format!("NATS {nats_url}: {e}");
+            let why = format!("NATS {}: {e}", flex_shared::redact::url(&nats_url));
             tracing::error!(error = %why, "cannot follow snapshots over NATS");
             store.set_connected(false, Some(why));
             return;
@@ -403,5 +405,22 @@ async fn follow_nats_once(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod position_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_stream_position_is_owner_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        write_nats_position(&dir, 7, 42).unwrap();
+        assert_eq!(read_nats_position(&dir), Some((7, 42)));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(NATS_POSITION_FILE)), 0o600);
     }
 }

@@ -1,6 +1,8 @@
 //! Writing the newest applied snapshot to the state dir, on its own thread.
 
 use std::path::{Path, PathBuf};
+
+use flex_shared::private_fs;
 use std::sync::{Arc, Mutex};
 
 use super::Indexed;
@@ -90,9 +92,25 @@ impl Persister {
 }
 
 fn persist_to(dir: &Path, encoded: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    private_fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, encoded)?;
+    private_fs::write(&tmp, encoded)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join(STATE_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_persisted_snapshot_and_its_dir_are_owner_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        persist_to(&dir, b"snapshot bytes").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    }
 }

@@ -20,11 +20,12 @@
 //! first event of a request id, and the complete event always comes first in the log.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flex_shared::private_fs;
 use flex_shared::usage::UsageEvent;
 use serde::{Deserialize, Serialize};
 
@@ -257,11 +258,7 @@ impl Journal {
     /// to the next [`Journal::due_for_sync`], made due at once: the lock is never held over one.
     fn compact(&mut self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut file = private_fs::create(&tmp)?;
         let mut buf = Vec::new();
         for event in self.open.values() {
             encode(&mut buf, &LineRef::Open { event })?;
@@ -280,11 +277,7 @@ impl Journal {
 
 /// Creates (truncating) `path` for appending, durably empty.
 fn create_synced(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)?;
+    let file = private_fs::create(path)?;
     file.sync_all()?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
@@ -310,6 +303,17 @@ mod tests {
             outcome: "ok".into(),
             ..UsageEvent::default()
         }
+    }
+
+    #[test]
+    fn the_journal_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path()).unwrap();
+        j.open(event("a")).unwrap();
+        j.compact().unwrap();
+        let m = std::fs::metadata(dir.path().join(INFLIGHT_FILE)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
@@ -347,7 +351,7 @@ mod tests {
         let mut j = Journal::create(dir.path()).unwrap();
         j.open(event("a")).unwrap();
         drop(j);
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join(INFLIGHT_FILE))
             .unwrap();

@@ -3,12 +3,13 @@
 //! the log for one thread.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use flex_shared::private_fs;
 use flex_shared::usage::UsageEvent;
 
 /// Segment files: `usage-wal.<seq>.jsonl`.
@@ -83,7 +84,7 @@ fn segment_seq(name: &str) -> Option<u64> {
 /// Writes `contents` to `path` atomically (temp file, fsync, rename).
 fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = private_fs::create(&tmp)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -133,7 +134,7 @@ fn last_newline_end(file: &mut File, len: u64) -> std::io::Result<u64> {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
+    private_fs::options()
         .create(true)
         .read(true)
         .append(true)
@@ -538,7 +539,7 @@ impl Spool {
     }
 
     pub fn open_with(dir: &Path, max_bytes: u64, segment_bytes: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        private_fs::create_dir_all(dir)?;
         let mut seqs = list_segments(dir)?;
         if seqs.is_empty() {
             take_over_legacy_spool(dir)?;
@@ -573,7 +574,7 @@ impl Spool {
             // Past anything the position names, so nothing new is ever taken as delivered.
             let seq = pos.seq.saturating_add(1);
             let path = segment_path(dir, seq);
-            File::create(&path)?.sync_all()?;
+            private_fs::create(&path)?.sync_all()?;
             sync_dir(dir)?;
             segments.push_back(Segment { seq, path, len: 0 });
         }
@@ -759,13 +760,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_state_dir_and_the_log_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        let seg = line_len() * 2;
+        let mut s = Spool::open_with(&dir, 1 << 20, seg).unwrap();
+        s.append(&(0..5).map(event).collect::<Vec<_>>()).unwrap();
+        let chunk = s.read(1).unwrap();
+        s.advance(chunk.end).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert!(files.len() >= 3, "segments and the position: {files:?}");
+        for f in files {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+        }
+    }
+
+    #[test]
     fn a_torn_last_line_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         s.append(&[event(1), event(2)]).unwrap();
         let path = s.segment_paths().pop().unwrap();
         drop(s);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(br#"{"schema_version":1,"request_id":"req_3""#)
             .unwrap();
         drop(f);
@@ -784,7 +807,10 @@ pub(crate) mod tests {
         // A write that failed half-way and whose cut failed too: partial bytes past the durable
         // length.
         let path = s.segment_paths().pop().unwrap();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(br#"{"schema_version":1,"request_id":"req_"#)
             .unwrap();
         drop(f);

@@ -449,6 +449,21 @@ fn request_addresses_messages_with_the_key_headers() {
     assert_eq!(h["content-type"], "application/json");
 }
 
+#[test]
+fn a_passthrough_request_marks_its_key_header_sensitive() {
+    let key = SecretString::from("sk-ant-test".to_string());
+    let http = raw_request(
+        "http://127.0.0.1:9",
+        &key,
+        bytes::Bytes::from_static(b"{}"),
+        true,
+        &http::HeaderMap::new(),
+    )
+    .unwrap();
+    assert_eq!(http.headers()["x-api-key"], "sk-ant-test");
+    assert!(http.headers()["x-api-key"].is_sensitive());
+}
+
 fn ev(name: &str, data: Value) -> Event {
     Event::new(name, data.to_string())
 }

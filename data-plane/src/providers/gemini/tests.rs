@@ -110,6 +110,10 @@ fn request_has_url_key_and_body() {
         "http://sim:1/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     );
     assert_eq!(http.headers()["x-goog-api-key"], "AIza-test");
+    assert!(
+        http.headers()["x-goog-api-key"].is_sensitive(),
+        "kept out of HTTP/2's header compression"
+    );
     assert_eq!(http.headers()["accept"], "text/event-stream");
     assert_eq!(http.method(), http::Method::POST);
     assert_eq!(
