@@ -655,7 +655,12 @@ impl Proxy {
         let floor = entry.as_ref().map_or(self.cfg.standard_start_floor, |m| {
             Duration::from_millis(u64::from(m.standard_start_floor_ms))
         });
-        let worst = crate::limits::estimate::worst_case_tokens(&body, format);
+        // The worst case a limit reserves: only worth a scan of the body when some org has limits.
+        let worst = if snapshot.limits.is_empty() {
+            (0, 0)
+        } else {
+            crate::limits::estimate::worst_case_tokens(&body, format)
+        };
         let pair = match Native::of(format, provider) {
             Some(api) => {
                 if api == Native::Messages {
