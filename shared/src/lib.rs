@@ -10,4 +10,5 @@ pub mod identity;
 pub mod keys;
 pub mod proto;
 pub mod snapshot;
+pub mod snapshot_sign;
 pub mod usage;
