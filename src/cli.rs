@@ -478,10 +478,10 @@ pub enum KeygenCommand {
     SnapshotSigning {
         /// The private key file (for `flex control --snapshot-signing-key-file`).
         #[arg(long, env = "FLEX_SNAPSHOT_SIGNING_KEY_FILE")]
-        private_key_file: PathBuf,
+        snapshot_signing_key_file: PathBuf,
         /// The public key file (for `flex proxy --snapshot-public-key-file`).
         #[arg(long, env = "FLEX_SNAPSHOT_PUBLIC_KEY_FILE")]
-        public_key_file: PathBuf,
+        snapshot_public_key_file: PathBuf,
     },
 }
 

@@ -19,8 +19,8 @@ use crate::cli::{KeygenArgs, KeygenCommand, SnapshotSigningArgs, SnapshotTrustAr
 pub fn keygen(args: KeygenArgs) -> Result<()> {
     match args.what {
         KeygenCommand::SnapshotSigning {
-            private_key_file,
-            public_key_file,
+            snapshot_signing_key_file: private_key_file,
+            snapshot_public_key_file: public_key_file,
         } => {
             let signer = if private_key_file.exists() {
                 let s = SnapshotSigner::load(&private_key_file)?;

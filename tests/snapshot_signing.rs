@@ -57,9 +57,9 @@ async fn signed_snapshots_refuse_a_forged_delta_and_a_stale_proxy_fails_closed()
         Command::new(env!("CARGO_BIN_EXE_flex")).args([
             "keygen",
             "snapshot-signing",
-            "--private-key-file",
+            "--snapshot-signing-key-file",
             p(&private),
-            "--public-key-file",
+            "--snapshot-public-key-file",
             p(&public),
         ]),
         None,
