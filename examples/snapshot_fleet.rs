@@ -524,6 +524,7 @@ fn full_sync_child(path: &Path, n: usize) {
     let t = Instant::now();
     store
         .apply_update(pb::SnapshotUpdate {
+            signature: vec![],
             version,
             kind: Some(pb::snapshot_update::Kind::Delta(delta)),
         })

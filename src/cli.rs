@@ -34,6 +34,8 @@ pub enum Command {
     Admin(AdminArgs),
     /// The provider simulator (OpenAI, Anthropic and Gemini wire formats).
     Sim(SimArgs),
+    /// Make keys: `flex keygen snapshot-signing` (the control plane's snapshot signing key).
+    Keygen(KeygenArgs),
 }
 
 /// Provider base URLs and upstream TLS, shared by `up` and `proxy`.
@@ -370,6 +372,8 @@ pub struct ControlArgs {
     pub redis_url: Option<String>,
     #[command(flatten)]
     pub otlp: OtlpArgs,
+    #[command(flatten)]
+    pub snapshot_signing: SnapshotSigningArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -446,6 +450,63 @@ pub struct ProxyArgs {
     pub limits: LimitsArgs,
     #[command(flatten)]
     pub otlp: OtlpArgs,
+    #[command(flatten)]
+    pub snapshot_trust: SnapshotTrustArgs,
+}
+
+/// `flex control`: signing the snapshots it sends, and heartbeats on an idle feed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotSigningArgs {
+    /// Sign every snapshot update (full, delta, heartbeat; gRPC Watch and NATS) with this
+    /// Ed25519 private key: a file of 64 hex characters (the 32-byte seed), e.g. from `flex
+    /// keygen snapshot-signing` or `openssl rand -hex 32`. Proxies given the public key
+    /// (--snapshot-public-key-file) refuse anything else. Without it updates are unsigned.
+    #[arg(long, env = "FLEX_SNAPSHOT_SIGNING_KEY_FILE")]
+    pub snapshot_signing_key_file: Option<PathBuf>,
+    /// Seconds between heartbeats on an idle snapshot feed: an empty update with a fresh
+    /// produced_at, so a proxy's snapshot age says how long it has not heard from the control
+    /// plane. Keep it well below the proxies' --max-snapshot-age-secs (a third or less); 0: none.
+    #[arg(long, env = "FLEX_SNAPSHOT_HEARTBEAT_SECS", default_value_t = 30)]
+    pub snapshot_heartbeat_secs: u64,
+}
+
+/// `flex proxy`: which snapshots to trust, and for how long.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotTrustArgs {
+    /// The control plane's snapshot public key (64 hex characters, from `flex keygen
+    /// snapshot-signing`): every update, and the snapshot persisted in --state-dir, must carry
+    /// its valid signature or it is refused (the last good snapshot keeps serving). Without it
+    /// anyone who can publish on the snapshot subjects or impersonate the control plane can
+    /// change what this proxy accepts.
+    #[arg(long, env = "FLEX_SNAPSHOT_PUBLIC_KEY_FILE")]
+    pub snapshot_public_key_file: Option<PathBuf>,
+    /// Fail closed when the snapshot served was produced longer ago than this many seconds
+    /// (the control plane refreshes it every --snapshot-heartbeat-secs, 30 by default): API
+    /// requests get 503 `snapshot_too_old` and /readyz is 503 until a fresh update arrives, so
+    /// a proxy cut off from the control plane stops accepting keys revoked meanwhile. 0: off.
+    #[arg(long, env = "FLEX_MAX_SNAPSHOT_AGE_SECS", default_value_t = 0)]
+    pub max_snapshot_age_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    #[command(subcommand)]
+    pub what: KeygenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeygenCommand {
+    /// The control plane's Ed25519 snapshot signing key: writes the private key file (mode
+    /// 0600; kept if it exists, so this also derives the public key of an existing one) and
+    /// the public key file, 64 hex characters each.
+    SnapshotSigning {
+        /// The private key file (for `flex control --snapshot-signing-key-file`).
+        #[arg(long, env = "FLEX_SNAPSHOT_SIGNING_KEY_FILE")]
+        snapshot_signing_key_file: PathBuf,
+        /// The public key file (for `flex proxy --snapshot-public-key-file`).
+        #[arg(long, env = "FLEX_SNAPSHOT_PUBLIC_KEY_FILE")]
+        snapshot_public_key_file: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]

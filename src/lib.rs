@@ -6,4 +6,5 @@ pub mod admin_cli;
 pub mod cli;
 pub mod run;
 pub mod sim;
+pub mod snapshot_keys;
 pub mod telemetry;

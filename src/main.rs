@@ -20,6 +20,7 @@ async fn main() -> std::process::ExitCode {
         Command::Proxy(a) => flex::run::proxy(a).await,
         Command::Admin(a) => flex::admin_cli::run(a).await,
         Command::Sim(a) => flex::run::sim(a).await,
+        Command::Keygen(a) => flex::snapshot_keys::keygen(a),
     };
     telemetry.shutdown().await;
     match result {

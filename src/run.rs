@@ -1049,6 +1049,7 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         cp.require_proxy_token(t)?;
         println!("the control service requires the proxy token of --proxy-token-file");
     }
+    crate::snapshot_keys::configure_control(&cp, &args.snapshot_signing)?;
     if let Some(url) = &args.redis_url {
         let limiter = RedisLimiter::new(
             url,
@@ -1255,7 +1256,9 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
     };
     let store = Arc::new(
         SnapshotStore::new(keyring, args.state_dir.clone())
-            .with_key_file(args.master_key_file.clone()),
+            .with_key_file(args.master_key_file.clone())
+            .with_verifier(crate::snapshot_keys::proxy_verifier(&args.snapshot_trust)?)
+            .with_max_age(crate::snapshot_keys::max_age(&args.snapshot_trust)),
     );
     match store.load_persisted() {
         Ok(Some(v)) => println!("warm start from persisted snapshot version {v}"),

@@ -118,7 +118,7 @@ pub fn init(command: &Command) -> Result<Telemetry> {
         Command::Up(a) => Some((&a.otlp, "flex-up")),
         Command::Control(a) => Some((&a.otlp, "flex-control")),
         Command::Proxy(a) => Some((&a.otlp, "flex-proxy")),
-        Command::Admin(_) | Command::Sim(_) => None,
+        Command::Admin(_) | Command::Sim(_) | Command::Keygen(_) => None,
     };
     let export = otlp.and_then(|(args, service)| args.export(service, env_var));
     if let (None, Some(ca)) = (&export, otlp.and_then(|(a, _)| a.otlp_ca.as_ref())) {

@@ -712,6 +712,7 @@ async fn a_corrupt_update_on_nats_is_refused_reported_and_the_next_good_one_appl
                 ..Default::default()
             },
         )),
+        signature: vec![],
     };
     let client = async_nats::connect(fleet.nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);

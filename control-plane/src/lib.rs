@@ -92,8 +92,17 @@ pub struct ControlPlane {
     /// The digest of the proxy token the control service requires (`--proxy-token-file`);
     /// unset: the service trusts the connection (mutual TLS, or loopback).
     proxy_token: std::sync::OnceLock<[u8; 32]>,
+    /// The snapshot signing key (`--snapshot-signing-key-file`): every update sent is signed.
+    signer: std::sync::OnceLock<Arc<flex_shared::snapshot_sign::SnapshotSigner>>,
+    /// Seconds between heartbeats on an idle snapshot feed (0 = none); see
+    /// [`ControlPlane::heartbeat_update`].
+    snapshot_heartbeat_secs: std::sync::atomic::AtomicU64,
     _poller: AbortOnDrop,
 }
+
+/// Default seconds between snapshot heartbeats (`flex control --snapshot-heartbeat-secs`): well
+/// below any sensible `flex proxy --max-snapshot-age-secs` (minutes).
+pub const DEFAULT_SNAPSHOT_HEARTBEAT_SECS: u64 = 30;
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,6 +181,10 @@ impl ControlPlane {
             stop_streams: watch::channel(false).0,
             limit_counters: RwLock::new(None),
             proxy_token: std::sync::OnceLock::new(),
+            signer: std::sync::OnceLock::new(),
+            snapshot_heartbeat_secs: std::sync::atomic::AtomicU64::new(
+                DEFAULT_SNAPSHOT_HEARTBEAT_SECS,
+            ),
             _poller: AbortOnDrop(poller),
         })
     }
@@ -190,6 +203,39 @@ impl ControlPlane {
         self.proxy_token
             .set(Sha256::digest(t.as_bytes()).into())
             .map_err(|_| Error::Internal("the proxy token is already set".into()))
+    }
+
+    /// From now on every snapshot update (full, delta, heartbeat; gRPC Watch, NATS, in process)
+    /// is signed with `signer` (`flex control --snapshot-signing-key-file`). Set before serving.
+    pub fn sign_snapshots_with(
+        &self,
+        signer: flex_shared::snapshot_sign::SnapshotSigner,
+    ) -> Result<()> {
+        self.signer
+            .set(Arc::new(signer))
+            .map_err(|_| Error::Internal("the snapshot signing key is already set".into()))
+    }
+
+    /// Whether updates are signed.
+    pub fn signs_snapshots(&self) -> bool {
+        self.signer.get().is_some()
+    }
+
+    /// Heartbeats every `every` on an idle snapshot feed (zero: none). Set before serving.
+    pub fn set_snapshot_heartbeat(&self, every: Duration) {
+        self.snapshot_heartbeat_secs
+            .store(every.as_secs(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The heartbeat interval (`None`: off).
+    pub fn snapshot_heartbeat(&self) -> Option<Duration> {
+        match self
+            .snapshot_heartbeat_secs
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        }
     }
 
     /// The digest of the required proxy token, if any.
@@ -252,7 +298,7 @@ impl ControlPlane {
     /// change records cover the span and it is smaller than the snapshot, else the full snapshot.
     pub fn update_between(&self, from_version: u64, to: &Published) -> pb::SnapshotUpdate {
         self.delta_update(from_version, to)
-            .unwrap_or_else(|| Self::full_update(to))
+            .unwrap_or_else(|| self.full_update(to))
     }
 
     /// The delta half of [`ControlPlane::update_between`]: `None` when a full snapshot is needed.
@@ -261,16 +307,59 @@ impl ControlPlane {
             .then(|| self.projection.delta(from_version, to))
             .flatten()
             .filter(|d| delta_entries(d) <= to.content().len())?;
-        Some(pb::SnapshotUpdate {
+        let mut u = pb::SnapshotUpdate {
             version: to.version,
             kind: Some(pb::snapshot_update::Kind::Delta(d)),
+            signature: Vec::new(),
+        };
+        if let Some(signer) = self.signer.get() {
+            signer.sign_update(&mut u);
+        }
+        Some(u)
+    }
+
+    /// A heartbeat for a proxy at `at`'s version: an empty delta from that version to itself
+    /// whose `produced_at` is now (signed like any update), so a proxy's snapshot age measures
+    /// how long it has not heard from the control plane, not how long nothing changed.
+    pub fn heartbeat_update(&self, at: &Published) -> pb::SnapshotUpdate {
+        let mut u = pb::SnapshotUpdate {
+            version: at.version,
+            kind: Some(pb::snapshot_update::Kind::Delta(pb::SnapshotDelta {
+                from_version: at.version,
+                content_hash: at.content_hash.clone(),
+                produced_at: timefmt::format(timefmt::now()),
+                ..Default::default()
+            })),
+            signature: Vec::new(),
+        };
+        if let Some(signer) = self.signer.get() {
+            signer.sign_update(&mut u);
+        }
+        u
+    }
+
+    /// The signature of `to`'s full snapshot (empty without a signing key); the digest of the
+    /// full is computed once per version.
+    pub fn full_signature(&self, to: &Published) -> Vec<u8> {
+        let Some(signer) = self.signer.get() else {
+            return Vec::new();
+        };
+        let full = to.full();
+        signer.sign(&flex_shared::snapshot_sign::Statement {
+            kind: flex_shared::snapshot_sign::UpdateKind::Full,
+            version: full.version,
+            from_version: 0,
+            body_sha256: to.full_body_sha256(),
+            content_hash: &full.content_hash,
+            produced_at: &full.produced_at,
         })
     }
 
     /// The full snapshot of `to` as an update (O(entries): built once per version, then copied).
-    pub fn full_update(to: &Published) -> pb::SnapshotUpdate {
+    pub fn full_update(&self, to: &Published) -> pb::SnapshotUpdate {
         pb::SnapshotUpdate {
             version: to.version,
+            signature: self.full_signature(to),
             kind: Some(pb::snapshot_update::Kind::Full(pb::Snapshot::clone(
                 &to.full(),
             ))),

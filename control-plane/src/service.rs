@@ -565,8 +565,8 @@ async fn send_update(
         return false;
     };
     let published = to.clone();
-    let Ok(full) = tokio::task::spawn_blocking(move || ControlPlane::full_update(&published)).await
-    else {
+    let cp2 = cp.clone();
+    let Ok(full) = tokio::task::spawn_blocking(move || cp2.full_update(&published)).await else {
         return false;
     };
     if tx.send(Ok(full)).await.is_err() {
@@ -650,9 +650,20 @@ impl ControlService for ControlApi {
                 return;
             }
             let mut last = current;
+            // An idle stream still hears from us: a heartbeat refreshes the proxy's age.
+            let every = cp
+                .snapshot_heartbeat()
+                .unwrap_or(std::time::Duration::from_secs(365 * 24 * 3600));
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     () = tx.closed() => return,
+                    _ = beat.tick(), if cp.snapshot_heartbeat().is_some() => {
+                        if tx.send(Ok(cp.heartbeat_update(&last))).await.is_err() {
+                            return;
+                        }
+                    }
                     () = &mut ended => {
                         let _ = tx
                             .send(Err(Status::unavailable(

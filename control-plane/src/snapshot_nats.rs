@@ -242,16 +242,22 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &NatsSnapshotConfig) -> Res
 struct Outgoing {
     version: u64,
     full: bool,
+    /// An empty delta refreshing `produced_at` ([`ControlPlane::heartbeat_update`]).
+    heartbeat: bool,
     bytes: Vec<u8>,
 }
 
-/// The encoding of `SnapshotUpdate { version, full: s }`, without copying the snapshot into one.
-fn encode_full(s: &pb::Snapshot) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(s.encoded_len() + 16);
+/// The encoding of `SnapshotUpdate { version, full: s, signature }`, without copying the
+/// snapshot into one.
+fn encode_full(s: &pb::Snapshot, signature: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(s.encoded_len() + 96);
     if s.version != 0 {
         prost::encoding::uint64::encode(1, &s.version, &mut buf);
     }
     prost::encoding::message::encode(2, s, &mut buf);
+    if !signature.is_empty() {
+        prost::encoding::bytes::encode(4, &signature.to_vec(), &mut buf);
+    }
     buf
 }
 
@@ -292,6 +298,9 @@ impl FullPolicy {
     }
 
     fn published(&mut self, out: &Outgoing) {
+        if out.heartbeat {
+            return;
+        }
         if out.full {
             *self = Self {
                 last_full_bytes: out.bytes.len(),
@@ -320,28 +329,34 @@ fn next_updates(
     });
     let mut out = VecDeque::new();
     if let Some(d) = delta {
-        let update = pb::SnapshotUpdate {
+        let mut update = pb::SnapshotUpdate {
             version: next.version,
             kind: Some(pb::snapshot_update::Kind::Delta(d)),
+            signature: Vec::new(),
         };
+        if let Some(signer) = cp.signer.get() {
+            signer.sign_update(&mut update);
+        }
         out.push_back(Outgoing {
             version: next.version,
             full: false,
+            heartbeat: false,
             bytes: update.encode_to_vec(),
         });
         if !full_due {
             return out;
         }
     }
-    out.push_back(full_update(next));
+    out.push_back(full_update(cp, next));
     out
 }
 
-fn full_update(next: &Published) -> Outgoing {
+fn full_update(cp: &ControlPlane, next: &Published) -> Outgoing {
     Outgoing {
         version: next.version,
         full: true,
-        bytes: encode_full(&next.full()),
+        heartbeat: false,
+        bytes: encode_full(&next.full(), &cp.full_signature(next)),
     }
 }
 
@@ -355,6 +370,13 @@ async fn publish(
     let version = out.version;
     let (subject, id) = if out.full {
         (nats::FULL_SUBJECT, format!("{version}-full"))
+    } else if out.heartbeat {
+        // Unique: a heartbeat must not be deduplicated against the version's delta.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        (nats::DELTA_SUBJECT, format!("{version}-hb-{now}"))
     } else {
         (nats::DELTA_SUBJECT, version.to_string())
     };
@@ -371,6 +393,9 @@ async fn publish(
     for (i, part) in parts.into_iter().enumerate() {
         let mut h = HeaderMap::new();
         h.insert(nats::HEADER_VERSION, version.to_string().as_str());
+        if out.heartbeat {
+            h.insert(nats::HEADER_HEARTBEAT, "1");
+        }
         if n > 1 {
             h.insert("Nats-Msg-Id", format!("{id}/{i}").as_str());
             h.insert(nats::HEADER_CHUNK, format!("{i}/{n}").as_str());
@@ -430,6 +455,9 @@ async fn publish_loop(
     let mut policy = FullPolicy::default();
     let mut pending: VecDeque<Outgoing> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    // When the stream last got something from us (heartbeats fill the silence).
+    let mut last_sent = tokio::time::Instant::now();
+    let heartbeat = cp.snapshot_heartbeat();
     loop {
         match ensure_stream(&js, &cfg).await {
             Ok(created) => {
@@ -462,6 +490,7 @@ async fn publish_loop(
                                 counters.chunked.fetch_add(1, Ordering::Relaxed);
                             }
                             counters.published.store(out.version, Ordering::Relaxed);
+                            last_sent = tokio::time::Instant::now();
                             counters.set_error(None);
                             tracing::debug!(
                                 version = out.version,
@@ -485,11 +514,25 @@ async fn publish_loop(
                             // stream never loses its last full to age (followers skip it).
                             () = tokio::time::sleep(policy.until_timed_full(&cfg)) => {
                                 if last == Some(current.version) {
-                                    let next = current.clone();
-                                    let full = tokio::task::spawn_blocking(move || full_update(&next))
+                                    let (cp2, next) = (cp.clone(), current.clone());
+                                    let full = tokio::task::spawn_blocking(move || full_update(&cp2, &next))
                                         .await
                                         .map_err(|e| format!("building the full: {e}"))?;
                                     pending.push_back(full);
+                                }
+                            }
+                            // Idle for a heartbeat interval: an empty delta with a fresh
+                            // `produced_at`, so the proxies' snapshot age stays small.
+                            () = tokio::time::sleep_until(last_sent + heartbeat.unwrap_or(Duration::ZERO)), if heartbeat.is_some() => {
+                                if last == Some(current.version) {
+                                    pending.push_back(Outgoing {
+                                        version: current.version,
+                                        full: false,
+                                        heartbeat: true,
+                                        bytes: cp.heartbeat_update(&current).encode_to_vec(),
+                                    });
+                                } else {
+                                    last_sent = tokio::time::Instant::now();
                                 }
                             }
                         }
@@ -579,8 +622,16 @@ mod tests {
         let reference = pb::SnapshotUpdate {
             version: 42,
             kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+            signature: vec![],
         }
         .encode_to_vec();
-        assert_eq!(encode_full(&s), reference);
+        assert_eq!(encode_full(&s, &[]), reference);
+        let signed = pb::SnapshotUpdate {
+            version: 42,
+            kind: Some(pb::snapshot_update::Kind::Full(s.clone())),
+            signature: vec![7; 64],
+        }
+        .encode_to_vec();
+        assert_eq!(encode_full(&s, &[7; 64]), signed);
     }
 }

@@ -7,7 +7,7 @@ use http::{HeaderMap, StatusCode};
 
 use crate::error::ApiError;
 use crate::formats::CallerFormat;
-use crate::snapshot::{Indexed, KeyEntry};
+use crate::snapshot::{Indexed, KeyEntry, SnapshotStore, TooOld};
 
 /// Who is calling: their key and org, and the snapshot the request is served from.
 pub struct Caller {
@@ -42,9 +42,29 @@ fn unauthorized(code: &'static str, message: String) -> ApiError {
         .example("curl -H \"Authorization: Bearer $FLEX_API_KEY\" .../v1/responses")
 }
 
-/// Checks the caller's key against the snapshot `snapshot` (None = not loaded yet).
+/// The 503 of a proxy whose snapshot is older than `--max-snapshot-age-secs`.
+pub fn snapshot_too_old(t: &TooOld) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "snapshot_too_old",
+        format!(
+            "This proxy has not heard from the control plane since {} ({} s ago, more than its \
+             limit of {} s), so it cannot know whether your key is still valid and refuses \
+             requests rather than serve a stale configuration (e.g. a key revoked meanwhile).",
+            t.produced_at(),
+            t.age_secs,
+            t.max_age_secs
+        ),
+    )
+    .fix("retry later or through another proxy; operators: restore the proxy's connection to the control plane (its log and /readyz say why), or raise --max-snapshot-age-secs.")
+    .example("curl -s http://PROXY/readyz   # says since when the snapshot is too old")
+    .header("retry-after", http::HeaderValue::from_static("5"))
+}
+
+/// Checks the caller's key against the snapshot `store` serves (503 when none is loaded yet or
+/// it is older than `--max-snapshot-age-secs`).
 pub fn authenticate(
-    snapshot: Option<Arc<Indexed>>,
+    store: &SnapshotStore,
     format: CallerFormat,
     headers: &HeaderMap,
     now_unix: i64,
@@ -63,6 +83,10 @@ pub fn authenticate(
             format!("The API key is not a valid FlexInference key: {e}."),
         ));
     }
+    if let Some(t) = store.too_old() {
+        return Err(snapshot_too_old(&t));
+    }
+    let snapshot: Option<Arc<Indexed>> = store.load();
     let Some(snapshot) = snapshot else {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "This proxy has not received its configuration from the control plane yet.")
             .fix("retry in a moment; if it persists, check that the proxy can reach the control plane (see /readyz)."));

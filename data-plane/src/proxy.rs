@@ -571,8 +571,7 @@ impl Proxy {
         draft: &mut Option<Draft>,
         rate: &mut Option<crate::limits::RateHeaders>,
     ) -> Result<Response, ApiError> {
-        let Caller { snapshot, key } =
-            authenticate(self.snapshots.load(), format, headers, now_unix())?;
+        let Caller { snapshot, key } = authenticate(&self.snapshots, format, headers, now_unix())?;
         let mut body = RawBody::parse(&body, format)?;
         let sw_value = body.value("start_within");
         let sw = start_within::parse_value(sw_value.as_ref())?;

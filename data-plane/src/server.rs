@@ -179,7 +179,7 @@ async fn api(State(proxy): State<Arc<Proxy>>, req: Request, format: CallerFormat
     let (parts, body) = req.into_parts();
     // `Proxy::handle` authenticates again (the same snapshot lookup, a microsecond): this check
     // only keeps an unauthenticated body from being read at all.
-    if let Err(e) = authenticate(proxy.snapshots.load(), format, &parts.headers, now_unix()) {
+    if let Err(e) = authenticate(&proxy.snapshots, format, &parts.headers, now_unix()) {
         return refuse(&proxy, format, e);
     }
     let limit = proxy.cfg.max_body_bytes;
@@ -303,7 +303,7 @@ async fn models(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let caller = match authenticate(
-        proxy.snapshots.load(),
+        &proxy.snapshots,
         CallerFormat::Responses,
         req.headers(),
         now,
@@ -336,6 +336,19 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining (a planned stop); requests in flight are being finished\n",
+        )
+            .into_response();
+    }
+    if let Some(t) = proxy.snapshots.too_old() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: snapshot_too_old: version {} was produced at {} ({} s ago, over --max-snapshot-age-secs {}); the control plane has not been heard since\n",
+                proxy.snapshots.version(),
+                t.produced_at(),
+                t.age_secs,
+                t.max_age_secs
+            ),
         )
             .into_response();
     }

@@ -52,6 +52,8 @@ python3 -c 'import secrets; print(secrets.token_hex(32))' > "$secrets/master.key
 python3 -c 'import secrets; print(secrets.token_hex(32), end="")' > "$secrets/admin-token"
 python3 -c 'import secrets; print(secrets.token_hex(32))' > "$secrets/proxy.token"
 printf %s 'postgres://flex:not-a-password@flex-db-rw:5432/flex' > "$secrets/database-url"
+"$FLEX_BIN" keygen snapshot-signing --snapshot-signing-key-file "$secrets/snapshot-signing.key" \
+  --snapshot-public-key-file "$secrets/snapshot-signing.pub" > /dev/null
 out="$PWD/target/k8s-rendered"
 mkdir -p "$out"
 "$TOOLS/kubectl" kustomize "$work/kubernetes/base" > "$out/base.yaml"

@@ -14,4 +14,5 @@ pub mod private_fs;
 pub mod proto;
 pub mod redact;
 pub mod snapshot;
+pub mod snapshot_sign;
 pub mod usage;

@@ -463,6 +463,9 @@ pub mod nats {
     pub const HEADER_CHUNK: &str = "Flex-Chunk";
     /// On every chunk after the first: the stream sequence of chunk 0.
     pub const HEADER_FIRST_SEQ: &str = "Flex-First-Seq";
+    /// `1` on a heartbeat: an empty delta from the version to itself with a fresh `produced_at`
+    /// (a proxy applies it although its version is the one it has, instead of skipping it).
+    pub const HEADER_HEARTBEAT: &str = "Flex-Heartbeat";
 
     /// The ack subject of a proxy: its id with the characters NATS reserves replaced.
     pub fn ack_subject(proxy_id: &str) -> String {

@@ -20,6 +20,7 @@ pub struct Published {
     pub content_hash: String,
     content: SnapshotContent,
     full: OnceLock<Arc<pb::Snapshot>>,
+    full_sha256: OnceLock<[u8; 32]>,
 }
 
 impl Published {
@@ -29,6 +30,7 @@ impl Published {
             content_hash: state.content.hash.to_hex(),
             content: state.content.clone(),
             full: OnceLock::new(),
+            full_sha256: OnceLock::new(),
         }
     }
 
@@ -42,6 +44,14 @@ impl Published {
                 )
             })
             .clone()
+    }
+
+    /// SHA-256 of the encoding of [`Published::full`] (what a signature of the full covers),
+    /// computed once.
+    pub fn full_body_sha256(&self) -> [u8; 32] {
+        *self
+            .full_sha256
+            .get_or_init(|| flex_shared::snapshot_sign::snapshot_body_sha256(&self.full()))
     }
 
     pub fn content(&self) -> &SnapshotContent {

@@ -15,6 +15,7 @@ use flex_shared::catalog::{Catalog, Model, Provider};
 use flex_shared::crypto::{MasterKeyring, Sealed};
 use flex_shared::proto::control::{self as pb, snapshot_update::Kind};
 use flex_shared::snapshot::{self as rules, nats};
+use flex_shared::snapshot_sign::{self as sign, Seal, SnapshotVerifier};
 use prost::Message;
 use secrecy::SecretString;
 
@@ -28,7 +29,7 @@ mod persist;
 pub use grpc_feed::follow_grpc;
 pub use key_table::KeyTable;
 pub use nats_feed::{follow_nats, follow_nats_client};
-use persist::{Persister, STATE_FILE};
+use persist::{Persister, SEAL_FILE, STATE_FILE};
 
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
@@ -66,6 +67,9 @@ pub struct Indexed {
     /// The snapshot without its API keys (those are in `keys`), canonical.
     pub rest: pb::Snapshot,
     pub applied_at: Instant,
+    /// The control plane's signature of the update that produced this snapshot (with a public
+    /// key: always), persisted beside it so a warm start can check it.
+    pub seal: Option<Seal>,
 }
 
 impl Indexed {
@@ -147,6 +151,7 @@ impl Indexed {
             catalog: Catalog::with_overrides(&overrides),
             rest,
             applied_at: Instant::now(),
+            seal: None,
         })
     }
 
@@ -182,18 +187,24 @@ impl Indexed {
     }
 }
 
-/// The bytes of the `full` field of an encoded `SnapshotUpdate`, if it is a full one.
-fn full_snapshot_bytes(mut b: &[u8]) -> Option<&[u8]> {
+/// The bytes of the `full` field of an encoded `SnapshotUpdate`, if it is a full one, and of
+/// its `signature` (empty when unsigned).
+fn full_snapshot_bytes(mut b: &[u8]) -> Option<(&[u8], &[u8])> {
     use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
     let mut full = None;
+    let mut signature: &[u8] = &[];
     while !b.is_empty() {
         let (tag, wire) = decode_key(&mut b).ok()?;
-        if tag == 2 && wire == WireType::LengthDelimited {
+        if (tag == 2 || tag == 4) && wire == WireType::LengthDelimited {
             let len = usize::try_from(decode_varint(&mut b).ok()?).ok()?;
             if len > b.len() {
                 return None;
             }
-            full = Some(&b[..len]);
+            if tag == 2 {
+                full = Some(&b[..len]);
+            } else {
+                signature = &b[..len];
+            }
             b = &b[len..];
         } else {
             skip_field(wire, tag, &mut b, DecodeContext::default()).ok()?;
@@ -202,7 +213,7 @@ fn full_snapshot_bytes(mut b: &[u8]) -> Option<&[u8]> {
             }
         }
     }
-    full
+    Some((full?, signature))
 }
 
 /// The content hash of `rest` (canonical, no API keys) with `keys`.
@@ -272,6 +283,34 @@ pub struct SnapshotStore {
     /// The proxy is shutting down: `/readyz` says not ready so load balancers move on, while
     /// requests keep being served until the listener closes.
     draining: std::sync::atomic::AtomicBool,
+    /// The control plane's public key (`--snapshot-public-key-file`): with it, every update and
+    /// the persisted snapshot must carry a valid signature before anything is applied.
+    verifier: Option<Arc<SnapshotVerifier>>,
+    /// `--max-snapshot-age-secs`: past it the proxy fails closed ([`SnapshotStore::too_old`]).
+    max_age: Option<std::time::Duration>,
+}
+
+/// The snapshot served is older than `--max-snapshot-age-secs`: the proxy refuses requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooOld {
+    pub age_secs: u64,
+    pub max_age_secs: u64,
+    /// Unix seconds the snapshot was produced (the last time the control plane was heard).
+    pub produced_unix: u64,
+}
+
+impl TooOld {
+    /// `produced_unix` as RFC 3339.
+    pub fn produced_at(&self) -> String {
+        i64::try_from(self.produced_unix)
+            .ok()
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| self.produced_unix.to_string())
+    }
 }
 
 impl Drop for SnapshotStore {
@@ -295,7 +334,58 @@ impl SnapshotStore {
             status: Mutex::new(SourceStatus::default()),
             produced_unix: std::sync::atomic::AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            verifier: None,
+            max_age: None,
         }
+    }
+
+    /// Fail closed past `max_age` (`--max-snapshot-age-secs`; `None`: never).
+    pub fn with_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.max_age = max_age.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// When a maximum age is set and the snapshot served was produced longer ago than that
+    /// (no update or heartbeat since): why requests are refused and `/readyz` is 503.
+    pub fn too_old(&self) -> Option<TooOld> {
+        let max = self.max_age?;
+        self.load()?;
+        let age_secs = self.age_seconds()?;
+        (age_secs > max.as_secs()).then(|| TooOld {
+            age_secs,
+            max_age_secs: max.as_secs(),
+            produced_unix: self
+                .produced_unix
+                .load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// From now on only updates signed by the holder of `verifier`'s private key are applied
+    /// (and a persisted snapshot only with a valid seal). `None`: updates are not checked.
+    pub fn with_verifier(mut self, verifier: Option<Arc<SnapshotVerifier>>) -> Self {
+        self.verifier = verifier;
+        self
+    }
+
+    /// Whether updates must be signed.
+    pub fn verifies_signatures(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// With a public key: checks `signature` over `statement()` and returns the seal to keep
+    /// (a refusal is counted and logged like any rejected update). Without one: `None`, and the
+    /// statement is never computed (a full's digest is O(entries)).
+    fn verified<'a>(
+        &self,
+        statement: impl FnOnce() -> Option<sign::Statement<'a>>,
+        signature: &[u8],
+    ) -> Result<Option<Seal>, ProxyError> {
+        let Some(v) = &self.verifier else {
+            return Ok(None);
+        };
+        let st = statement().ok_or_else(|| self.reject("an update without content".into()))?;
+        v.verify(&st, signature).map_err(|e| self.reject(e))?;
+        Ok(Some(Seal::of(&st, signature)))
     }
 
     /// Marks the proxy as draining (a planned stop began): not ready from now on.
@@ -413,37 +503,74 @@ impl SnapshotStore {
         Some(now.saturating_sub(produced))
     }
 
-    /// Validates and applies a full snapshot; on error the previous snapshot stays.
-    pub fn apply_full(&self, mut raw: pb::Snapshot) -> Result<u64, ProxyError> {
+    /// Validates and applies an unsigned full snapshot; on error the previous snapshot stays.
+    /// Refused when this store verifies signatures (use [`SnapshotStore::apply_update`]).
+    pub fn apply_full(&self, raw: pb::Snapshot) -> Result<u64, ProxyError> {
+        self.apply_update(pb::SnapshotUpdate {
+            signature: vec![],
+            version: raw.version,
+            kind: Some(Kind::Full(raw)),
+        })
+    }
+
+    fn apply_full_sealed(
+        &self,
+        mut raw: pb::Snapshot,
+        seal: Option<Seal>,
+    ) -> Result<u64, ProxyError> {
         let api_keys = std::mem::take(&mut raw.api_keys);
         let split = KeyTable::from_proto(api_keys, &raw.orgs)
             .map_err(|e| self.reject(format!("invalid snapshot: {e}")))?;
-        self.apply_split(raw, split)
+        self.apply_split(raw, split, seal)
     }
 
     /// As [`SnapshotStore::apply_full`], from the protobuf encoding of the snapshot: the API keys
     /// go straight from the bytes into the compact table (what NATS and the warm start use).
     pub fn apply_full_encoded(&self, bytes: &[u8]) -> Result<u64, ProxyError> {
+        self.apply_full_encoded_signed(bytes, &[])
+    }
+
+    /// As [`SnapshotStore::apply_full_encoded`], with the update's signature, checked over the
+    /// SHA-256 of exactly these bytes before anything is applied.
+    fn apply_full_encoded_signed(&self, bytes: &[u8], signature: &[u8]) -> Result<u64, ProxyError> {
         let (rest, keys) = KeyTable::split_encoded(bytes)
             .map_err(|e| self.reject(format!("invalid snapshot: {e}")))?;
-        self.apply_split(rest, keys)
+        let seal = self.verified(
+            || {
+                Some(sign::Statement {
+                    kind: sign::UpdateKind::Full,
+                    version: rest.version,
+                    from_version: 0,
+                    body_sha256: sign::bytes_sha256(bytes),
+                    content_hash: &rest.content_hash,
+                    produced_at: &rest.produced_at,
+                })
+            },
+            signature,
+        )?;
+        self.apply_split(rest, keys, seal)
     }
 
     /// Applies the protobuf encoding of a `SnapshotUpdate` (a full one without decoding its keys
     /// into messages).
     pub fn apply_update_encoded(&self, bytes: &[u8]) -> Result<u64, ProxyError> {
-        if let Some(full) = full_snapshot_bytes(bytes) {
-            return self.apply_full_encoded(full);
+        if let Some((full, signature)) = full_snapshot_bytes(bytes) {
+            return self.apply_full_encoded_signed(full, signature);
         }
         let update = pb::SnapshotUpdate::decode(bytes)
             .map_err(|e| self.reject(format!("undecodable update: {e}")))?;
         self.apply_update(update)
     }
 
-    fn apply_split(&self, rest: pb::Snapshot, keys: KeyTable) -> Result<u64, ProxyError> {
+    fn apply_split(
+        &self,
+        rest: pb::Snapshot,
+        keys: KeyTable,
+        seal: Option<Seal>,
+    ) -> Result<u64, ProxyError> {
         let rest = self.validated(rest, &keys).map_err(|e| self.reject(e))?;
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let v = self.install(rest, keys, true)?;
+        let v = self.install(rest, keys, true, seal)?;
         if let Ok(mut s) = self.status.lock() {
             s.full_applied += 1;
         }
@@ -466,10 +593,12 @@ impl SnapshotStore {
         Ok(rest)
     }
 
-    /// Applies one update from a control-plane stream.
+    /// Applies one update from a control-plane stream (its signature checked first when this
+    /// store has a public key).
     pub fn apply_update(&self, update: pb::SnapshotUpdate) -> Result<u64, ProxyError> {
+        let seal = self.verified(|| sign::statement_of(&update), &update.signature)?;
         match update.kind {
-            Some(Kind::Full(s)) => self.apply_full(s),
+            Some(Kind::Full(s)) => self.apply_full_sealed(s, seal),
             Some(Kind::Delta(mut d)) => {
                 let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
                 let base = self.load().ok_or_else(|| {
@@ -489,6 +618,14 @@ impl SnapshotStore {
                     && d.upsert_limits.is_empty()
                     && d.remove_limits.is_empty()
                 {
+                    // A heartbeat: the control plane still stands by this version, as of
+                    // `produced_at` (signed, when signatures are checked), so the age restarts.
+                    if !d.produced_at.is_empty() {
+                        self.produced_unix.fetch_max(
+                            time_of(&d.produced_at),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
                     return Ok(base.version);
                 }
                 // The keys go to the compact table, everything else through the shared rules.
@@ -513,7 +650,7 @@ impl SnapshotStore {
                     ));
                 }
                 drop(base);
-                let v = self.install(rest, keys, true)?;
+                let v = self.install(rest, keys, true, seal)?;
                 if let Ok(mut s) = self.status.lock() {
                     s.deltas_applied += 1;
                 }
@@ -537,6 +674,7 @@ impl SnapshotStore {
         rest: pb::Snapshot,
         keys: KeyTable,
         persist: bool,
+        seal: Option<Seal>,
     ) -> Result<u64, ProxyError> {
         if let Some(cur) = self.load() {
             if rest.version < cur.version {
@@ -548,10 +686,10 @@ impl SnapshotStore {
         }
         let produced = time_of(&rest.produced_at);
         let ring = self.keyring_for(&rest);
-        let indexed = Arc::new(
-            Indexed::build(rest, keys, ring.as_deref(), self.load().as_deref())
-                .map_err(|e| self.reject(e.to_string()))?,
-        );
+        let mut indexed = Indexed::build(rest, keys, ring.as_deref(), self.load().as_deref())
+            .map_err(|e| self.reject(e.to_string()))?;
+        indexed.seal = seal;
+        let indexed = Arc::new(indexed);
         let version = indexed.version;
         self.current.store(Some(indexed.clone()));
         self.produced_unix
@@ -570,7 +708,9 @@ impl SnapshotStore {
     /// An empty store with the same keys and no state dir, to rebuild a snapshot chain off to
     /// the side (a resync) while this one keeps serving.
     pub fn staging(&self) -> SnapshotStore {
-        SnapshotStore::new(self.keyring.load_full(), None).with_key_file(self.key_file.clone())
+        SnapshotStore::new(self.keyring.load_full(), None)
+            .with_key_file(self.key_file.clone())
+            .with_verifier(self.verifier.clone())
     }
 
     /// Swaps in a snapshot built in a [`SnapshotStore::staging`] store, if it is newer than the
@@ -617,7 +757,31 @@ impl SnapshotStore {
         let rest = self
             .validated(rest, &keys)
             .map_err(|e| ProxyError::Snapshot(format!("{}: {e}", path.display())))?;
-        let version = self.install(rest, keys, false)?;
+        let seal = match &self.verifier {
+            None => None,
+            Some(v) => {
+                let seal_path = dir.join(SEAL_FILE);
+                let seal = std::fs::read_to_string(&seal_path)
+                    .ok()
+                    .and_then(|l| Seal::parse(&l))
+                    .ok_or_else(|| {
+                        ProxyError::Snapshot(format!(
+                            "{} has no readable signature ({}): with --snapshot-public-key-file a \
+                             persisted snapshot is used only with the control plane's signature \
+                             of it; starting without it",
+                            path.display(),
+                            seal_path.display()
+                        ))
+                    })?;
+                v.verify(
+                    &seal.statement(rest.version, &rest.content_hash, &rest.produced_at),
+                    &seal.signature,
+                )
+                .map_err(|e| ProxyError::Snapshot(format!("{}: {e}", path.display())))?;
+                Some(seal)
+            }
+        };
+        let version = self.install(rest, keys, false, seal)?;
         // That version is on disk already.
         if let Some(p) = &self.persister {
             p.written
@@ -778,6 +942,7 @@ mod tests {
         let delta = rules::diff(&a, &b);
         store
             .apply_update(pb::SnapshotUpdate {
+                signature: vec![],
                 version: 4,
                 kind: Some(Kind::Delta(delta)),
             })
@@ -811,6 +976,7 @@ mod tests {
         // A delta that changes nothing about the provider key.
         store
             .apply_update(pb::SnapshotUpdate {
+                signature: vec![],
                 version: 4,
                 kind: Some(Kind::Delta(pb::SnapshotDelta {
                     from_version: 3,
@@ -842,6 +1008,7 @@ mod tests {
         delta.produced_at = "2999-01-01T00:00:00Z".into();
         store
             .apply_update(pb::SnapshotUpdate {
+                signature: vec![],
                 version: 4,
                 kind: Some(Kind::Delta(delta)),
             })
@@ -866,6 +1033,179 @@ mod tests {
                 .get(&("o1".into(), Provider::OpenAi)),
             Some(ProviderSecret::Unusable(_))
         ));
+    }
+
+    fn signed(mut u: pb::SnapshotUpdate, signer: &sign::SnapshotSigner) -> pb::SnapshotUpdate {
+        signer.sign_update(&mut u);
+        u
+    }
+
+    fn full(s: pb::Snapshot) -> pb::SnapshotUpdate {
+        pb::SnapshotUpdate {
+            version: s.version,
+            kind: Some(Kind::Full(s)),
+            signature: vec![],
+        }
+    }
+
+    #[test]
+    fn with_a_public_key_only_signed_updates_apply_and_a_tampered_delta_keeps_the_last_good_one() {
+        let ring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "t").unwrap());
+        let signer = sign::SnapshotSigner::generate();
+        let verifier = Some(Arc::new(signer.verifier()));
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(Some(ring.clone()), Some(dir.path().to_path_buf()))
+            .with_verifier(verifier.clone());
+        let a = snapshot(3, &ring, false);
+        let b = snapshot(4, &ring, true);
+        // Unsigned, and signed by another key: refused, nothing applied.
+        let e = store.apply_full(a.clone()).unwrap_err().to_string();
+        assert!(e.contains("unsigned"), "{e}");
+        let other = sign::SnapshotSigner::generate();
+        assert!(store.apply_update(signed(full(a.clone()), &other)).is_err());
+        assert!(store.load().is_none());
+        // Signed: applied, over the decoded and the encoded path alike.
+        let signed_full = signed(full(a.clone()), &signer);
+        assert_eq!(store.apply_update(signed_full.clone()).unwrap(), 3);
+        let encoded = SnapshotStore::new(Some(ring.clone()), None).with_verifier(verifier.clone());
+        assert_eq!(
+            encoded
+                .apply_update_encoded(&signed_full.encode_to_vec())
+                .unwrap(),
+            3
+        );
+        // A full changed after signing (a byte of a key hash flipped): refused.
+        let mut bytes = signed_full.encode_to_vec();
+        let at = bytes
+            .windows(64)
+            .position(|w| w == "a".repeat(64).as_bytes())
+            .unwrap();
+        bytes[at] = b'b';
+        let fresh = SnapshotStore::new(Some(ring.clone()), None).with_verifier(verifier.clone());
+        assert!(fresh.apply_update_encoded(&bytes).is_err());
+        assert!(fresh.load().is_none());
+
+        // The genuine delta revokes key a; the tampered one also adds an attacker's key, with a
+        // correct content hash: only the signature tells them apart.
+        let genuine = signed(
+            pb::SnapshotUpdate {
+                version: 4,
+                kind: Some(Kind::Delta(rules::diff(&a, &b))),
+                signature: vec![],
+            },
+            &signer,
+        );
+        let mut evil = b.clone();
+        evil.api_keys.push(ApiKeyEntry {
+            key_id: "evil".into(),
+            org_id: "o1".into(),
+            key_hash: "e".repeat(64),
+            expires_at: 0,
+        });
+        evil.content_hash = rules::content_hash(&evil);
+        let mut tampered = genuine.clone();
+        tampered.kind = Some(Kind::Delta(rules::diff(&a, &evil)));
+        let rejected = store.status().rejected_updates;
+        let e = store
+            .apply_update(tampered.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad snapshot signature"), "{e}");
+        assert!(store
+            .apply_update_encoded(&tampered.encode_to_vec())
+            .is_err());
+        let mut unsigned = genuine.clone();
+        unsigned.signature.clear();
+        assert!(store.apply_update(unsigned).is_err());
+        assert_eq!(store.status().rejected_updates, rejected + 3);
+        let cur = store.load().unwrap();
+        assert_eq!(cur.version, 3, "the last good snapshot stays");
+        assert!(cur.keys.contains_key(&"a".repeat(64)));
+        assert!(!cur.keys.contains_key(&"e".repeat(64)));
+        assert_eq!(store.apply_update(genuine).unwrap(), 4);
+        assert!(!store.load().unwrap().keys.contains_key(&"a".repeat(64)));
+
+        // Warm start: the persisted snapshot is used only with a valid seal.
+        assert!(store.flush(std::time::Duration::from_secs(10)));
+        drop(store);
+        let warm = |v: Option<Arc<SnapshotVerifier>>| {
+            SnapshotStore::new(Some(ring.clone()), Some(dir.path().to_path_buf())).with_verifier(v)
+        };
+        assert_eq!(warm(verifier.clone()).load_persisted().unwrap(), Some(4));
+        assert!(warm(Some(Arc::new(other.verifier())))
+            .load_persisted()
+            .is_err());
+        let seal = std::fs::read_to_string(dir.path().join(SEAL_FILE)).unwrap();
+        // The snapshot file replaced by one with the attacker's key (consistent hash): refused.
+        let good = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
+        let mut evil5 = evil.clone();
+        evil5.version = 4;
+        std::fs::write(dir.path().join(STATE_FILE), evil5.encode_to_vec()).unwrap();
+        let e = warm(verifier.clone())
+            .load_persisted()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad snapshot signature"), "{e}");
+        std::fs::write(dir.path().join(STATE_FILE), good).unwrap();
+        // No seal: refused with a key, accepted without.
+        std::fs::remove_file(dir.path().join(SEAL_FILE)).unwrap();
+        assert!(warm(verifier.clone()).load_persisted().is_err());
+        assert_eq!(warm(None).load_persisted().unwrap(), Some(4));
+        std::fs::write(dir.path().join(SEAL_FILE), seal).unwrap();
+        assert_eq!(warm(verifier).load_persisted().unwrap(), Some(4));
+    }
+
+    #[test]
+    fn past_the_maximum_age_the_store_is_too_old_until_a_heartbeat() {
+        let ring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "t").unwrap());
+        let signer = sign::SnapshotSigner::generate();
+        let store = SnapshotStore::new(Some(ring.clone()), None)
+            .with_verifier(Some(Arc::new(signer.verifier())))
+            .with_max_age(Some(std::time::Duration::from_secs(60)));
+        assert!(
+            store.too_old().is_none(),
+            "nothing loaded: not ready, not too old"
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut a = snapshot(3, &ring, false);
+        a.produced_at = (now - 3600).to_string();
+        store
+            .apply_update(signed(full(a.clone()), &signer))
+            .unwrap();
+        let t = store.too_old().unwrap();
+        assert!(t.age_secs >= 3600 && t.max_age_secs == 60, "{t:?}");
+        let heartbeat = |at: u64| pb::SnapshotUpdate {
+            version: 3,
+            kind: Some(Kind::Delta(pb::SnapshotDelta {
+                from_version: 3,
+                content_hash: a.content_hash.clone(),
+                produced_at: at.to_string(),
+                ..Default::default()
+            })),
+            signature: vec![],
+        };
+        // An unsigned heartbeat does not refresh anything; a signed one does.
+        assert!(store.apply_update(heartbeat(now)).is_err());
+        assert!(store.too_old().is_some());
+        assert_eq!(
+            store.apply_update(signed(heartbeat(now), &signer)).unwrap(),
+            3
+        );
+        assert!(store.too_old().is_none());
+        // An older heartbeat (replayed) does not move the time back.
+        store
+            .apply_update(signed(heartbeat(now - 7200), &signer))
+            .unwrap();
+        assert!(store.too_old().is_none());
+        // Without a maximum age nothing is ever too old.
+        let lax = SnapshotStore::new(Some(ring.clone()), None);
+        lax.apply_full(a).unwrap();
+        assert!(lax.too_old().is_none());
     }
 
     #[test]

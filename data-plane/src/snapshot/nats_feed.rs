@@ -308,7 +308,14 @@ async fn follow_nats_once(
         // without decoding. During a resync, "applied" means applied to the staging store.
         let target: &SnapshotStore = staging.as_ref().map_or(store, |(_, st)| st);
         let have = target.load().is_some().then(|| target.version());
-        let stale = have.is_some_and(|h| version != 0 && version <= h);
+        // A heartbeat (an empty delta to the version we have, with a newer `produced_at`) is
+        // applied, not skipped: it is what keeps the snapshot's age small while nothing changes.
+        let heartbeat = headers
+            .and_then(|h| h.get(nats::HEADER_HEARTBEAT))
+            .is_some_and(|v| v.as_str() == "1");
+        let stale = have.is_some_and(|h| {
+            version != 0 && (version < h || (version == h && !(heartbeat && staging.is_none())))
+        });
         let payload = match header_chunk(headers) {
             None => {
                 chunks = None;

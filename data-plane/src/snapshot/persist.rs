@@ -8,6 +8,10 @@ use std::sync::{Arc, Mutex};
 use super::Indexed;
 
 pub(super) const STATE_FILE: &str = "snapshot.pb";
+/// The control plane's signature of the persisted snapshot (a [`flex_shared::snapshot_sign::Seal`]
+/// line), written after it: a crash in between leaves a pair that does not verify, and a proxy
+/// with a public key then starts without the file rather than trusting it.
+pub(super) const SEAL_FILE: &str = "snapshot.sig";
 
 /// Persists the newest applied snapshot on its own thread, off the request and update paths
 /// (at a million keys a write is about 100 MB): the newest version waiting wins, so a burst of
@@ -65,7 +69,7 @@ impl Persister {
                     };
                 }
             };
-            match persist_to(dir, &next.encode()) {
+            match persist_to(dir, &next.encode(), next.seal.as_ref()) {
                 Ok(()) => self
                     .written
                     .store(next.version, std::sync::atomic::Ordering::Release),
@@ -91,12 +95,27 @@ impl Persister {
     }
 }
 
-fn persist_to(dir: &Path, encoded: &[u8]) -> std::io::Result<()> {
+fn persist_to(
+    dir: &Path,
+    encoded: &[u8],
+    seal: Option<&flex_shared::snapshot_sign::Seal>,
+) -> std::io::Result<()> {
     private_fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     private_fs::write(&tmp, encoded)?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE))
+    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    match seal {
+        Some(seal) => {
+            let tmp = dir.join(format!("{SEAL_FILE}.tmp"));
+            private_fs::write(&tmp, seal.to_line().as_bytes())?;
+            std::fs::rename(&tmp, dir.join(SEAL_FILE))
+        }
+        None => match std::fs::remove_file(dir.join(SEAL_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -108,7 +127,7 @@ mod tests {
     fn the_persisted_snapshot_and_its_dir_are_owner_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("state");
-        persist_to(&dir, b"snapshot bytes").unwrap();
+        persist_to(&dir, b"snapshot bytes", None).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
