@@ -40,9 +40,12 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
   before=$(find "artifacts/$t" -type f | wc -l)
   echo "==> $t: ${minutes} min"
-  "${fuzz[@]}" fuzz run --sanitizer "$sanitizer" "$t" "corpus/$t" "seeds/$t" -- \
+  # JSON-shaped inputs get the dictionary of the formats' and providers' words.
+  dict=()
+  case "$t" in format_* | provider_* | chat_assembler | usage_log) dict=(-dict=dicts/json.dict) ;; esac
+  "${fuzz[@]}" fuzz run --sanitizer "$sanitizer" "$t" "corpus/$t" "seeds/$t" -- "${dict[@]}" \
     -max_total_time=$((minutes * 60)) -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
-    -timeout=10 -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" \
+    -timeout=10 -rss_limit_mb=2048 \
     >"logs/$t.log" 2>&1 || true
   # Fork mode's status lines: "#<execs>: cov: .. ft: .. corp: .. exec/s .. oom/timeout/crash: o/t/c ..".
   last=$(grep -E '^#[0-9]+: cov:' "logs/$t.log" | tail -1 || true)
