@@ -67,7 +67,10 @@ fn held(store: &SnapshotStore) -> Option<pb::Snapshot> {
 
 fn with_base() -> SnapshotStore {
     let store = SnapshotStore::new(None, None);
-    assert!(store.apply_full(base()).is_ok(), "the base snapshot applies");
+    assert!(
+        store.apply_full(base()).is_ok(),
+        "the base snapshot applies"
+    );
     store
 }
 
@@ -87,8 +90,12 @@ fuzz_target!(|data: &[u8]| {
         prost::encoding::string::encode(2, &s.content_hash, &mut bytes);
         let from_bytes = SnapshotStore::new(None, None);
         let from_message = SnapshotStore::new(None, None);
-        let a = from_bytes.apply_full_encoded(&bytes).map_err(|e| e.to_string());
-        let b = from_message.apply_full(s.clone()).map_err(|e| e.to_string());
+        let a = from_bytes
+            .apply_full_encoded(&bytes)
+            .map_err(|e| e.to_string());
+        let b = from_message
+            .apply_full(s.clone())
+            .map_err(|e| e.to_string());
         assert_eq!(a.is_ok(), b.is_ok(), "bytes: {a:?}, message: {b:?}");
         assert_eq!(held(&from_bytes), held(&from_message));
     }
@@ -111,7 +118,11 @@ fuzz_target!(|data: &[u8]| {
         let full = SnapshotStore::new(None, None);
         let as_full = full.apply_full(want.clone()).map_err(|e| e.to_string());
         if got.is_ok() {
-            assert_eq!(held(&store).as_ref(), Some(&want), "delta vs the shared rules");
+            assert_eq!(
+                held(&store).as_ref(),
+                Some(&want),
+                "delta vs the shared rules"
+            );
         }
         assert_eq!(
             got.is_ok(),

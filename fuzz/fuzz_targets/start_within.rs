@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     match start_within::parse(&s) {
         Ok(sw) => {
             if let StartWithin::Within(d) = sw {
-                assert!(d >= start_within::MIN && d <= start_within::MAX, "{s:?}: {d:?}");
+                assert!(
+                    d >= start_within::MIN && d <= start_within::MAX,
+                    "{s:?}: {d:?}"
+                );
             }
             assert_eq!(start_within::format(sw), s, "format(parse({s:?}))");
         }

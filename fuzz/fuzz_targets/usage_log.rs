@@ -36,10 +36,21 @@ fn dir() -> &'static Path {
         } else {
             std::env::temp_dir()
         };
-        let d = parent.join(format!("flex-fuzz-usage-{}", std::process::id()));
-        d
+        // One dir per process (fork mode runs several); those of processes gone are removed.
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
+                if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        parent.join(format!("{PREFIX}{}", std::process::id()))
     })
 }
+
+const PREFIX: &str = "flex-fuzz-usage-";
 
 fn check_line(line: &[u8]) {
     if let Some(Ok(event)) = decode_line(line) {
@@ -85,7 +96,11 @@ fuzz_target!(|input: StateDir| {
         return;
     };
     let max = usize::from(input.read_max).max(1);
-    let total: u64 = input.segments.iter().map(|(_, b)| b.len() as u64 + 1).sum::<u64>()
+    let total: u64 = input
+        .segments
+        .iter()
+        .map(|(_, b)| b.len() as u64 + 1)
+        .sum::<u64>()
         + input.legacy.as_ref().map_or(0, |(s, _)| s.len() as u64 + 1);
     let mut steps = 0u64;
     loop {
