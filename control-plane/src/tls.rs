@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 
 use flex_shared::proto::control::control_service_server::SERVICE_NAME as CONTROL_SERVICE;
 use futures_util::future::{Either, Ready};
+use rustls::pki_types::pem::{self, PemObject};
 
 use secrecy::SecretString;
 use tonic::codegen::http;
@@ -73,7 +74,7 @@ fn pem_certs(
     pem: &[u8],
     fix: &str,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsFileError> {
-    let certs = rustls_pemfile::certs(&mut std::io::Cursor::new(pem))
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsFileError::new(what, path, format!("it is not valid PEM ({e})"), fix))?;
     if certs.is_empty() {
@@ -112,23 +113,27 @@ impl ServerTls {
             &cert_pem,
             CERT_FIX,
         )?;
-        let der_key = rustls_pemfile::private_key(&mut std::io::Cursor::new(&key_pem))
-            .map_err(|e| {
-                TlsFileError::new(
-                    "the TLS key (--tls-key)",
-                    key,
-                    format!("it is not valid PEM ({e})"),
-                    KEY_FIX,
-                )
-            })?
-            .ok_or_else(|| {
-                TlsFileError::new(
-                    "the TLS key (--tls-key)",
-                    key,
-                    "it holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                    KEY_FIX,
-                )
-            })?;
+        let der_key = match rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem) {
+            Ok(k) => Ok(Some(k)),
+            Err(pem::Error::NoItemsFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
+            TlsFileError::new(
+                "the TLS key (--tls-key)",
+                key,
+                format!("it is not valid PEM ({e})"),
+                KEY_FIX,
+            )
+        })?
+        .ok_or_else(|| {
+            TlsFileError::new(
+                "the TLS key (--tls-key)",
+                key,
+                "it holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                KEY_FIX,
+            )
+        })?;
         // Builds the rustls configuration once to catch a key that does not match the
         // certificate, or an unsupported key type, now rather than at the first handshake.
         rustls::ServerConfig::builder_with_provider(provider())

@@ -9,8 +9,27 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// The certificates (`-----BEGIN CERTIFICATE-----` blocks) of PEM text, in order; other
+/// sections and text between sections are passed over, a malformed section is an error.
+/// (rustls-pki-types' [`PemObject`]; the unmaintained rustls-pemfile is not used.)
+pub fn pem_certs(pem: impl std::io::Read) -> Result<Vec<CertificateDer<'static>>, pem::Error> {
+    CertificateDer::pem_reader_iter(pem).collect()
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) of PEM text; `None` when it holds none.
+pub fn pem_private_key(
+    pem: impl std::io::Read,
+) -> Result<Option<PrivateKeyDer<'static>>, pem::Error> {
+    match PrivateKeyDer::from_pem_reader(pem) {
+        Ok(key) => Ok(Some(key)),
+        Err(pem::Error::NoItemsFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// A TLS setting that could not be used: which flag and file, why, and how to fix it. Never
 /// contains key material.
@@ -91,15 +110,13 @@ pub fn read_certs(
     path: &Path,
 ) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), PlaneTlsError> {
     let pem = read_file(flag, what, path)?;
-    let certs = rustls_pemfile::certs(&mut std::io::Cursor::new(&pem))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            PlaneTlsError::new(
-                format!("{flag} {}", path.display()),
-                format!("{what} is not valid PEM ({e})"),
-                format!("pass a PEM file with `-----BEGIN CERTIFICATE-----` blocks with {flag}"),
-            )
-        })?;
+    let certs = pem_certs(pem.as_slice()).map_err(|e| {
+        PlaneTlsError::new(
+            format!("{flag} {}", path.display()),
+            format!("{what} is not valid PEM ({e})"),
+            format!("pass a PEM file with `-----BEGIN CERTIFICATE-----` blocks with {flag}"),
+        )
+    })?;
     if certs.is_empty() {
         return Err(PlaneTlsError::new(
             format!("{flag} {}", path.display()),
@@ -116,7 +133,7 @@ pub fn read_key(
     path: &Path,
 ) -> Result<(Vec<u8>, PrivateKeyDer<'static>), PlaneTlsError> {
     let pem = read_file(flag, "the private key", path)?;
-    let key = rustls_pemfile::private_key(&mut std::io::Cursor::new(&pem))
+    let key = pem_private_key(pem.as_slice())
         .map_err(|e| {
             PlaneTlsError::new(
                 format!("{flag} {}", path.display()),

@@ -453,14 +453,13 @@ async fn method_not_allowed(req: Request) -> Response {
 
 /// Builds a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) from PEM files.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ProxyError> {
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+    let certs = crate::plane_tls::pem_certs(std::io::BufReader::new(
         std::fs::File::open(cert)
             .map_err(|e| ProxyError::Tls(format!("cannot open {}: {e}", cert.display())))?,
-    ))
-    .collect();
+    ));
     let certs =
         certs.map_err(|e| ProxyError::Tls(format!("{} is not PEM: {e}", cert.display())))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+    let key = crate::plane_tls::pem_private_key(std::io::BufReader::new(
         std::fs::File::open(key)
             .map_err(|e| ProxyError::Tls(format!("cannot open {}: {e}", key.display())))?,
     ))

@@ -29,18 +29,29 @@ impl Event {
         }
     }
 
-    /// The event framed for the wire.
+    /// The event framed for the wire. Every line break of the data (`\n`, `\r\n` or `\r`, as
+    /// the parser reads them) starts a new `data:` line, so a receiver reads the data back with
+    /// `\n` for each break; line breaks in the name are dropped. Either would otherwise end
+    /// the field early and let the rest of the text be read as fields of its own.
     pub fn to_bytes(&self) -> Bytes {
         let mut out = String::with_capacity(self.data.len() + self.event.len() + 16);
         if !self.event.is_empty() {
             out.push_str("event: ");
-            out.push_str(&self.event);
+            out.extend(self.event.chars().filter(|c| !matches!(c, '\r' | '\n')));
             out.push('\n');
         }
-        for line in self.data.split('\n') {
+        let mut rest = self.data.as_str();
+        loop {
             out.push_str("data: ");
-            out.push_str(line);
+            let Some(i) = rest.find(['\r', '\n']) else {
+                out.push_str(rest);
+                out.push('\n');
+                break;
+            };
+            out.push_str(&rest[..i]);
             out.push('\n');
+            let len = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+            rest = &rest[i + len..];
         }
         out.push('\n');
         Bytes::from(out)
@@ -66,6 +77,9 @@ pub struct Parser {
     max: usize,
     /// An event went past `max`: the stream is refused from then on.
     failed: bool,
+    /// How much of `buf` is known to hold no line ending, so a long line arriving in many
+    /// chunks is scanned once, not once per chunk.
+    scanned: usize,
 }
 
 impl Default for Parser {
@@ -90,12 +104,14 @@ impl Parser {
             skip_lf: false,
             max,
             failed: false,
+            scanned: 0,
         }
     }
 
     /// Refuses the stream: the event's bytes are dropped, every later feed fails.
     fn too_large(&mut self) -> Result<(), SseError> {
         self.failed = true;
+        self.scanned = 0;
         self.buf = BytesMut::new();
         self.data = String::new();
         self.event = String::new();
@@ -119,14 +135,17 @@ impl Parser {
                 }
                 self.skip_lf = false;
             }
-            let Some(rel) = self.buf[start..]
+            let from = start.max(self.scanned);
+            let Some(rel) = self.buf[from..]
                 .iter()
                 .position(|&b| b == b'\n' || b == b'\r')
             else {
                 let _ = self.buf.split_to(start);
+                self.scanned = self.buf.len();
                 break;
             };
-            let end = start + rel;
+            let end = from + rel;
+            self.scanned = 0;
             if self.buf[end] == b'\r' {
                 self.skip_lf = true;
             }
@@ -150,6 +169,7 @@ impl Parser {
         if self.failed {
             return;
         }
+        self.scanned = 0;
         if !self.buf.is_empty() {
             let rest = self.buf.split();
             self.line(&rest, out);
@@ -240,6 +260,116 @@ mod tests {
     fn framing_round_trips() {
         let e = Event::new("response.created", "{\"a\":\n1}");
         assert_eq!(parse_all(&[&e.to_bytes()]), vec![e]);
+    }
+
+    /// Regression (found writing the framing's round-trip property): a `\r` in the data ended
+    /// the `data:` line early, so the receiver lost the rest or read it as a field of its own
+    /// (here an injected `event:`); a line break in the name did the same.
+    #[test]
+    fn carriage_returns_in_data_and_names_stay_inside_the_event() {
+        let e = Event::new("a\nevent: b", "one\revent: injected\r\ntwo\n\rthree");
+        assert_eq!(
+            parse_all(&[&e.to_bytes()]),
+            vec![Event::new(
+                "aevent: b",
+                "one\nevent: injected\ntwo\n\nthree"
+            )]
+        );
+        assert_eq!(
+            parse_all(&[&Event::new("", "\r").to_bytes()]),
+            vec![Event::new("", "\n")]
+        );
+    }
+
+    /// A long line in many small chunks is scanned once (`scanned`), and still read whole.
+    #[test]
+    fn a_long_line_in_small_chunks() {
+        let line = format!("data: {}\r\n\r\n", "x".repeat(256 * 1024));
+        let chunks: Vec<&[u8]> = line.as_bytes().chunks(7).collect();
+        assert_eq!(
+            parse_all(&chunks),
+            vec![Event::new("", "x".repeat(256 * 1024))]
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Bytes that look like SSE often enough: field names, separators, line endings.
+        fn sse_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"data:".to_vec()),
+                Just(b"data: ".to_vec()),
+                Just(b"event: ".to_vec()),
+                Just(b": c".to_vec()),
+                Just(b"id: 1".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b"\r\n".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..8),
+            ];
+            proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+        }
+
+        /// Text with line breaks and field names in it more often than chance would put them.
+        fn text() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                3 => any::<String>(),
+                1 => Just("\r".to_string()),
+                1 => Just("\n".to_string()),
+                1 => Just("\r\n".to_string()),
+                1 => Just("data: ".to_string()),
+                1 => Just("event: x".to_string()),
+            ];
+            proptest::collection::vec(piece, 0..6).prop_map(|v| v.concat())
+        }
+
+        fn parse(chunks: &[&[u8]]) -> Vec<Event> {
+            let mut p = Parser::new();
+            let mut out = Vec::new();
+            for c in chunks {
+                assert_eq!(p.feed(c, &mut out), Ok(()));
+            }
+            p.finish(&mut out);
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Any bytes, cut anywhere: no panic, and the same events as in one chunk.
+            #[test]
+            fn chunking_does_not_change_the_events(
+                bytes in prop_oneof![sse_bytes(), proptest::collection::vec(any::<u8>(), 0..200)],
+                cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            ) {
+                let whole = parse(&[&bytes]);
+                let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+                at.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut prev = 0;
+                for c in at {
+                    chunks.push(&bytes[prev..c]);
+                    prev = c;
+                }
+                chunks.push(&bytes[prev..]);
+                prop_assert_eq!(parse(&chunks), whole.clone());
+                // What was parsed, framed again, parses back as itself.
+                for e in &whole {
+                    prop_assert_eq!(parse(&[&e.to_bytes()]), vec![e.clone()]);
+                }
+            }
+
+            /// Any event we frame parses back as that event (line breaks in the data as `\n`).
+            #[test]
+            fn framing_round_trips(event in text(), data in text()) {
+                let framed = Event::new(event.clone(), data.clone()).to_bytes();
+                let name: String = event.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+                let data = data.replace("\r\n", "\n").replace('\r', "\n");
+                prop_assert_eq!(parse(&[&framed]), vec![Event::new(name, data)]);
+            }
+        }
     }
 
     #[test]

@@ -109,6 +109,20 @@ pub fn parse(s: &str) -> Result<StartWithin, ApiError> {
     Ok(StartWithin::Within(d))
 }
 
+/// The text [`parse`] reads back as `sw`: a tier name, or the duration as `HHh-MMm-SSs` (whole
+/// seconds; every duration in range has exactly one such text).
+pub fn format(sw: StartWithin) -> String {
+    match sw {
+        StartWithin::Default => "default".into(),
+        StartWithin::Priority => "priority".into(),
+        StartWithin::Auto => "auto".into(),
+        StartWithin::Within(d) => {
+            let s = d.as_secs();
+            format!("{:02}h-{:02}m-{:02}s", s / 3600, s / 60 % 60, s % 60)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +204,54 @@ mod tests {
             .map(|e| e.full_message())
             .unwrap_or_default()
             .contains("must be a string"));
+    }
+
+    #[test]
+    fn format_is_the_text_parse_reads() {
+        assert_eq!(format(StartWithin::Within(MIN)), "00h-00m-05s");
+        assert_eq!(format(StartWithin::Within(MAX)), "00h-10m-00s");
+        assert_eq!(
+            format(StartWithin::Within(Duration::from_secs(90))),
+            "00h-01m-30s"
+        );
+        assert_eq!(format(StartWithin::Auto), "auto");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Every duration in range formats to a text that parses back to it.
+            #[test]
+            fn durations_round_trip(secs in MIN.as_secs()..=MAX.as_secs()) {
+                let sw = StartWithin::Within(Duration::from_secs(secs));
+                prop_assert_eq!(parse(&format(sw)).ok(), Some(sw));
+            }
+
+            /// Any text: a tier, a duration in range (whose one text it is), or the one error.
+            #[test]
+            fn any_text_parses_or_is_refused(
+                s in prop_oneof![
+                    any::<String>(),
+                    (0u64..100, 0u64..100, 0u64..100, any::<bool>()).prop_map(|(h, m, s, pad)| {
+                        if pad { format!("{h:02}h-{m:02}m-{s:02}s") } else { format!("{h}h-{m}m-{s}s") }
+                    }),
+                ],
+            ) {
+                match parse(&s) {
+                    Ok(sw) => {
+                        if let StartWithin::Within(d) = sw {
+                            prop_assert!((MIN..=MAX).contains(&d));
+                        }
+                        prop_assert_eq!(format(sw), s);
+                    }
+                    Err(e) => prop_assert_eq!(e.code, "invalid_start_within"),
+                }
+            }
+        }
     }
 
     #[test]

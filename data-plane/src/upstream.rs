@@ -123,9 +123,7 @@ fn load_pem_certs(
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ProxyError> {
     let file = std::fs::File::open(path)
         .map_err(|e| ProxyError::Tls(format!("cannot open CA file {}: {e}", path.display())))?;
-    let certs: Result<Vec<_>, _> =
-        rustls_pemfile::certs(&mut std::io::BufReader::new(file)).collect();
-    let certs = certs
+    let certs = crate::plane_tls::pem_certs(std::io::BufReader::new(file))
         .map_err(|e| ProxyError::Tls(format!("CA file {} is not PEM: {e}", path.display())))?;
     if certs.is_empty() {
         return Err(ProxyError::Tls(format!(

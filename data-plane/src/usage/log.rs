@@ -34,11 +34,11 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::usage::{Durable, DurableStats, UsageSink, QUEUE_CAPACITY};
 
-use super::segments::{lock, Appender, Log};
 pub use super::segments::{
-    Position, Spool, SpoolChunk, SpooledEvent, LEGACY_OFFSET_FILE, LEGACY_SPOOL_FILE,
-    POSITION_FILE, SEGMENT_BYTES, SEGMENT_PREFIX, SEGMENT_SUFFIX,
+    decode_line, encode_line, Position, Spool, SpoolChunk, SpooledEvent, LEGACY_OFFSET_FILE,
+    LEGACY_SPOOL_FILE, POSITION_FILE, SEGMENT_BYTES, SEGMENT_PREFIX, SEGMENT_SUFFIX,
 };
+use super::segments::{lock, Appender, Log};
 
 /// Default bound on undelivered bytes.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;

@@ -70,6 +70,23 @@ pub struct SpooledEvent {
     pub end: Position,
 }
 
+/// One event as a line of the log: its JSON and a newline, appended to `buf`.
+pub fn encode_line(event: &UsageEvent, buf: &mut Vec<u8>) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *buf, event)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// One line of the log read back (with or without its newline): `None` for a blank line (left
+/// by a write that failed and could not be cut back), else the event or why it is unreadable.
+/// The inverse of [`encode_line`]; public for the fuzz and property tests of the log's reading.
+pub fn decode_line(line: &[u8]) -> Option<serde_json::Result<UsageEvent>> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    Some(serde_json::from_slice::<UsageEvent>(line))
+}
+
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{SEGMENT_PREFIX}{seq:020}{SEGMENT_SUFFIX}"))
 }
@@ -218,12 +235,10 @@ fn read_snapshot(segments: &[Segment], start: Position, max: usize) -> std::io::
                 offset: at,
             };
             chunk.end = end;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice::<UsageEvent>(&line) {
-                Ok(event) => chunk.events.push(SpooledEvent { event, end }),
-                Err(e) => {
+            match decode_line(&line) {
+                None => continue,
+                Some(Ok(event)) => chunk.events.push(SpooledEvent { event, end }),
+                Some(Err(e)) => {
                     chunk.skipped += 1;
                     tracing::error!(path = %seg.path.display(), at = line_start, error = %e, "unreadable line in the usage log; skipped");
                 }
@@ -449,16 +464,15 @@ impl Appender {
         let lead = buf.len();
         let mut written = 0;
         let pending = log.pending_bytes();
+        let mut line = Vec::with_capacity(512);
         for e in events {
-            let line = match serde_json::to_vec(e) {
-                Ok(l) => l,
-                Err(err) => {
-                    tracing::error!(request_id = %e.request_id, error = %err, "usage event cannot be serialized; dropped");
-                    written += 1;
-                    continue;
-                }
-            };
-            let after = pending + (buf.len() - lead) as u64 + line.len() as u64 + 1;
+            line.clear();
+            if let Err(err) = encode_line(e, &mut line) {
+                tracing::error!(request_id = %e.request_id, error = %err, "usage event cannot be serialized; dropped");
+                written += 1;
+                continue;
+            }
+            let after = pending + (buf.len() - lead) as u64 + line.len() as u64;
             if after > log.max_bytes {
                 if !log.full.swap(true, Ordering::Relaxed) {
                     tracing::error!(
@@ -470,7 +484,6 @@ impl Appender {
                 break;
             }
             buf.extend_from_slice(&line);
-            buf.push(b'\n');
             written += 1;
         }
         if buf.len() == lead {
@@ -722,6 +735,117 @@ pub(crate) mod tests {
 
     pub(crate) fn line_len() -> u64 {
         serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_event() -> impl Strategy<Value = UsageEvent> {
+            let text = || any::<String>();
+            (
+                (any::<u32>(), text(), text(), text(), text(), text()),
+                (text(), text(), any::<u64>(), any::<u64>(), any::<u64>()),
+                (any::<u64>(), any::<u64>(), any::<u16>(), text()),
+                (
+                    proptest::collection::vec(text(), 0..3),
+                    any::<i64>(),
+                    any::<i64>(),
+                    text(),
+                ),
+            )
+                .prop_map(|(a, b, c, d)| UsageEvent {
+                    schema_version: a.0,
+                    request_id: a.1,
+                    org_id: a.2,
+                    key_id: a.3,
+                    model: a.4,
+                    provider: a.5,
+                    caller_format: b.0,
+                    start_within: b.1,
+                    flex_wait_ms: b.2,
+                    start_latency_ms: b.3,
+                    duration_ms: b.4,
+                    input_tokens: c.0,
+                    output_tokens: c.1,
+                    status: c.2,
+                    outcome: c.3,
+                    tiers_started: d.0,
+                    cost_micros: d.1,
+                    standard_cost_micros: d.2,
+                    provider_request_id: d.3,
+                    ..event(0)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Any event is one line (the newline only at its end) that reads back as itself.
+            #[test]
+            fn a_line_round_trips(e in any_event()) {
+                let mut line = Vec::new();
+                encode_line(&e, &mut line).unwrap();
+                prop_assert_eq!(line.iter().position(|b| *b == b'\n'), Some(line.len() - 1));
+                prop_assert_eq!(decode_line(&line).map(Result::ok), Some(Some(e)));
+            }
+
+            /// Any bytes: blank, an event, or an error; never a panic.
+            #[test]
+            fn any_line_decodes_or_is_refused(
+                bytes in prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    any::<String>().prop_map(|s| format!("{{\"request_id\":{s:?}}}").into_bytes()),
+                ],
+            ) {
+                let _ = decode_line(&bytes);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// A segment of any lines and a position file of any text: delivery reads every
+            /// event that decodes, in order, and ends with nothing pending.
+            #[test]
+            fn delivery_reads_any_log_to_its_end(
+                lines in proptest::collection::vec(
+                    prop_oneof![
+                        (0usize..50).prop_map(|i| serde_json::to_vec(&event(i)).unwrap()),
+                        proptest::collection::vec(any::<u8>(), 0..20),
+                    ],
+                    0..12,
+                ),
+                position in proptest::option::of(any::<String>()),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let mut text = lines.join(&b'\n');
+                text.push(b'\n');
+                std::fs::write(segment_path(dir.path(), 0), &text).unwrap();
+                if let Some(p) = &position {
+                    std::fs::write(dir.path().join(POSITION_FILE), p).unwrap();
+                }
+                let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+                let from_start = s.position() == Position::default();
+                let mut read = Vec::new();
+                for _ in 0..=lines.len() + 1 {
+                    let chunk = s.read(3).unwrap();
+                    if !chunk.moved() {
+                        break;
+                    }
+                    read.extend(chunk.events.into_iter().map(|e| e.event));
+                    s.advance(chunk.end).unwrap();
+                }
+                prop_assert_eq!(s.pending_bytes(), 0);
+                if from_start {
+                    let want: Vec<UsageEvent> = text
+                        .split(|b| *b == b'\n')
+                        .filter_map(|l| decode_line(l).and_then(Result::ok))
+                        .collect();
+                    prop_assert_eq!(read, want);
+                }
+            }
+        }
     }
 
     #[test]
