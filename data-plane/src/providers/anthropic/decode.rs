@@ -91,7 +91,11 @@ impl StreamDecoder {
 
     fn usage(&self) -> Usage {
         Usage {
-            input_tokens: self.input + self.cache_read + self.cache_creation,
+            // Saturating: a provider's counts near u64::MAX must not wrap the bill.
+            input_tokens: self
+                .input
+                .saturating_add(self.cache_read)
+                .saturating_add(self.cache_creation),
             cached_input_tokens: self.cache_read,
             output_tokens: self.output,
             reasoning_tokens: self.thinking,

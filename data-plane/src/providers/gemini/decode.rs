@@ -71,9 +71,10 @@ pub fn stop_reason(finish: &str, saw_tool_call: bool) -> StopReason {
 pub fn usage_of(meta: &Value) -> Usage {
     let n = |k: &str| meta[k].as_u64().unwrap_or(0);
     Usage {
-        input_tokens: n("promptTokenCount") + n("toolUsePromptTokenCount"),
+        // Saturating: a provider's counts near u64::MAX must not wrap the bill.
+        input_tokens: n("promptTokenCount").saturating_add(n("toolUsePromptTokenCount")),
         cached_input_tokens: n("cachedContentTokenCount"),
-        output_tokens: n("candidatesTokenCount") + n("thoughtsTokenCount"),
+        output_tokens: n("candidatesTokenCount").saturating_add(n("thoughtsTokenCount")),
         reasoning_tokens: n("thoughtsTokenCount"),
     }
 }
