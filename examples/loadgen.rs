@@ -105,8 +105,8 @@ impl Req {
     }
 
     async fn send(&self) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let mut b = hyper::Request::post(self.url.clone())
-            .header("content-type", "application/json");
+        let mut b =
+            hyper::Request::post(self.url.clone()).header("content-type", "application/json");
         for (k, v) in &self.headers {
             b = b.header(k, v);
         }
