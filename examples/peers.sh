@@ -50,6 +50,7 @@ tmp=$(mktemp -d /tmp/flex-peers.XXXXXX)
 # nginx's workers (another user) read the static answers from here.
 chmod 755 "$tmp"
 pids=()
+cur=()   # the processes of the path being measured (stopped before the next one starts)
 db=""
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -64,7 +65,8 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+try_port() { for _ in $(seq 1 "${2:-600}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+wait_port() { try_port "$1" || { echo "port $1 never opened" >&2; exit 1; }; }
 log() { echo "# $*" >&2; }
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -85,7 +87,7 @@ printf '%s' "$RESP_DIRECT" > "$tmp/resp_direct.json"
 
 # --- upstreams --------------------------------------------------------------------------------
 sim=$(free_port)
-FLEX_LOG=error "$FLEX" sim --listen "127.0.0.1:$sim" --standard-delay-ms 0 --flex-delay-ms 0 --priority-delay-ms 0 >"$tmp/sim.log" 2>&1 & pids+=($!)
+FLEX_LOG=error "$FLEX" sim --listen "127.0.0.1:$sim" --standard-delay-ms 0 --flex-delay-ms 0 --priority-delay-ms 0 >"$tmp/sim.log" 2>&1 & pids+=($!); cur+=($!)
 wait_port "$sim"
 # nginx's static answers are the simulator's own.
 mkdir -p "$tmp/www/v1/chat" "$tmp/nginx"
@@ -123,7 +125,7 @@ http {
   }
 }
 NGINX
-nginx -c "$tmp/nginx/nginx.conf" >"$tmp/nginx/out.log" 2>&1 & pids+=($!)
+nginx -c "$tmp/nginx/nginx.conf" >"$tmp/nginx/out.log" 2>&1 & pids+=($!); cur+=($!)
 wait_port "$static"; wait_port "$hop_sim"; wait_port "$hop_static"
 upstream_port() { [ "$1" = sim ] && echo "$sim" || echo "$static"; }
 
@@ -135,7 +137,7 @@ start_up() { # upstream
   local base="http://127.0.0.1:$(upstream_port "$u")"
   FLEX_LOG=error "$FLEX" up --demo --data-dir "$dir" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --dashboard-listen "127.0.0.1:$(free_port)" --openai-base-url "$base/v1" --anthropic-base-url "$base" \
-    --gemini-base-url "$base" >"$tmp/up-$u.log" 2>&1 & PID[up,$u]=$!; pids+=(${PID[up,$u]})
+    --gemini-base-url "$base" >"$tmp/up-$u.log" 2>&1 & PID[up,$u]=$!; pids+=(${PID[up,$u]}); cur+=(${PID[up,$u]})
   wait_port "$port"
   for _ in $(seq 1 300); do [ -s "$dir/demo.json" ] && break; sleep 0.1; done
   URL[up,$u]="http://127.0.0.1:$port"
@@ -146,13 +148,13 @@ start_up() { # upstream
 nats=""; cp=""
 start_control() {
   nats=$(free_port); cp=$(free_port)
-  nats-server -a 127.0.0.1 -p "$nats" -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 & pids+=($!)
+  nats-server -a 127.0.0.1 -p "$nats" -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 & pids+=($!); cur+=($!)
   db="flex_peers_$$"
   psql -q "$PG_URL/postgres" -c "CREATE DATABASE $db" >/dev/null
   openssl rand -hex 32 > "$tmp/master.key"
   wait_port "$nats"
   FLEX_LOG=error "$FLEX" control --database-url "$PG_URL/$db" --nats-url "nats://127.0.0.1:$nats" --admin-token bench \
-    --master-key-file "$tmp/master.key" --listen "127.0.0.1:$cp" >"$tmp/control.log" 2>&1 & PID[control]=$!; pids+=(${PID[control]})
+    --master-key-file "$tmp/master.key" --listen "127.0.0.1:$cp" >"$tmp/control.log" 2>&1 & PID[control]=$!; pids+=(${PID[control]}); cur+=(${PID[control]})
   wait_port "$cp"
   admin() { "$FLEX" admin --endpoint "http://127.0.0.1:$cp" --token bench --json "$@"; }
   org=$(admin org create bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["org_id"])')
@@ -165,12 +167,13 @@ start_proxy() { # upstream
   FLEX_LOG=error "$FLEX" proxy --control-url "http://127.0.0.1:$cp" --master-key-file "$tmp/master.key" \
     --nats-url "nats://127.0.0.1:$nats" --state-dir "$tmp/state-$u" --listen "127.0.0.1:$port" \
     --metrics-listen "127.0.0.1:$(free_port)" \
-    --openai-base-url "http://127.0.0.1:$(upstream_port "$u")/v1" >"$tmp/proxy-$u.log" 2>&1 & PID[split,$u]=$!; pids+=(${PID[split,$u]})
+    --openai-base-url "http://127.0.0.1:$(upstream_port "$u")/v1" >"$tmp/proxy-$u.log" 2>&1 & PID[split,$u]=$!; pids+=(${PID[split,$u]}); cur+=(${PID[split,$u]})
   URL[split,$u]="http://127.0.0.1:$port"; KEY[split,$u]=$split_key
   wait_port "$port"
 }
 
-# --- peers ------------------------------------------------------------------------------------
+# --- peers ---
+LITELLM_KEY="sk-$(openssl rand -hex 32)"---------------------------------------------------------------------------------
 start_litellm() { # upstream
   local u=$1 port
   port=$(free_port)
@@ -183,17 +186,19 @@ model_list:
       api_key: sk-bench
 litellm_settings:
   drop_params: true
+general_settings:
+  master_key: $LITELLM_KEY
 YAML
-  (cd "$tmp" && exec "$LITELLM" --config "$tmp/litellm-$u.yaml" --host 127.0.0.1 --port "$port" --num_workers 2) >"$tmp/litellm-$u.log" 2>&1 & pids+=($!)
-  URL[litellm,$u]="http://127.0.0.1:$port"; KEY[litellm,$u]=sk-bench
-  wait_port "$port"
+  (cd "$tmp" && exec "$LITELLM" --config "$tmp/litellm-$u.yaml" --host 127.0.0.1 --port "$port" --num_workers 2) >"$tmp/litellm-$u.log" 2>&1 & pids+=($!); cur+=($!)
+  URL[litellm,$u]="http://127.0.0.1:$port"; KEY[litellm,$u]=$LITELLM_KEY
+  try_port "$port" 1200 || log "LiteLLM did not start: $(tail -5 "$tmp/litellm-$u.log")"
 }
 start_portkey() { # upstream
   local u=$1 port
   port=$(free_port)
-  NODE_ENV=production node "$PORTKEY" --port="$port" --headless >"$tmp/portkey-$u.log" 2>&1 & pids+=($!)
+  NODE_ENV=production node "$PORTKEY" --port="$port" --headless >"$tmp/portkey-$u.log" 2>&1 & pids+=($!); cur+=($!)
   URL[portkey,$u]="http://127.0.0.1:$port"; KEY[portkey,$u]=sk-bench
-  wait_port "$port"
+  try_port "$port" || log "Portkey did not start: $(tail -5 "$tmp/portkey-$u.log")"
 }
 
 # --- measuring --------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ headers_for() { # path upstream -> wrk lua header lines
   local p=$1 u=$2
   case $p in
     up|split) echo "wrk.headers[\"authorization\"] = \"Bearer ${KEY[$p,$u]}\"" ;;
-    litellm) echo 'wrk.headers["authorization"] = "Bearer sk-bench"' ;;
+    litellm) echo "wrk.headers[\"authorization\"] = \"Bearer $LITELLM_KEY\"" ;;
     portkey) echo "wrk.headers[\"authorization\"] = \"Bearer sk-bench\"
 wrk.headers[\"x-portkey-provider\"] = \"openai\"
 wrk.headers[\"x-portkey-custom-host\"] = \"http://127.0.0.1:$(upstream_port "$u")/v1\"" ;;
@@ -212,7 +217,7 @@ wrk.headers[\"x-portkey-custom-host\"] = \"http://127.0.0.1:$(upstream_port "$u"
 lg_headers() { # path upstream -> loadgen -H args
   local p=$1 u=$2
   case $p in
-    up|split) echo "-H" "authorization: Bearer ${KEY[$p,$u]}" ;;
+    up|split|litellm) echo "-H" "authorization: Bearer ${KEY[$p,$u]}" ;;
     portkey) echo "-H" "authorization: Bearer sk-bench" "-H" "x-portkey-provider: openai" "-H" "x-portkey-custom-host: http://127.0.0.1:$(upstream_port "$u")/v1" ;;
     *) echo "-H" "authorization: Bearer sk-bench" ;;
   esac
@@ -271,6 +276,18 @@ lg() { # mode path upstream endpoint bodyfile args...
 }
 jget() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d[sys.argv[2]])' "$1" "$2"; }
 
+stop_cur() {
+  for p in "${cur[@]}"; do kill "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do
+    alive=0; for p in "${cur[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.1
+  done
+  for p in "${cur[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  cur=()
+}
+# The upstreams stay up for the whole run; they are not a path's.
+cur=()
+
 echo "flex: $FLEX ($(git describe --always --dirty 2>/dev/null || echo unknown)); $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 
 paths=(direct nginx up split)
@@ -279,8 +296,16 @@ paths=(direct nginx up split)
 sel=(); for p in "${paths[@]}"; do want "$p" && sel+=("$p"); done; paths=("${sel[@]}")
 log "paths: ${paths[*]}"
 
-for u in sim static; do
-  for p in "${paths[@]}"; do
+label() { case $1 in direct) echo "provider reached directly" ;; nginx) echo "one nginx proxy hop" ;; up) echo "\`flex up\`" ;; split) echo "\`flex control\` + \`flex proxy --state-dir\` (Postgres, NATS)" ;; litellm) echo "LiteLLM proxy, 2 workers" ;; portkey) echo "Portkey gateway" ;; esac; }
+ratio() { python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f"{a/b:.2f}" if b else "-")' "$1" "$2"; }
+minus() { python3 -c 'import sys; print(int(float(sys.argv[1])-float(sys.argv[2])))' "$1" "$2"; }
+declare -A R
+done_paths=()
+cross_paths=()
+
+# Each path in turn, alone on the machine beside the upstreams: started, measured, stopped.
+for p in "${paths[@]}"; do
+  for u in sim static; do
     case $p in
       up) start_up "$u" ;;
       split) [ -z "$cp" ] && start_control; start_proxy "$u" ;;
@@ -288,33 +313,66 @@ for u in sim static; do
       portkey) start_portkey "$u" ;;
     esac
   done
-done
-declare -A R
-ok_paths=()
-for p in "${paths[@]}"; do
   good=1
   for u in sim static; do check "$p" "$u" /v1/chat/completions "$(body_for "$p" chat)" || good=0; done
-  [ $good = 1 ] && ok_paths+=("$p") || log "$p left out: it does not answer"
-done
-paths=("${ok_paths[@]}")
-# Idle RSS of the flex processes (after the one request above), before any load.
-for u in sim static; do
-  [ -n "${PID[up,$u]:-}" ] && R[rss_idle,up,$u]=$(rss_kib "${PID[up,$u]}")
-  [ -n "${PID[split,$u]:-}" ] && R[rss_idle,split,$u]=$(rss_kib "${PID[split,$u]}")
-done
+  if [ $good = 0 ]; then log "$p left out: it does not answer"; stop_cur; continue; fi
+  done_paths+=("$p")
+  if [ "$p" = up ] || [ "$p" = split ]; then R[rss_idle,$p]=$(rss_kib "${PID[$p,sim]}"); fi
 
-label() { case $1 in direct) echo "provider reached directly" ;; nginx) echo "one nginx proxy hop" ;; up) echo "\`flex up\`" ;; split) echo "\`flex control\` + \`flex proxy --state-dir\` (Postgres, NATS)" ;; litellm) echo "LiteLLM proxy, 2 workers" ;; portkey) echo "Portkey gateway" ;; esac; }
-ratio() { python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f"{a/b:.2f}" if b else "-")' "$1" "$2"; }
-minus() { python3 -c 'import sys; print(int(float(sys.argv[1])-float(sys.argv[2])))' "$1" "$2"; }
-
-# 1. Closed loop, passthrough.
-for u in sim static; do
-  for p in "${paths[@]}"; do
+  # 1. Closed loop (wrk), passthrough: concurrency 1 and 32.
+  for u in sim static; do
     log "closed loop $p/$u"
     read -r R[rps1,$p,$u] R[p50,$p,$u] R[p99,$p,$u] R[bad1,$p,$u] R[err1,$p,$u] < <(wrk_run "$p" "$u" 1 /v1/chat/completions "$(body_for "$p" chat)")
     read -r R[rps32,$p,$u] R[p50_32,$p,$u] R[p99_32,$p,$u] R[bad32,$p,$u] R[err32,$p,$u] < <(wrk_run "$p" "$u" 32 /v1/chat/completions "$(body_for "$p" chat)")
   done
+
+  # 2. Closed loop, cross-format (Anthropic Messages in, OpenAI Responses upstream, which the
+  #    proxy streams): flex only; for direct and the nginx hop it is the Responses call itself.
+  case $p in direct|nginx|up|split)
+    cross_paths+=("$p")
+    for u in sim static; do
+      case $p in up|split) e=/v1/messages ;; *) e=/v1/responses ;; esac
+      log "cross-format $p/$u"
+      check "$p" "$u" "$e" "$(body_for "$p" msgs)" || true
+      read -r _ R[x50,$p,$u] R[x99,$p,$u] R[xbad1,$p,$u] R[xerr1,$p,$u] < <(wrk_run "$p" "$u" 1 "$e" "$(body_for "$p" msgs)")
+      read -r R[x32,$p,$u] _ _ R[xbad32,$p,$u] R[xerr32,$p,$u] < <(wrk_run "$p" "$u" 32 "$e" "$(body_for "$p" msgs)")
+    done ;;
+  esac
+
+  # 3. Open loop at fixed rates (loadgen, one thread), passthrough. A rate the path cannot carry
+  #    (closed-loop req/s at c=32 below 1.25 times the rate) is not sent.
+  for u in sim static; do
+    for r in $RATES; do
+      if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) >= 1.25*float(sys.argv[2]) else 1)' "${R[rps32,$p,$u]}" "$r"; then
+        log "open loop $p/$u at $r"
+        R[open,$p,$u,$r]=$(lg open "$p" "$u" /v1/chat/completions "$(body_for "$p" chat)" --rate "$r" --secs "$DUR")
+      fi
+    done
+  done
+
+  # 4. Streaming from the simulator, one stream at a time.
+  log "streaming $p"
+  # (200 answers from the peers: LiteLLM streams about 10 a second.)
+  case $p in litellm|portkey) n=200 ;; *) n=1000 ;; esac
+  R[stream,$p]=$(lg stream "$p" sim /v1/chat/completions "$(body_for "$p" stream)" --conns 1 --requests "$n")
+
+  # 5. Memory of the flex processes: after the load, and with STREAMS streams open at once.
+  if [ "$p" = up ] || [ "$p" = split ]; then
+    pid=${PID[$p,sim]}
+    R[rss_loaded,$p]=$(rss_kib "$pid")
+    rm -f "$tmp/hold.out"
+    lg hold "$p" sim /v1/chat/completions "$(body_for "$p" hold)" --streams "$STREAMS" --secs 3 > "$tmp/hold.out" &
+    hp=$!
+    for _ in $(seq 1 900); do [ -s "$tmp/hold.out" ] && break; sleep 0.1; done
+    sleep 1
+    R[rss_held,$p]=$(rss_kib "$pid")
+    R[held,$p]=$(jget "$(cat "$tmp/hold.out")" held)
+    wait "$hp" || true
+  fi
+  stop_cur
 done
+paths=("${done_paths[@]}")
+
 for u in sim static; do
   echo
   echo "### Closed loop (wrk, ${DUR}s each), Chat Completions passthrough, upstream: $u"
@@ -322,31 +380,21 @@ for u in sim static; do
   echo "| path | c=1 p50 µs | c=1 p99 µs | added p50 / p99 µs | c=32 req/s | c=32 p99 µs | req/s ÷ direct | req/s ÷ nginx hop | non-2xx / socket errors |"
   echo "|---|---|---|---|---|---|---|---|---|"
   for p in "${paths[@]}"; do
-    echo "| $(label "$p") | ${R[p50,$p,$u]} | ${R[p99,$p,$u]} | $(minus "${R[p50,$p,$u]}" "${R[p50,direct,$u]}") / $(minus "${R[p99,$p,$u]}" "${R[p99,direct,$u]}") | ${R[rps32,$p,$u]} | ${R[p99_32,$p,$u]} | $(ratio "${R[rps32,$p,$u]}" "${R[rps32,direct,$u]}") | $(ratio "${R[rps32,$p,$u]}" "${R[rps32,nginx,$u]:-0}") | $(( ${R[bad1,$p,$u]} + ${R[bad32,$p,$u]} )) / $(( ${R[err1,$p,$u]} + ${R[err32,$p,$u]} )) |"
+    echo "| $(label "$p") | ${R[p50,$p,$u]} | ${R[p99,$p,$u]} | $(minus "${R[p50,$p,$u]}" "${R[p50,direct,$u]:-0}") / $(minus "${R[p99,$p,$u]}" "${R[p99,direct,$u]:-0}") | ${R[rps32,$p,$u]} | ${R[p99_32,$p,$u]} | $(ratio "${R[rps32,$p,$u]}" "${R[rps32,direct,$u]:-0}") | $(ratio "${R[rps32,$p,$u]}" "${R[rps32,nginx,$u]:-0}") | $(( ${R[bad1,$p,$u]} + ${R[bad32,$p,$u]} )) / $(( ${R[err1,$p,$u]} + ${R[err32,$p,$u]} )) |"
   done
 done
 
-# 2. Closed loop, cross-format (Anthropic Messages in, OpenAI Responses upstream): flex only; the
-#    direct row is the upstream's own Responses endpoint.
-cross=(); for p in direct nginx up split; do [[ " ${paths[*]} " == *" $p "* ]] && cross+=("$p"); done
 for u in sim static; do
   echo
-  echo "### Closed loop, cross-format (Anthropic Messages to OpenAI Responses), upstream: $u"
+  echo "### Closed loop, cross-format (Anthropic Messages to OpenAI Responses, streamed upstream), upstream: $u"
   echo
-  echo "| path | c=1 p50 µs | c=1 p99 µs | added p50 / p99 µs | c=32 req/s | req/s ÷ direct | non-2xx / socket errors |"
-  echo "|---|---|---|---|---|---|---|"
-  for p in "${cross[@]}"; do
-    case $p in up|split) e=/v1/messages ;; *) e=/v1/responses ;; esac
-    log "cross-format $p/$u"
-    check "$p" "$u" "$e" "$(body_for "$p" msgs)" || true
-    read -r a50 b50 c50 d50 e50 < <(wrk_run "$p" "$u" 1 "$e" "$(body_for "$p" msgs)")
-    read -r a32 _ _ d32 e32 < <(wrk_run "$p" "$u" 32 "$e" "$(body_for "$p" msgs)")
-    [ "$p" = direct ] && { x50=$b50; x99=$c50; x32=$a32; }
-    echo "| $(label "$p") | $b50 | $c50 | $(minus "$b50" "$x50") / $(minus "$c50" "$x99") | $a32 | $(ratio "$a32" "$x32") | $(( d50 + d32 )) / $(( e50 + e32 )) |"
+  echo "| path | c=1 p50 µs | c=1 p99 µs | added p50 / p99 µs | c=32 req/s | req/s ÷ direct | req/s ÷ nginx hop | non-2xx / socket errors |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for p in "${cross_paths[@]}"; do
+    echo "| $(label "$p") | ${R[x50,$p,$u]} | ${R[x99,$p,$u]} | $(minus "${R[x50,$p,$u]}" "${R[x50,direct,$u]:-0}") / $(minus "${R[x99,$p,$u]}" "${R[x99,direct,$u]:-0}") | ${R[x32,$p,$u]} | $(ratio "${R[x32,$p,$u]}" "${R[x32,direct,$u]:-0}") | $(ratio "${R[x32,$p,$u]}" "${R[x32,nginx,$u]:-0}") | $(( ${R[xbad1,$p,$u]} + ${R[xbad32,$p,$u]} )) / $(( ${R[xerr1,$p,$u]} + ${R[xerr32,$p,$u]} )) |"
   done
 done
 
-# 3. Open loop at fixed rates (loadgen, one thread), passthrough.
 for u in sim static; do
   echo
   echo "### Open loop (loadgen open, ${DUR}s each), Chat Completions passthrough, upstream: $u"
@@ -355,49 +403,39 @@ for u in sim static; do
   echo "|---|---|---|---|---|---|---|---|"
   for p in "${paths[@]}"; do
     for r in $RATES; do
-      # A rate the path cannot carry (closed-loop req/s at c=32 below 1.25 × the rate) is skipped.
-      if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) >= 1.25*float(sys.argv[2]) else 1)' "${R[rps32,$p,$u]}" "$r"; then
-        log "open loop $p/$u at $r"
-        out=$(lg open "$p" "$u" /v1/chat/completions "$(body_for "$p" chat)" --rate "$r" --secs "$DUR")
+      out=${R[open,$p,$u,$r]:-}
+      if [ -n "$out" ]; then
         echo "| $(label "$p") | $r | $(jget "$out" achieved_rps) | $(jget "$out" latency_p50_us) | $(jget "$out" latency_p90_us) | $(jget "$out" latency_p99_us) | $(jget "$out" latency_max_us) | $(jget "$out" errors) |"
       else
-        echo "| $(label "$p") | $r | over capacity (${R[rps32,$p,$u]} req/s closed loop) | | | | | |"
+        echo "| $(label "$p") | $r | not sent: over capacity (${R[rps32,$p,$u]} req/s closed loop) | | | | | |"
       fi
     done
   done
 done
 
-# 4. Streaming against the simulator, one stream at a time (40 words: about 42 SSE events).
 echo
-echo "### Streaming (loadgen stream, 1 connection, 1,000 answers of about 42 SSE events), upstream: sim"
+echo "### Streaming (loadgen stream, 1 connection, 1,000 answers of about 42 SSE events, 200 from the peers), upstream: sim"
 echo
 echo "| path | TTFB p50 µs | TTFB p99 µs | added TTFB p50 / p99 µs | gap between events p50 / p99 µs | added per event p50 / p99 µs | answers/s | errors |"
 echo "|---|---|---|---|---|---|---|---|"
+d=${R[stream,direct]:-}
 for p in "${paths[@]}"; do
-  log "streaming $p"
-  out=$(lg stream "$p" sim /v1/chat/completions "$(body_for "$p" stream)" --conns 1 --requests 1000)
+  out=${R[stream,$p]}
   t50=$(jget "$out" ttft_p50_us); t99=$(jget "$out" ttft_p99_us); g50=$(jget "$out" chunk_gap_p50_us); g99=$(jget "$out" chunk_gap_p99_us)
-  [ "$p" = direct ] && { dt50=$t50; dt99=$t99; dg50=$g50; dg99=$g99; }
-  echo "| $(label "$p") | $t50 | $t99 | $(minus "$t50" "$dt50") / $(minus "$t99" "$dt99") | $g50 / $g99 | $(minus "$g50" "$dg50") / $(minus "$g99" "$dg99") | $(jget "$out" rps) | $(jget "$out" errors) |"
+  if [ -n "$d" ]; then
+    a="$(minus "$t50" "$(jget "$d" ttft_p50_us)") / $(minus "$t99" "$(jget "$d" ttft_p99_us)")"
+    b="$(minus "$g50" "$(jget "$d" chunk_gap_p50_us)") / $(minus "$g99" "$(jget "$d" chunk_gap_p99_us)")"
+  else a=-; b=-; fi
+  echo "| $(label "$p") | $t50 | $t99 | $a | $g50 / $g99 | $b | $(jget "$out" rps) | $(jget "$out" errors) |"
 done
 
-# 5. Memory: RSS idle (after one request) and with STREAMS streams open at once.
 echo
-echo "### Memory (VmRSS), $STREAMS streams held open through the proxy (upstream: sim)"
+echo "### Memory (VmRSS of the process that serves the API), $STREAMS streams held open (upstream: sim)"
 echo
-echo "| process | idle MiB | after the load above MiB | with $STREAMS streams MiB | per stream KiB |"
-echo "|---|---|---|---|---|"
+echo "| process | idle MiB | after the load above MiB | with the streams MiB | streams open | per stream KiB |"
+echo "|---|---|---|---|---|---|"
 for p in up split; do
-  [[ " ${paths[*]} " == *" $p "* ]] || continue
-  pid=${PID[$p,sim]}
-  loaded=$(rss_kib "$pid")
-  lg hold "$p" sim /v1/chat/completions "$(body_for "$p" hold)" --streams "$STREAMS" --secs 3 > "$tmp/hold.out" &
-  hp=$!
-  for _ in $(seq 1 600); do [ -s "$tmp/hold.out" ] && break; sleep 0.1; done
-  sleep 1
-  held=$(rss_kib "$pid")
-  n=$(jget "$(cat "$tmp/hold.out")" held)
-  wait "$hp" || true
-  per=$(python3 -c 'import sys; h,l,n=map(float,sys.argv[1:]); print(f"{(h-l)/n:.0f}" if n else "-")' "$held" "$loaded" "$n")
-  echo "| $(label "$p") | $(( R[rss_idle,$p,sim] / 1024 )) | $(( loaded / 1024 )) | $(( held / 1024 )) ($n open) | $per |"
+  [ -n "${R[rss_held,$p]:-}" ] || continue
+  per=$(python3 -c 'import sys; h,l,n=map(float,sys.argv[1:]); print(f"{(h-l)/n:.0f}" if n else "-")' "${R[rss_held,$p]}" "${R[rss_loaded,$p]}" "${R[held,$p]}")
+  echo "| $(label "$p") | $(( R[rss_idle,$p] / 1024 )) | $(( R[rss_loaded,$p] / 1024 )) | $(( R[rss_held,$p] / 1024 )) | ${R[held,$p]} | $per |"
 done
