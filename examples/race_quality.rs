@@ -335,7 +335,7 @@ async fn setup(
     let url = format!("http://{}{path}", listener.local_addr().unwrap());
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
-    let (store, _server) = flex::run::embedded_proxy_until(
+    let (store, _server, _feed) = flex::run::embedded_proxy_until(
         cp,
         flex_data_plane::snapshot::SnapshotStore::new(Some(ring.clone()), None),
         listener,

@@ -138,6 +138,11 @@ pub struct ListenerArgs {
     /// flex_listener_saturated_total. Keep the open-files limit above it (LimitNOFILE).
     #[arg(long, env = "FLEX_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Threads that serve the API's connections, each with its own runtime and its own
+    /// connections to the providers, so a request never hops between threads (default: one per
+    /// CPU). 0 serves them on the process's shared runtime.
+    #[arg(long, env = "FLEX_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Most HTTP/2 streams (requests in flight) per caller connection
     /// (SETTINGS_MAX_CONCURRENT_STREAMS); a client opens another connection for more.
     #[arg(long, env = "FLEX_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]

@@ -4,6 +4,7 @@
 
 pub mod admin_cli;
 pub mod cli;
+pub mod ledger_feed;
 pub mod run;
 pub mod sim;
 pub mod snapshot_keys;

@@ -23,16 +23,15 @@ use flex_data_plane::usage::nats::{
 };
 use flex_data_plane::usage::{ChannelSink, UsageSink};
 use flex_shared::crypto::MasterKeyring;
-use flex_shared::usage::UsageEvent;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cli::{
     ControlArgs, LimitsArgs, ListenerArgs, NatsAuthArgs, ProxyArgs, SimArgs, UpArgs, UpstreamArgs,
 };
+use crate::ledger_feed::LedgerFeed;
 use crate::sim::{self, SimConfig};
 use flex_data_plane::limits::{FailMode, Limiter, Limits, LimitsConfig, RedisLimiter};
 
@@ -119,6 +118,9 @@ fn listener_config(l: &ListenerArgs) -> Result<ListenerConfig> {
         max_connections: l.max_connections,
         http2_max_concurrent_streams: l.http2_max_concurrent_streams,
         http2_keepalive_interval: secs(l.http2_keepalive_secs, "http2-keepalive-secs")?,
+        worker_threads: l.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
         ..ListenerConfig::default()
     })
 }
@@ -323,7 +325,7 @@ pub fn embedded_proxy(
     cfg: ProxyConfig,
     tls: Option<TlsAcceptor>,
 ) -> Result<Arc<SnapshotStore>> {
-    let (store, _task) = embedded_proxy_until(
+    let (store, _task, _feed) = embedded_proxy_until(
         cp,
         store,
         listener,
@@ -338,7 +340,7 @@ pub fn embedded_proxy(
 }
 
 /// [`embedded_proxy`] that drains when `shutdown` resolves (see [`spawn_proxy_until`]); also
-/// returns the server task, which ends once drained.
+/// returns the server task, which ends once drained, and the ledger feed, to flush at the exit.
 #[allow(clippy::too_many_arguments)]
 pub fn embedded_proxy_until(
     cp: &Arc<ControlPlane>,
@@ -350,11 +352,11 @@ pub fn embedded_proxy_until(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
     metrics: Option<TcpListener>,
-) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>)> {
+) -> Result<(Arc<SnapshotStore>, tokio::task::JoinHandle<()>, LedgerFeed)> {
     let store = Arc::new(store);
     tokio::spawn(follow_in_process(cp.clone(), store.clone()));
     let (sink, rx) = ChannelSink::new();
-    tokio::spawn(deliver_in_process(rx, cp.clone()));
+    let feed = LedgerFeed::spawn(rx, cp.clone());
     let task = spawn_proxy_until(
         listener,
         store.clone(),
@@ -366,7 +368,7 @@ pub fn embedded_proxy_until(
         grace,
         metrics,
     )?;
-    Ok((store, task))
+    Ok((store, task, feed))
 }
 
 /// The default dashboard address of `flex up`.
@@ -494,20 +496,6 @@ fn upstream_and_tls(u: &UpstreamArgs) -> Result<(UpstreamConfig, Option<TlsAccep
         _ => None,
     };
     Ok((upstream, tls))
-}
-
-/// Delivers usage events to an in-process control plane, retrying until stored.
-pub async fn deliver_in_process(mut rx: mpsc::Receiver<UsageEvent>, cp: Arc<ControlPlane>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 1000).await > 0 {
-        let mut backoff = Duration::from_millis(50);
-        while let Err(e) = cp.record_usage(&batch).await {
-            tracing::warn!(error = %e, "usage ledger write failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        batch.clear();
-    }
 }
 
 /// Connects to NATS with the credentials given. Returns at once and keeps trying in the
@@ -789,7 +777,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // From here on SIGINT and SIGTERM stop the process cleanly.
     let stop = shutdown_signal();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
-    let (store, server) = embedded_proxy_until(
+    let (store, server, feed) = embedded_proxy_until(
         &cp,
         // No state dir: the control plane runs in this process, so the proxy always starts from
         // it, never from a persisted snapshot (nothing to write on every update).
@@ -893,11 +881,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if let Err(e) = server.await {
         tracing::warn!(error = %e, "the proxy server task ended abnormally");
     }
+    // The answers are out; their usage must reach the ledger before the process ends.
+    feed.flush(SHUTDOWN_USAGE_FLUSH).await;
     flush_snapshot(store).await;
     Ok(())
 }
 
-/// How long a planned stop waits for the usage log's writer to write what is queued.
+/// How long a planned stop waits for the queued usage to be written (the usage log's writer, or
+/// `flex up`'s ledger feed).
 const SHUTDOWN_USAGE_FLUSH: Duration = Duration::from_secs(5);
 /// How long a planned stop waits for the newest snapshot to be persisted.
 const SHUTDOWN_SNAPSHOT_FLUSH: Duration = Duration::from_secs(5);

@@ -29,3 +29,4 @@ pub mod start_within;
 pub mod translate;
 pub mod upstream;
 pub mod usage;
+pub mod workers;

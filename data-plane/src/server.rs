@@ -61,6 +61,9 @@ pub struct ListenerConfig {
     /// `--http2-keepalive-secs`: the interval of HTTP/2 pings to callers; a ping unanswered for
     /// as long again closes the connection (a dead peer holding streams open).
     pub http2_keepalive_interval: Duration,
+    /// `--worker-threads`: connections are served on this many threads of their own
+    /// ([`crate::workers`]); 0 serves them on the caller's runtime.
+    pub worker_threads: usize,
     pub stats: Arc<ListenerStats>,
 }
 
@@ -74,6 +77,7 @@ impl Default for ListenerConfig {
             max_connections: 10_000,
             http2_max_concurrent_streams: 100,
             http2_keepalive_interval: Duration::from_secs(20),
+            worker_threads: 0,
             stats: Arc::default(),
         }
     }
@@ -518,6 +522,10 @@ pub async fn serve_until(
     // the drain waits for all of them.
     let slots = Arc::new(Semaphore::new(max));
     let (stop, stopped) = watch::channel(false);
+    let workers = match limits.worker_threads {
+        0 => None,
+        n => Some(crate::workers::Workers::start(n, "flex-proxy")?),
+    };
     let mut last_saturated_log: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -554,14 +562,16 @@ pub async fn serve_until(
         };
         bump(&limits.stats.accepted);
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            stream,
-            router.clone(),
-            tls.clone(),
-            limits.clone(),
-            stopped.clone(),
-            slot,
-        ));
+        let (router, tls, limits, stopped) =
+            (router.clone(), tls.clone(), limits.clone(), stopped.clone());
+        match &workers {
+            Some(w) => w.spawn(stream, move |stream| {
+                connection(stream, router, tls, limits, stopped, slot)
+            }),
+            None => {
+                tokio::spawn(connection(stream, router, tls, limits, stopped, slot));
+            }
+        }
     }
     drop(listener);
     let _ = stop.send(true);
@@ -576,6 +586,8 @@ pub async fn serve_until(
     } else {
         tracing::info!("every request in flight finished");
     }
+    // Only now: the threads' runtimes go with them, and with them what still runs there.
+    drop(workers);
     Ok(())
 }
 

@@ -114,8 +114,8 @@ pub struct UpstreamClient {
 struct Inner {
     connector: HttpsConnector<HttpConnector>,
     cfg: UpstreamConfig,
-    /// Shards per `scheme://authority`.
-    hosts: Mutex<HashMap<String, Vec<Arc<Shard>>>>,
+    /// Shards per connection thread ([`crate::workers::current`]) and `scheme://authority`.
+    hosts: Mutex<HashMap<(usize, String), Vec<Arc<Shard>>>>,
 }
 
 fn load_pem_certs(
@@ -295,7 +295,9 @@ impl UpstreamClient {
             .hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let shards = hosts.entry(host).or_default();
+        // Each connection thread has its own connections (`--worker-threads`): a request never
+        // waits on a connection driven by another thread.
+        let shards = hosts.entry((crate::workers::current(), host)).or_default();
         let free = shards
             .iter()
             .find(|s| s.in_flight.load(Ordering::Relaxed) < cfg.streams_per_connection)
@@ -329,12 +331,18 @@ impl UpstreamClient {
         (shard.client.clone(), Slot(shard.in_flight.clone()))
     }
 
-    /// How many connections (shards) the client keeps to `scheme://authority`.
+    /// How many connections (shards) the client keeps to `scheme://authority`, over every
+    /// connection thread.
     pub fn connections_to(&self, origin: &str) -> usize {
         self.inner
             .hosts
             .lock()
-            .map(|h| h.get(origin).map_or(0, Vec::len))
+            .map(|h| {
+                h.iter()
+                    .filter(|((_, o), _)| o == origin)
+                    .map(|(_, v)| v.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 

@@ -74,6 +74,9 @@ const USAGE_COLUMNS: &str = "request_id, schema_version, org_id, key_id, model, 
     input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, status, outcome, \
     tiers_started, cost_micros, standard_cost_micros, received_at, recorded_at";
 
+/// Rows per SQLite `INSERT`: 24 parameters each, well under SQLite's 32,766 per statement.
+const SQLITE_ROWS_PER_INSERT: usize = 500;
+
 impl Store {
     /// Inserts usage events in one transaction, ignoring request ids already in the ledger.
     /// Returns how many rows were new.
@@ -89,42 +92,43 @@ impl Store {
         let mut inserted = 0;
         match self {
             Store::Sqlite(pool) => {
+                // Multi-row statements, so a group costs a few round trips to SQLite's thread
+                // (begin, one per chunk, commit), not one per event.
                 let recorded = timefmt::format(now);
-                let sql = format!(
-                    "INSERT INTO usage_ledger ({USAGE_COLUMNS}) VALUES \
-                     (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (request_id) DO NOTHING"
-                );
                 let mut tx = pool.begin().await?;
-                for r in &rows {
-                    let e = r.e;
-                    let done = sqlx::query(&sql)
-                        .bind(&e.request_id)
-                        .bind(i64::from(e.schema_version))
-                        .bind(&e.org_id)
-                        .bind(&e.key_id)
-                        .bind(&e.model)
-                        .bind(&e.provider)
-                        .bind(&e.caller_format)
-                        .bind(&e.start_within)
-                        .bind(&e.served_tier)
-                        .bind(&e.reason)
-                        .bind(r.flex_wait_ms)
-                        .bind(r.start_latency_ms)
-                        .bind(r.duration_ms)
-                        .bind(r.input_tokens)
-                        .bind(r.cached_input_tokens)
-                        .bind(r.output_tokens)
-                        .bind(r.reasoning_tokens)
-                        .bind(i64::from(e.status))
-                        .bind(&e.outcome)
-                        .bind(&r.tiers_started)
-                        .bind(e.cost_micros)
-                        .bind(e.standard_cost_micros)
-                        .bind(timefmt::format(r.received_at))
-                        .bind(&recorded)
-                        .execute(&mut *tx)
-                        .await?;
+                for chunk in rows.chunks(SQLITE_ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                        "INSERT INTO usage_ledger ({USAGE_COLUMNS}) "
+                    ));
+                    q.push_values(chunk, |mut b, r| {
+                        let e = r.e;
+                        b.push_bind(e.request_id.as_str())
+                            .push_bind(i64::from(e.schema_version))
+                            .push_bind(e.org_id.as_str())
+                            .push_bind(e.key_id.as_str())
+                            .push_bind(e.model.as_str())
+                            .push_bind(e.provider.as_str())
+                            .push_bind(e.caller_format.as_str())
+                            .push_bind(e.start_within.as_str())
+                            .push_bind(e.served_tier.as_str())
+                            .push_bind(e.reason.as_str())
+                            .push_bind(r.flex_wait_ms)
+                            .push_bind(r.start_latency_ms)
+                            .push_bind(r.duration_ms)
+                            .push_bind(r.input_tokens)
+                            .push_bind(r.cached_input_tokens)
+                            .push_bind(r.output_tokens)
+                            .push_bind(r.reasoning_tokens)
+                            .push_bind(i64::from(e.status))
+                            .push_bind(e.outcome.as_str())
+                            .push_bind(r.tiers_started.as_str())
+                            .push_bind(e.cost_micros)
+                            .push_bind(e.standard_cost_micros)
+                            .push_bind(timefmt::format(r.received_at))
+                            .push_bind(recorded.as_str());
+                    });
+                    q.push(" ON CONFLICT (request_id) DO NOTHING");
+                    let done = q.build().execute(&mut *tx).await?;
                     inserted += done.rows_affected();
                 }
                 tx.commit().await?;
