@@ -152,7 +152,13 @@ impl StreamState {
         if self.guard.is_none() {
             return;
         }
-        tracing::warn!(why, "upstream answer cut off before its end");
+        let request_id = self
+            .guard
+            .as_ref()
+            .and_then(|g| g.draft.as_ref())
+            .map(|d| d.event.request_id.as_str())
+            .unwrap_or_default();
+        tracing::warn!(request_id, why, "upstream answer cut off before its end");
         self.end(Outcome::Incomplete);
         let mut events = Vec::new();
         self.t.cut_off(why, &mut events);
@@ -329,7 +335,7 @@ pub(crate) async fn assemble(
                 Err(why) => broken.map_or(why.clone(), |b| format!("{b} ({why})")),
                 Ok(_) => "the provider reported that the answer failed".into(),
             };
-            tracing::warn!(why, "upstream answer incomplete");
+            tracing::warn!(request_id = %draft.event.request_id, why, "upstream answer incomplete");
             let mut resp = ApiError::incomplete(&why).into_response_for(format);
             head(resp.headers_mut(), &started.headers, served, &draft);
             let durable = draft.emit(sink.as_ref(), 502, Outcome::Incomplete);
@@ -367,7 +373,7 @@ pub(crate) async fn direct_body(
         Err(e) => {
             draft.event.served_tier = served.as_str().to_string();
             let why = format!("reading its body failed: {e}");
-            tracing::warn!(why, "upstream answer incomplete");
+            tracing::warn!(request_id = %draft.event.request_id, why, "upstream answer incomplete");
             let durable = draft.emit(sink.as_ref(), 502, Outcome::Incomplete);
             let mut out = ApiError::incomplete(&why).into_response_for(format);
             forward_headers(&headers, out.headers_mut());

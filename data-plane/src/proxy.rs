@@ -365,6 +365,7 @@ impl Proxy {
                 e.tiers_started = vec![tier.assumed_served().as_str().to_string()];
                 let started = attempt(tier, None).await.map_err(|f| {
                     tracing::info!(
+                        request_id = %e.request_id,
                         class = f.class.as_str(),
                         tier = tier.as_str(),
                         "upstream attempt failed"
@@ -420,6 +421,7 @@ impl Proxy {
                 record_outcome(o.winner.tier, e);
                 self.opened(e, o.winner.tier);
                 tracing::info!(
+                    request_id = %e.request_id,
                     winner = o.winner.tier.as_str(),
                     reason = e.reason,
                     flex_wait_ms = e.flex_wait_ms,
@@ -433,6 +435,7 @@ impl Proxy {
                     self.races_loser_started
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(
+                        request_id = %e.request_id,
                         winner = o.winner.tier.as_str(),
                         "both tiers had started (a near-tie): the loser was dropped at once and the caller is billed once, but the provider may bill the loser for what it generated before the cancellation reached it"
                     );
@@ -444,6 +447,7 @@ impl Proxy {
                 e.reason = race::Reason::FlexError.as_str().into();
                 e.flex_wait_ms = ms(f.flex_wait);
                 tracing::info!(
+                    request_id = %e.request_id,
                     class = f.class.as_str(),
                     status = f.error.status.as_u16(),
                     standard_launched = f.standard_launched,
