@@ -8,6 +8,8 @@
 #   cargo build --release --bin flex --example loadgen
 #   bash examples/peers.sh
 #
+# The flex processes run with their default log level, as users run them (FLEX_LOG unset).
+#
 # Two upstreams: `flex sim` with zero delays (a Rust server that builds each answer) and nginx
 # serving the same answers as static text (the fastest server there is). Requests are Chat
 # Completions with `start_within: "default"` (no race): "passthrough" is Chat Completions to
@@ -75,11 +77,12 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 CHAT='{"model":"gpt-5.5","messages":[{"role":"user","content":"Summarize Hamlet in one sentence."}],"max_completion_tokens":64,"start_within":"default"}'
 MSGS='{"model":"gpt-5.5","max_tokens":64,"messages":[{"role":"user","content":"Summarize Hamlet in one sentence."}],"start_within":"default"}'
 CHAT_STREAM='{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"#sim output_tokens=40 Summarize Hamlet."}],"max_completion_tokens":64,"start_within":"default"}'
+CHAT_PACED='{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"#sim output_tokens=40 tokens_per_sec=1000 Summarize Hamlet."}],"max_completion_tokens":64,"start_within":"default"}'
 CHAT_HOLD='{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"#sim output_tokens=200 tokens_per_sec=4 Summarize Hamlet."}],"max_completion_tokens":256,"start_within":"default"}'
 # What a direct call to a provider sends instead (no start_within).
 strip() { python3 -c 'import json,sys; b=json.loads(sys.argv[1]); b.pop("start_within",None); print(json.dumps(b))' "$1"; }
 printf '%s' "$CHAT" > "$tmp/chat.json"; printf '%s' "$MSGS" > "$tmp/msgs.json"
-printf '%s' "$CHAT_STREAM" > "$tmp/chat_stream.json"; printf '%s' "$CHAT_HOLD" > "$tmp/chat_hold.json"
+printf '%s' "$CHAT_STREAM" > "$tmp/chat_stream.json"; printf '%s' "$CHAT_PACED" > "$tmp/chat_paced.json"; strip "$CHAT_PACED" > "$tmp/chat_paced_direct.json"; printf '%s' "$CHAT_HOLD" > "$tmp/chat_hold.json"
 strip "$CHAT" > "$tmp/chat_direct.json"; strip "$CHAT_STREAM" > "$tmp/chat_stream_direct.json"
 # Cross-format requests reach OpenAI's Responses API streaming (the proxy translates the events).
 RESP_DIRECT='{"model":"gpt-5.5","stream":true,"input":[{"role":"user","content":"Summarize Hamlet in one sentence."}],"max_output_tokens":64}'
@@ -135,7 +138,7 @@ start_up() { # upstream
   local u=$1 port admin dir
   port=$(free_port); admin=$(free_port); dir="$tmp/up-$u"
   local base="http://127.0.0.1:$(upstream_port "$u")"
-  FLEX_LOG=error "$FLEX" up --demo --data-dir "$dir" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+  "$FLEX" up --demo --data-dir "$dir" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --dashboard-listen "127.0.0.1:$(free_port)" --openai-base-url "$base/v1" --anthropic-base-url "$base" \
     --gemini-base-url "$base" >"$tmp/up-$u.log" 2>&1 & PID[up,$u]=$!; pids+=(${PID[up,$u]}); cur+=(${PID[up,$u]})
   wait_port "$port"
@@ -148,12 +151,14 @@ start_up() { # upstream
 nats=""; cp=""
 start_control() {
   nats=$(free_port); cp=$(free_port)
+  rm -rf "$tmp/nats"
   nats-server -a 127.0.0.1 -p "$nats" -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 & pids+=($!); cur+=($!)
   db="flex_peers_$$"
+  psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   psql -q "$PG_URL/postgres" -c "CREATE DATABASE $db" >/dev/null
   openssl rand -hex 32 > "$tmp/master.key"
   wait_port "$nats"
-  FLEX_LOG=error "$FLEX" control --database-url "$PG_URL/$db" --nats-url "nats://127.0.0.1:$nats" --admin-token bench \
+  "$FLEX" control --database-url "$PG_URL/$db" --nats-url "nats://127.0.0.1:$nats" --admin-token bench \
     --master-key-file "$tmp/master.key" --listen "127.0.0.1:$cp" >"$tmp/control.log" 2>&1 & PID[control]=$!; pids+=(${PID[control]}); cur+=(${PID[control]})
   wait_port "$cp"
   admin() { "$FLEX" admin --endpoint "http://127.0.0.1:$cp" --token bench --json "$@"; }
@@ -161,14 +166,15 @@ start_control() {
   split_key=$(admin key create --org "$org" --name bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
   echo sk-bench | admin provider-key set --org "$org" --provider openai >/dev/null
 }
-start_proxy() { # upstream
-  local u=$1 port
+start_proxy() { # path upstream: split (with --state-dir) or nolog (without)
+  local p=$1 u=$2 port state=()
   port=$(free_port)
-  FLEX_LOG=error "$FLEX" proxy --control-url "http://127.0.0.1:$cp" --master-key-file "$tmp/master.key" \
-    --nats-url "nats://127.0.0.1:$nats" --state-dir "$tmp/state-$u" --listen "127.0.0.1:$port" \
+  [ "$p" = split ] && state=(--state-dir "$tmp/state-$u")
+  "$FLEX" proxy --control-url "http://127.0.0.1:$cp" --master-key-file "$tmp/master.key" \
+    --nats-url "nats://127.0.0.1:$nats" "${state[@]}" --listen "127.0.0.1:$port" \
     --metrics-listen "127.0.0.1:$(free_port)" \
-    --openai-base-url "http://127.0.0.1:$(upstream_port "$u")/v1" >"$tmp/proxy-$u.log" 2>&1 & PID[split,$u]=$!; pids+=(${PID[split,$u]}); cur+=(${PID[split,$u]})
-  URL[split,$u]="http://127.0.0.1:$port"; KEY[split,$u]=$split_key
+    --openai-base-url "http://127.0.0.1:$(upstream_port "$u")/v1" >"$tmp/proxy-$p-$u.log" 2>&1 & PID[$p,$u]=$!; pids+=(${PID[$p,$u]}); cur+=(${PID[$p,$u]})
+  URL[$p,$u]="http://127.0.0.1:$port"; KEY[$p,$u]=$split_key
   wait_port "$port"
 }
 
@@ -206,7 +212,7 @@ start_portkey() { # upstream
 headers_for() { # path upstream -> wrk lua header lines
   local p=$1 u=$2
   case $p in
-    up|split) echo "wrk.headers[\"authorization\"] = \"Bearer ${KEY[$p,$u]}\"" ;;
+    up|split|nolog) echo "wrk.headers[\"authorization\"] = \"Bearer ${KEY[$p,$u]}\"" ;;
     litellm) echo "wrk.headers[\"authorization\"] = \"Bearer $LITELLM_KEY\"" ;;
     portkey) echo "wrk.headers[\"authorization\"] = \"Bearer sk-bench\"
 wrk.headers[\"x-portkey-provider\"] = \"openai\"
@@ -217,7 +223,7 @@ wrk.headers[\"x-portkey-custom-host\"] = \"http://127.0.0.1:$(upstream_port "$u"
 lg_headers() { # path upstream -> loadgen -H args
   local p=$1 u=$2
   case $p in
-    up|split|litellm) echo "-H" "authorization: Bearer ${KEY[$p,$u]}" ;;
+    up|split|nolog|litellm) echo "-H" "authorization: Bearer ${KEY[$p,$u]}" ;;
     portkey) echo "-H" "authorization: Bearer sk-bench" "-H" "x-portkey-provider: openai" "-H" "x-portkey-custom-host: http://127.0.0.1:$(upstream_port "$u")/v1" ;;
     *) echo "-H" "authorization: Bearer sk-bench" ;;
   esac
@@ -232,8 +238,8 @@ url_for() { # path upstream endpoint
 }
 body_for() { # path kind(chat|msgs|stream|hold)
   case $1 in
-    up|split) case $2 in chat) echo "$tmp/chat.json" ;; msgs) echo "$tmp/msgs.json" ;; stream) echo "$tmp/chat_stream.json" ;; hold) echo "$tmp/chat_hold.json" ;; esac ;;
-    *) case $2 in chat) echo "$tmp/chat_direct.json" ;; msgs) echo "$tmp/resp_direct.json" ;; stream) echo "$tmp/chat_stream_direct.json" ;; hold) echo "$tmp/chat_stream_direct.json" ;; esac ;;
+    up|split|nolog) case $2 in chat) echo "$tmp/chat.json" ;; msgs) echo "$tmp/msgs.json" ;; stream) echo "$tmp/chat_stream.json" ;; paced) echo "$tmp/chat_paced.json" ;; hold) echo "$tmp/chat_hold.json" ;; esac ;;
+    *) case $2 in chat) echo "$tmp/chat_direct.json" ;; msgs) echo "$tmp/resp_direct.json" ;; stream) echo "$tmp/chat_stream_direct.json" ;; paced) echo "$tmp/chat_paced_direct.json" ;; hold) echo "$tmp/chat_stream_direct.json" ;; esac ;;
   esac
 }
 wrk_run() { # path upstream conns endpoint bodyfile -> "rps p50 p99 non2xx errors"
@@ -290,13 +296,13 @@ cur=()
 
 echo "flex: $FLEX ($(git describe --always --dirty 2>/dev/null || echo unknown)); $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 
-paths=(direct nginx up split)
+paths=(direct nginx up split nolog)
 [[ " $PEERS " == *" litellm "* ]] && [ -n "$LITELLM" ] && paths+=(litellm)
 [[ " $PEERS " == *" portkey "* ]] && [ -f "$PORTKEY" ] && paths+=(portkey)
 sel=(); for p in "${paths[@]}"; do want "$p" && sel+=("$p"); done; paths=("${sel[@]}")
 log "paths: ${paths[*]}"
 
-label() { case $1 in direct) echo "provider reached directly" ;; nginx) echo "one nginx proxy hop" ;; up) echo "\`flex up\`" ;; split) echo "\`flex control\` + \`flex proxy --state-dir\` (Postgres, NATS)" ;; litellm) echo "LiteLLM proxy, 2 workers" ;; portkey) echo "Portkey gateway" ;; esac; }
+label() { case $1 in direct) echo "provider reached directly" ;; nginx) echo "one nginx proxy hop" ;; up) echo "\`flex up\`" ;; split) echo "\`flex control\` + \`flex proxy --state-dir\` (Postgres, NATS)" ;; nolog) echo "the same \`flex proxy\` without \`--state-dir\` (no usage log)" ;; litellm) echo "LiteLLM proxy, 2 workers" ;; portkey) echo "Portkey gateway" ;; esac; }
 ratio() { python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f"{a/b:.2f}" if b else "-")' "$1" "$2"; }
 minus() { python3 -c 'import sys; print(int(float(sys.argv[1])-float(sys.argv[2])))' "$1" "$2"; }
 declare -A R
@@ -308,7 +314,7 @@ for p in "${paths[@]}"; do
   for u in sim static; do
     case $p in
       up) start_up "$u" ;;
-      split) [ -z "$cp" ] && start_control; start_proxy "$u" ;;
+      split|nolog) [ -n "${PID[control]:-}" ] && kill -0 "${PID[control]}" 2>/dev/null || start_control; start_proxy "$p" "$u" ;;
       litellm) start_litellm "$u" ;;
       portkey) start_portkey "$u" ;;
     esac
@@ -317,7 +323,7 @@ for p in "${paths[@]}"; do
   for u in sim static; do check "$p" "$u" /v1/chat/completions "$(body_for "$p" chat)" || good=0; done
   if [ $good = 0 ]; then log "$p left out: it does not answer"; stop_cur; continue; fi
   done_paths+=("$p")
-  if [ "$p" = up ] || [ "$p" = split ]; then R[rss_idle,$p]=$(rss_kib "${PID[$p,sim]}"); fi
+  if [ "$p" = up ] || [ "$p" = split ] || [ "$p" = nolog ]; then R[rss_idle,$p]=$(rss_kib "${PID[$p,sim]}"); fi
 
   # 1. Closed loop (wrk), passthrough: concurrency 1 and 32.
   for u in sim static; do
@@ -328,10 +334,10 @@ for p in "${paths[@]}"; do
 
   # 2. Closed loop, cross-format (Anthropic Messages in, OpenAI Responses upstream, which the
   #    proxy streams): flex only; for direct and the nginx hop it is the Responses call itself.
-  case $p in direct|nginx|up|split)
+  case $p in direct|nginx|up|split|nolog)
     cross_paths+=("$p")
     for u in sim static; do
-      case $p in up|split) e=/v1/messages ;; *) e=/v1/responses ;; esac
+      case $p in up|split|nolog) e=/v1/messages ;; *) e=/v1/responses ;; esac
       log "cross-format $p/$u"
       check "$p" "$u" "$e" "$(body_for "$p" msgs)" || true
       read -r _ R[x50,$p,$u] R[x99,$p,$u] R[xbad1,$p,$u] R[xerr1,$p,$u] < <(wrk_run "$p" "$u" 1 "$e" "$(body_for "$p" msgs)")
@@ -355,9 +361,11 @@ for p in "${paths[@]}"; do
   # (200 answers from the peers: LiteLLM streams about 10 a second.)
   case $p in litellm|portkey) n=200 ;; *) n=1000 ;; esac
   R[stream,$p]=$(lg stream "$p" sim /v1/chat/completions "$(body_for "$p" stream)" --conns 1 --requests "$n")
+  # Paced like a model (an event a millisecond): what a caller sees of each token.
+  R[paced,$p]=$(lg stream "$p" sim /v1/chat/completions "$(body_for "$p" paced)" --conns 1 --requests 200)
 
   # 5. Memory of the flex processes: after the load, and with STREAMS streams open at once.
-  if [ "$p" = up ] || [ "$p" = split ]; then
+  if [ "$p" = up ] || [ "$p" = split ] || [ "$p" = nolog ]; then
     pid=${PID[$p,sim]}
     R[rss_loaded,$p]=$(rss_kib "$pid")
     rm -f "$tmp/hold.out"
@@ -414,13 +422,19 @@ for u in sim static; do
 done
 
 echo
-echo "### Streaming (loadgen stream, 1 connection, 1,000 answers of about 42 SSE events, 200 from the peers), upstream: sim"
+for kind in paced stream; do
 echo
-echo "| path | TTFB p50 µs | TTFB p99 µs | added TTFB p50 / p99 µs | gap between events p50 / p99 µs | added per event p50 / p99 µs | answers/s | errors |"
+if [ $kind = paced ]; then
+  echo "### Streaming paced like a model (loadgen stream, 1 connection, 200 answers of 40 words at 1,000 words/s: about 42 SSE events 1 ms apart), upstream: sim"
+else
+  echo "### Streaming in one burst (loadgen stream, 1 connection, 1,000 answers of about 42 SSE events sent at once, 200 from the peers), upstream: sim"
+fi
+echo
+echo "| path | TTFB p50 µs | TTFB p99 µs | added TTFB p50 / p99 µs | gap between events p50 / p99 µs | added gap p50 / p99 µs | answers/s | errors |"
 echo "|---|---|---|---|---|---|---|---|"
-d=${R[stream,direct]:-}
+d=${R[$kind,direct]:-}
 for p in "${paths[@]}"; do
-  out=${R[stream,$p]}
+  out=${R[$kind,$p]}
   t50=$(jget "$out" ttft_p50_us); t99=$(jget "$out" ttft_p99_us); g50=$(jget "$out" chunk_gap_p50_us); g99=$(jget "$out" chunk_gap_p99_us)
   if [ -n "$d" ]; then
     a="$(minus "$t50" "$(jget "$d" ttft_p50_us)") / $(minus "$t99" "$(jget "$d" ttft_p99_us)")"
@@ -428,13 +442,14 @@ for p in "${paths[@]}"; do
   else a=-; b=-; fi
   echo "| $(label "$p") | $t50 | $t99 | $a | $g50 / $g99 | $b | $(jget "$out" rps) | $(jget "$out" errors) |"
 done
+done
 
 echo
 echo "### Memory (VmRSS of the process that serves the API), $STREAMS streams held open (upstream: sim)"
 echo
 echo "| process | idle MiB | after the load above MiB | with the streams MiB | streams open | per stream KiB |"
 echo "|---|---|---|---|---|---|"
-for p in up split; do
+for p in up split nolog; do
   [ -n "${R[rss_held,$p]:-}" ] || continue
   per=$(python3 -c 'import sys; h,l,n=map(float,sys.argv[1:]); print(f"{(h-l)/n:.0f}" if n else "-")' "${R[rss_held,$p]}" "${R[rss_loaded,$p]}" "${R[held,$p]}")
   echo "| $(label "$p") | $(( R[rss_idle,$p] / 1024 )) | $(( R[rss_loaded,$p] / 1024 )) | $(( R[rss_held,$p] / 1024 )) | ${R[held,$p]} | $per |"
