@@ -111,11 +111,14 @@ pub struct UpstreamClient {
     inner: Arc<Inner>,
 }
 
+/// A connection thread (0: off them) and a `scheme://authority`.
+type PoolKey = (usize, String);
+
 struct Inner {
     connector: HttpsConnector<HttpConnector>,
     cfg: UpstreamConfig,
     /// Shards per connection thread ([`crate::workers::current`]) and `scheme://authority`.
-    hosts: Mutex<HashMap<(usize, String), Vec<Arc<Shard>>>>,
+    hosts: Mutex<HashMap<PoolKey, Vec<Arc<Shard>>>>,
 }
 
 fn load_pem_certs(
