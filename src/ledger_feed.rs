@@ -126,3 +126,76 @@ async fn record(cp: &ControlPlane, events: &[UsageEvent]) -> Result<(), String> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flex_control_plane::Metadata;
+    use flex_shared::crypto::MasterKeyring;
+
+    async fn control_plane(dir: &std::path::Path) -> (Arc<ControlPlane>, String) {
+        let keyring =
+            Arc::new(MasterKeyring::parse(&MasterKeyring::generate_file_text(), "test").unwrap());
+        let db = format!("sqlite://{}?mode=rwc", dir.join("flex.db").display());
+        let cp = Arc::new(ControlPlane::open(&db, keyring).await.unwrap());
+        let org = cp
+            .create_org(&Metadata::new("test"), "acme", None)
+            .await
+            .unwrap()
+            .org;
+        (cp, org.org_id)
+    }
+
+    fn event(org: &str, i: usize) -> UsageEvent {
+        UsageEvent {
+            schema_version: flex_shared::usage::SCHEMA_VERSION,
+            request_id: format!("req_{i:06}"),
+            org_id: org.to_string(),
+            key_id: "key_test".into(),
+            model: "gpt-5.5".into(),
+            provider: "openai".into(),
+            caller_format: "chat_completions".into(),
+            served_tier: "standard".into(),
+            status: 200,
+            outcome: "ok".into(),
+            cost_micros: 3,
+            standard_cost_micros: 3,
+            received_at: "2026-12-01T00:00:00Z".into(),
+            ..UsageEvent::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_every_queued_event_in_groups_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, org) = control_plane(dir.path()).await;
+        let (tx, rx) = mpsc::channel(10_000);
+        let feed = LedgerFeed::spawn(rx, cp.clone());
+        // More than one group's worth, and one event twice: counted once.
+        let n = LEDGER_BATCH_MAX * 2 + 7;
+        for i in 0..n {
+            tx.send(event(&org, i)).await.unwrap();
+        }
+        tx.send(event(&org, 0)).await.unwrap();
+        feed.flush(Duration::from_secs(30)).await;
+        let t = cp.store().usage_summary(&org, None, None).await.unwrap();
+        assert_eq!(t.requests, n as u64);
+        assert_eq!(t.cost_micros, 3 * n as i64);
+    }
+
+    #[tokio::test]
+    async fn an_event_the_ledger_refuses_does_not_hold_back_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, org) = control_plane(dir.path()).await;
+        let (tx, rx) = mpsc::channel(100);
+        let feed = LedgerFeed::spawn(rx, cp.clone());
+        let mut bad = event(&org, 1);
+        bad.cost_micros = -5; // out of the ledger's range: refused
+        for e in [event(&org, 0), bad, event(&org, 2)] {
+            tx.send(e).await.unwrap();
+        }
+        feed.flush(Duration::from_secs(30)).await;
+        let t = cp.store().usage_summary(&org, None, None).await.unwrap();
+        assert_eq!(t.requests, 2, "the two good events are in the ledger");
+    }
+}
