@@ -130,14 +130,10 @@ pub fn init(command: &Command) -> Result<Telemetry> {
         );
     }
     let Some(export) = export else {
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_filter(log_filter(filter)),
-            )
-            .try_init()
-            .context("cannot install logging: it was already set up")?;
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
         return Ok(Telemetry { provider: None });
     };
     let provider = tracer_provider(&export)?;
@@ -150,7 +146,7 @@ pub fn init(command: &Command) -> Result<Telemetry> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_filter(log_filter(filter)),
+                .with_filter(filter),
         )
         .with(otel)
         .try_init()
@@ -167,31 +163,6 @@ pub fn init(command: &Command) -> Result<Telemetry> {
         provider: Some(provider),
     })
 }
-
-/// What the log lines show: `FLEX_LOG`, but without the span of each proxied request unless
-/// `FLEX_LOG` asks for debug lines. That span carries about twenty fields (ids, model, tier, race
-/// timings, tokens), and a log layer formats every field of every span it sees when the field is
-/// recorded, whether or not a line is ever written inside it: a cost on every request for
-/// nothing, since the request path's log lines carry their own `request_id`. (Exported traces
-/// still get the whole span: the OpenTelemetry layer has its own filter.)
-fn log_filter<S>(filter: EnvFilter) -> impl tracing_subscriber::layer::Filter<S>
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
-    let spans_too = filter
-        .max_level_hint()
-        .is_none_or(|max| max >= LevelFilter::DEBUG);
-    filter.and(filter_fn(move |m| {
-        spans_too
-            || !(m.is_span()
-                && m.name() == REQUEST_SPAN
-                && m.target().starts_with("flex_data_plane"))
-    }))
-}
-
-/// The name of the proxy's per-request span.
-const REQUEST_SPAN: &str = "request";
 
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
