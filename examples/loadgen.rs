@@ -51,8 +51,8 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         secs: u64,
     },
-    /// Streaming requests in a closed loop: time to first byte of the answer and the delay
-    /// between its SSE events.
+    /// Streaming requests in a closed loop: time to the answer's first byte, to its first token
+    /// (the first event with content), and the delay between its SSE events.
     Stream {
         #[command(flatten)]
         target: Target,
@@ -195,13 +195,36 @@ async fn open(t: Target, rate: u64, secs: u64) {
         .await;
 }
 
-/// Reads a streaming answer: (time to the first body byte, the delays between SSE events after
-/// the first one, in µs).
+/// Whether `data` holds an event with content: a non-empty `"content":"…"` (Chat's deltas; the
+/// first chunk's role-only delta has `"content":""`), `"delta":"…"` (Responses) or `"text":"…"`.
+fn has_content(data: &[u8]) -> bool {
+    [&b"\"content\":\""[..], b"\"delta\":\"", b"\"text\":\""]
+        .iter()
+        .any(|pat| {
+            data.windows(pat.len())
+                .enumerate()
+                .any(|(i, w)| w == *pat && data.get(i + pat.len()).is_some_and(|c| *c != b'"'))
+        })
+}
+
+/// One streaming answer's timings, in µs.
+struct StreamTimes {
+    /// To the first body byte.
+    ttfb: u64,
+    /// To the first event with content (the first token).
+    ttft: u64,
+    /// The delays between SSE events after the first one.
+    gaps: Vec<u64>,
+    events: usize,
+}
+
+/// Reads a streaming answer.
 async fn read_stream(
     resp: hyper::Response<hyper::body::Incoming>,
     sent: Instant,
-) -> Result<(u64, Vec<u64>, usize), String> {
+) -> Result<StreamTimes, String> {
     let mut body = resp.into_body();
+    let mut ttfb = None;
     let mut ttft = None;
     let mut last = None;
     let mut gaps = Vec::new();
@@ -212,7 +235,10 @@ async fn read_stream(
             continue;
         };
         let now = Instant::now();
-        if ttft.is_none() {
+        if ttfb.is_none() {
+            ttfb = Some(now.duration_since(sent).as_micros() as u64);
+        }
+        if ttft.is_none() && has_content(&data) {
             ttft = Some(now.duration_since(sent).as_micros() as u64);
         }
         let n = data.windows(2).filter(|w| w == b"\n\n").count();
@@ -230,7 +256,13 @@ async fn read_stream(
         last = Some(now);
         events += n;
     }
-    Ok((ttft.unwrap_or(0), gaps, events))
+    let ttfb = ttfb.unwrap_or(0);
+    Ok(StreamTimes {
+        ttfb,
+        ttft: ttft.unwrap_or(ttfb),
+        gaps,
+        events,
+    })
 }
 
 async fn stream(t: Target, conns: usize, requests: usize) {
@@ -244,15 +276,16 @@ async fn stream(t: Target, conns: usize, requests: usize) {
                 let req = req.clone();
                 let n = requests / conns + usize::from(c < requests % conns);
                 tasks.push(tokio::task::spawn_local(async move {
-                    let mut out = (Vec::new(), Vec::new(), 0usize, 0u64);
+                    let mut out = (Vec::new(), Vec::new(), 0usize, 0u64, Vec::new());
                     for _ in 0..n {
                         let sent = Instant::now();
                         match req.send().await {
                             Ok(resp) => match read_stream(resp, sent).await {
-                                Ok((ttft, gaps, events)) => {
-                                    out.0.push(ttft);
-                                    out.1.extend(gaps);
-                                    out.2 += events;
+                                Ok(t) => {
+                                    out.0.push(t.ttft);
+                                    out.1.extend(t.gaps);
+                                    out.2 += t.events;
+                                    out.4.push(t.ttfb);
                                 }
                                 Err(_) => out.3 += 1,
                             },
@@ -262,19 +295,22 @@ async fn stream(t: Target, conns: usize, requests: usize) {
                     out
                 }));
             }
-            let (mut ttft, mut gaps, mut events, mut errors) = (Vec::new(), Vec::new(), 0, 0);
+            let (mut ttft, mut gaps, mut events, mut errors, mut ttfb) =
+                (Vec::new(), Vec::new(), 0, 0, Vec::new());
             for t in tasks {
-                let (a, b, c, d) = t.await.unwrap();
+                let (a, b, c, d, e) = t.await.unwrap();
                 ttft.extend(a);
                 gaps.extend(b);
                 events += c;
                 errors += d;
+                ttfb.extend(e);
             }
             let ok = ttft.len();
             println!(
-                "{{\"mode\":\"stream\",\"ok\":{ok},\"errors\":{errors},\"rps\":{:.0},\"events_per_answer\":{:.1},{},{}}}",
+                "{{\"mode\":\"stream\",\"ok\":{ok},\"errors\":{errors},\"rps\":{:.0},\"events_per_answer\":{:.1},{},{},{}}}",
                 ok as f64 / start.elapsed().as_secs_f64(),
                 events as f64 / ok.max(1) as f64,
+                summary("ttfb", ttfb),
                 summary("ttft", ttft),
                 summary("chunk_gap", gaps)
             );

@@ -16,8 +16,9 @@
 # OpenAI, "cross-format" is Anthropic Messages to OpenAI (Responses upstream). Measures:
 #   - closed loop with wrk at concurrency 1 (p50, p99) and 32 (req/s, p99);
 #   - open loop with `loadgen open` at fixed rates (latency of each request from its send);
-#   - streaming with `loadgen stream` against the simulator (time to first byte, delay between
-#     SSE events), one stream at a time;
+#   - streaming with `loadgen stream` against the simulator, one stream at a time, paced like a
+#     model and in one burst: time to the first byte, to the first token (the first event with
+#     content: a proxy may hold the role-only first chunk until then), and the gaps between events;
 #   - flex's RSS idle and with 1,000 streams open at once (`loadgen hold`).
 #
 # Environment: FLEX (target/release/flex), LOADGEN (target/release/examples/loadgen), DUR (wrk
@@ -430,17 +431,17 @@ else
   echo "### Streaming in one burst (loadgen stream, 1 connection, 1,000 answers of about 42 SSE events sent at once, 200 from the peers), upstream: sim"
 fi
 echo
-echo "| path | TTFB p50 µs | TTFB p99 µs | added TTFB p50 / p99 µs | gap between events p50 / p99 µs | added gap p50 / p99 µs | answers/s | errors |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| path | first byte p50 µs | first token p50 µs | first token p99 µs | added first token p50 / p99 µs | gap between events p50 / p99 µs | added gap p50 / p99 µs | answers/s | errors |"
+echo "|---|---|---|---|---|---|---|---|---|"
 d=${R[$kind,direct]:-}
 for p in "${paths[@]}"; do
   out=${R[$kind,$p]}
-  t50=$(jget "$out" ttft_p50_us); t99=$(jget "$out" ttft_p99_us); g50=$(jget "$out" chunk_gap_p50_us); g99=$(jget "$out" chunk_gap_p99_us)
+  b50=$(jget "$out" ttfb_p50_us); t50=$(jget "$out" ttft_p50_us); t99=$(jget "$out" ttft_p99_us); g50=$(jget "$out" chunk_gap_p50_us); g99=$(jget "$out" chunk_gap_p99_us)
   if [ -n "$d" ]; then
     a="$(minus "$t50" "$(jget "$d" ttft_p50_us)") / $(minus "$t99" "$(jget "$d" ttft_p99_us)")"
     b="$(minus "$g50" "$(jget "$d" chunk_gap_p50_us)") / $(minus "$g99" "$(jget "$d" chunk_gap_p99_us)")"
   else a=-; b=-; fi
-  echo "| $(label "$p") | $t50 | $t99 | $a | $g50 / $g99 | $b | $(jget "$out" rps) | $(jget "$out" errors) |"
+  echo "| $(label "$p") | $b50 | $t50 | $t99 | $a | $g50 / $g99 | $b | $(jget "$out" rps) | $(jget "$out" errors) |"
 done
 done
 
