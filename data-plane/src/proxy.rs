@@ -54,7 +54,8 @@ pub struct ProxyConfig {
     pub backoff: Backoff,
     pub strategy: RaceStrategy,
     /// Makes each request span a child of the caller's trace (`traceparent`). Set by the binary
-    /// only when it exports traces; `None` (the default) costs nothing.
+    /// only when it exports traces; `None` (the default) costs nothing, and also makes the request
+    /// span a debug span (see `request_span!`), since nothing exports it.
     pub caller_trace: Option<CallerTrace>,
     /// More series for the same exposition (e.g. `flex up`'s in-process control plane).
     pub extra_metrics: Option<ExtraMetrics>,
@@ -305,6 +306,39 @@ impl Prepared {
     }
 }
 
+/// The per-request span at a given level (`info_span` or `debug_span`): a span's level is fixed
+/// where it is written, so each level is its own call site with the same fields.
+macro_rules! request_span {
+    ($level:ident, $request_id:ident, $format:ident) => {
+        tracing::$level!(
+            "request",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            request_id = %$request_id,
+            format = $format.as_str(),
+            org_id = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            model = tracing::field::Empty,
+            provider = tracing::field::Empty,
+            start_within = tracing::field::Empty,
+            served_tier = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            flex_wait_ms = tracing::field::Empty,
+            start_latency_ms = tracing::field::Empty,
+            provider_request_id = tracing::field::Empty,
+            status = tracing::field::Empty,
+            error_code = tracing::field::Empty,
+            // OpenTelemetry GenAI semantic conventions, so GenAI dashboards work unchanged.
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = tracing::field::Empty,
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+        )
+    };
+}
+
 impl Proxy {
     pub fn new(
         snapshots: Arc<SnapshotStore>,
@@ -483,32 +517,13 @@ impl Proxy {
         // One span per request; the race fields are recorded on it as they become known. With
         // `--otlp-endpoint` it is exported as an OTLP server span (`otel.*` fields), so its
         // fields are ids, names and numbers only: never a key, a secret or prompt content.
-        let span = tracing::info_span!(
-            "request",
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            request_id = %request_id,
-            format = format.as_str(),
-            org_id = tracing::field::Empty,
-            key_id = tracing::field::Empty,
-            model = tracing::field::Empty,
-            provider = tracing::field::Empty,
-            start_within = tracing::field::Empty,
-            served_tier = tracing::field::Empty,
-            reason = tracing::field::Empty,
-            flex_wait_ms = tracing::field::Empty,
-            start_latency_ms = tracing::field::Empty,
-            provider_request_id = tracing::field::Empty,
-            status = tracing::field::Empty,
-            error_code = tracing::field::Empty,
-            // OpenTelemetry GenAI semantic conventions, so GenAI dashboards work unchanged.
-            gen_ai.operation.name = "chat",
-            gen_ai.provider.name = tracing::field::Empty,
-            gen_ai.request.model = tracing::field::Empty,
-            gen_ai.response.model = tracing::field::Empty,
-            gen_ai.usage.input_tokens = tracing::field::Empty,
-            gen_ai.usage.output_tokens = tracing::field::Empty,
-        );
+        // Without export it is a debug span: under the default log level it is disabled, so no
+        // layer stores or formats its twenty fields on every request (`FLEX_LOG=debug` shows it).
+        let span = if self.cfg.caller_trace.is_some() {
+            request_span!(info_span, request_id, format)
+        } else {
+            request_span!(debug_span, request_id, format)
+        };
         if let Some(link) = &self.cfg.caller_trace {
             // Before the span is first entered: the parent of a started span is fixed.
             (link.0)(&headers, &span);
