@@ -128,7 +128,10 @@ impl Store {
                             .push_bind(recorded.as_str());
                     });
                     q.push(" ON CONFLICT (request_id) DO NOTHING");
-                    let done = q.build().execute(&mut *tx).await?;
+                    // Not kept in the connection's statement cache: each group size is its own
+                    // SQL text, and a cached 500-row statement is a large compiled program, so
+                    // caching them held tens of MiB per connection after a burst of traffic.
+                    let done = q.build().persistent(false).execute(&mut *tx).await?;
                     inserted += done.rows_affected();
                 }
                 tx.commit().await?;
